@@ -1,0 +1,109 @@
+"""Training and sampling throughput of a recipe's components, measured side by side in one process.
+
+    python benchmarks/stage_throughput.py recipes/coinrun-tiny.toml [KEY=VALUE ...] [--steps 30]
+
+For each training stage: steps/s and samples/s of the recipe's batch (random video, so no data needs building),
+and for play: frames/s of the sampler from a one-frame prompt. Prints a table and saves JSON (with the machine,
+library versions and git commit) to benchmarks/results/throughput-RUNNAME.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from genie_core.interfaces import TokenSpec, VideoSpec
+from genie_core.recipe import load_recipe
+from genie_core.training import TokenizerTask, WorldModelTask
+from genie_core.world import World
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed_steps(task: torch.nn.Module, batch: torch.Tensor, steps: int, warmup: int = 3) -> float:
+    """Seconds per optimizer step, after `warmup` untimed steps (k-means codebook init, allocator warm-up)."""
+    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-4)
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        loss, _ = task(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) / steps
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"machine": platform.machine(), "processor": platform.processor(), "cpu_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "git_commit": commit or "unknown"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per stage")
+    parser.add_argument("--frames", type=int, default=8, help="frames sampled for the play measurement")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    torch.manual_seed(0)
+    res = recipe.data.resolution
+    c = recipe.components
+    rows = []
+
+    tok_cfg = recipe.train["tokenizer"]
+    tokenizer = c["tokenizer"].info.cls(c["tokenizer"].config, VideoSpec(height=res, width=res, num_frames=tok_cfg.seq_len))
+    batch = torch.rand(tok_cfg.batch_size, tok_cfg.seq_len, 3, res, res)
+    seconds = timed_steps(TokenizerTask(tokenizer), batch, args.steps)
+    rows.append({"stage": "tokenizer", "batch": list(batch.shape[:2]), "steps_per_s": 1 / seconds,
+                 "samples_per_s": tok_cfg.batch_size / seconds,
+                 "parameters": sum(p.numel() for p in tokenizer.parameters())})
+
+    dyn_cfg = recipe.train["dynamics"]
+    spec = VideoSpec(height=res, width=res, num_frames=dyn_cfg.seq_len)
+    action_model = c["action_model"].info.cls(c["action_model"].config, spec)
+    dynamics = c["dynamics"].info.cls(c["dynamics"].config, TokenSpec(
+        vocab_size=tokenizer.codebook_size, grid=tokenizer.grid, num_frames=dyn_cfg.seq_len,
+        num_actions=action_model.num_actions))
+    batch = torch.rand(dyn_cfg.batch_size, dyn_cfg.seq_len, 3, res, res)
+    seconds = timed_steps(WorldModelTask(action_model, dynamics, tokenizer), batch, args.steps)
+    rows.append({"stage": "lam+dynamics", "batch": list(batch.shape[:2]), "steps_per_s": 1 / seconds,
+                 "samples_per_s": dyn_cfg.batch_size / seconds,
+                 "parameters": sum(p.numel() for p in action_model.parameters()) + sum(p.numel() for p in dynamics.parameters())})
+
+    world = World(tokenizer.eval(), action_model.eval(), dynamics.eval(), c["sampler"].info.cls(c["sampler"].config))
+    prompt = torch.rand(1, 3, res, res)
+    actions = torch.zeros(1, args.frames, dtype=torch.long)
+    world.rollout(prompt, actions[:, :1])  # warm-up
+    start = time.perf_counter()
+    world.rollout(prompt, actions, torch.Generator().manual_seed(0))
+    seconds = time.perf_counter() - start
+    rows.append({"stage": f"play ({c['sampler'].name}, {args.frames} frames)", "batch": [1, 1],
+                 "steps_per_s": args.frames / seconds, "samples_per_s": args.frames / seconds, "parameters": 0})
+
+    print(f"{'stage':<32} {'batch':>8} {'steps/s':>9} {'samples/s':>10} {'params':>10}")
+    for row in rows:
+        print(f"{row['stage']:<32} {'x'.join(map(str, row['batch'])):>8} {row['steps_per_s']:>9.2f} "
+              f"{row['samples_per_s']:>10.1f} {row['parameters']:>10,}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"throughput-{recipe.run.name}.json"
+    out.write_text(json.dumps({"recipe": str(args.recipe), "overrides": args.overrides, "environment": environment(),
+                               "rows": rows}, indent=2))
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Saving and loading trained components: weights in safetensors, and beside them the registered name, config and
+spec needed to rebuild each one. Folders are written under a temporary name and renamed when complete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import attrs
+from safetensors.torch import load_model, save_model
+
+from genie_core.config import config_to_dict
+from genie_core.errors import GenieError
+from genie_core.interfaces import Component, TokenSpec, VideoSpec
+from genie_core.registry import Registry, get_registry
+
+MANIFEST = "components.json"
+SPECS = {"VideoSpec": VideoSpec, "TokenSpec": TokenSpec}
+
+
+def save_components(folder: Path, components: dict[str, tuple[str, Component]]) -> None:
+    """components: kind -> (registered name, module). Writes KIND.safetensors for each, and the manifest."""
+    manifest = {}
+    for kind, (name, module) in components.items():
+        if module.state_dict():  # samplers hold no weights
+            save_model(module, str(folder / f"{kind}.safetensors"))
+        spec = getattr(module, "spec", None)
+        manifest[kind] = {
+            "name": name,
+            "config": config_to_dict(module.config),
+            "spec": None if spec is None else {"type": type(spec).__name__, **attrs.asdict(spec)},
+        }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def load_components(folder: Path, registry: Registry | None = None) -> dict[str, Component]:
+    """Rebuilds every component saved in `folder` from its registered name, config and weights (in eval mode)."""
+    registry = registry or get_registry()
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise GenieError(f"{folder}: no {MANIFEST}; not a genie checkpoint folder")
+    out = {}
+    for kind, entry in json.loads(path.read_text()).items():
+        info = registry.get(kind, entry["name"])
+        try:
+            config = info.cls.config_class(**entry["config"])
+        except (TypeError, ValueError) as error:
+            raise GenieError(f"{path}: the saved {kind} config does not fit {info.name} from {info.owner}: {error}") from None
+        args = [config]
+        if entry["spec"] is not None:
+            spec = dict(entry["spec"])
+            spec_cls = SPECS[spec.pop("type")]
+            if "grid" in spec:
+                spec["grid"] = tuple(spec["grid"])
+            args.append(spec_cls(**spec))
+        module = info.cls(*args)
+        if module.state_dict():
+            load_model(module, str(Path(folder) / f"{kind}.safetensors"))
+        out[kind] = module.eval()
+    return out

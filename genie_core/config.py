@@ -1,0 +1,150 @@
+"""Typed configs (frozen attrs classes) and the checker that builds one from a recipe table, collecting every problem.
+
+Config fields carry plain types (int, float, bool, str) and attrs validators; `build_config` checks each key on its
+own so that `genie validate` can report all problems of a recipe at once instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import attrs
+from attrs import validators as v
+
+positive = v.gt(0)
+non_negative = v.ge(0)
+
+
+def unit_interval(instance, attribute, value):  # noqa: ARG001 - attrs validator signature
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"'{attribute.name}' must be in [0, 1]: {value}")
+
+
+def check_heads(config) -> None:
+    """For a component config's __attrs_post_init__: attention heads must split the width evenly."""
+    if config.dim % config.heads:
+        raise ValueError(f"'dim' ({config.dim}) must be divisible by 'heads' ({config.heads})")
+
+
+def check_patch_divides_resolution(config, data, train) -> list[str]:  # noqa: ARG001 - the check_recipe signature
+    """A component's `check_recipe`: its patch size must tile the data's frames."""
+    if data.resolution % config.patch_size:
+        return [f"'patch_size' {config.patch_size} does not divide data.resolution {data.resolution}"]
+    return []
+
+
+@functools.cache
+def _resolved_fields(cls: type) -> tuple[attrs.Attribute, ...]:
+    attrs.resolve_types(cls)
+    return attrs.fields(cls)
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in _resolved_fields(cls)]
+
+
+def _type_problem(value: Any, expected: Any) -> str | None:
+    """Recipes hold TOML values; accept ints for floats, nothing else loosely (True is not 1)."""
+    if expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected in (bool, str):
+        ok = isinstance(value, expected)
+    else:
+        return None  # types we do not check by hand are left to the field's validator
+    return None if ok else f"expected {expected.__name__}, got {type(value).__name__} {value!r}"
+
+
+def build_config(cls: type, table: dict[str, Any], where: str, problems: list[str]) -> Any | None:
+    """Builds `cls(**table)`; appends one sentence per problem (prefixed by `where`) and returns None on any."""
+    fields = {f.name: f for f in _resolved_fields(cls)}
+    kwargs: dict[str, Any] = {}
+    start = len(problems)
+    for key, value in table.items():
+        field = fields.get(key)
+        if field is None:
+            problems.append(f"{where}: unknown key '{key}'; valid keys: {', '.join(fields) or '(none)'}")
+            continue
+        problem = _type_problem(value, field.type)
+        if problem is None and field.validator is not None:
+            try:
+                field.validator(None, field, value)
+            except (ValueError, TypeError) as error:
+                problem = str(error)
+        if problem is not None:
+            problems.append(f"{where}: key '{key}': {problem}")
+            continue
+        kwargs[key] = float(value) if field.type is float else value
+    missing = [f.name for f in fields.values() if f.default is attrs.NOTHING and f.name not in table]
+    for name in missing:
+        problems.append(f"{where}: missing required key '{name}'")
+    if len(problems) > start:
+        return None
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as error:  # cross-field checks in __attrs_post_init__
+        problems.append(f"{where}: {error}")
+        return None
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return attrs.asdict(config, recurse=True)
+
+
+# --------------------------------------------------------------------------------------------------- core configs
+
+
+@attrs.define(frozen=True, kw_only=True)
+class RunConfig:
+    name: str = attrs.field(default="genie", validator=v.min_len(1))
+    seed: int = 0
+    out_dir: str = "runs"  # the run folder is out_dir/name unless `genie run --out` says otherwise
+    mixed_precision: str = attrs.field(default="no", validator=v.in_(("no", "bf16", "fp16")))
+    cpu: bool = False  # force CPU even when a GPU is present
+
+
+@attrs.define(frozen=True, kw_only=True)
+class DataConfig:
+    """Procgen game footage from a random policy (the paper's Appendix F recipe, scaled by these numbers)."""
+
+    game: str = "coinrun"
+    distribution_mode: str = attrs.field(default="hard", validator=v.in_(("easy", "hard", "extreme", "memory", "exploration")))
+    train_levels: int = attrs.field(default=10_000, validator=positive)  # level seeds [0, train_levels)
+    val_levels: int = attrs.field(default=100, validator=positive)  # the next val_levels seeds, never trained on
+    steps_per_level: int = attrs.field(default=1000, validator=positive)
+    resolution: int = attrs.field(default=64, validator=positive)
+    min_episode_frames: int = attrs.field(default=16, validator=positive)  # shorter episodes are dropped
+
+
+@attrs.define(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training stage. Defaults: the paper's tokenizer settings (Appendix F)."""
+
+    steps: int = attrs.field(default=300_000, validator=positive)
+    batch_size: int = attrs.field(default=48, validator=positive)
+    seq_len: int = attrs.field(default=16, validator=v.ge(2))
+    lr: float = attrs.field(default=3e-4, validator=positive)
+    min_lr: float = attrs.field(default=3e-4, validator=non_negative)  # cosine decays lr -> min_lr after warm-up
+    warmup_steps: int = attrs.field(default=10_000, validator=non_negative)
+    beta1: float = attrs.field(default=0.9, validator=unit_interval)
+    beta2: float = attrs.field(default=0.9, validator=unit_interval)
+    weight_decay: float = attrs.field(default=1e-4, validator=non_negative)
+    grad_clip: float = attrs.field(default=1.0, validator=non_negative)  # 0 disables clipping
+    log_every: int = attrs.field(default=50, validator=positive)
+    num_workers: int = attrs.field(default=0, validator=non_negative)
+
+    def __attrs_post_init__(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"'min_lr' ({self.min_lr}) must not exceed 'lr' ({self.lr})")
+
+
+@attrs.define(frozen=True, kw_only=True)
+class EvalConfig:
+    windows: int = attrs.field(default=64, validator=positive)  # held-out windows for PSNR and dtPSNR
+    batch_size: int = attrs.field(default=16, validator=positive)
+    dtpsnr_t: int = attrs.field(default=4, validator=positive)  # generated steps after the prompt
+    rollout_steps: int = attrs.field(default=12, validator=positive)  # length of the rollout GIF
+    gif_scale: int = attrs.field(default=3, validator=positive)  # nearest-neighbour upscaling of GIF frames
+    seed: int = 1234

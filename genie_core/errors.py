@@ -1,0 +1,17 @@
+"""Errors a user can act on. The CLI prints them on one line and exits with status 2."""
+
+
+class GenieError(Exception):
+    """Bad input from the user: a recipe, a plugin, a file. The message names the thing and the valid choices."""
+
+
+class RecipeError(GenieError):
+    """One or more problems in a recipe; `problems` holds every one of them, each a full sentence."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class PluginError(GenieError):
+    """A plugin failed to load or to register its components."""

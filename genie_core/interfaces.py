@@ -1,0 +1,185 @@
+"""The four component kinds of a Genie world model, and the one tensor layout they all share.
+
+Tensor layout (every component, every plugin):
+
+    video    float  [B, T, C, H, W]   pixel values in [0, 1], frames in time order
+    tokens   long   [B, T, h, w]      one grid of codebook ids per frame (h = H / patch, w = W / patch)
+    actions  long   [B, T - 1]        actions[:, t] is the latent action that turns frame t into frame t + 1
+    logits   float  [B, T, h, w, V]   logits[:, t] predicts tokens[:, t] from frames < t, actions < t and,
+                                      for masked models, the unmasked tokens of frame t itself
+
+Frame 0 is the prompt: a dynamics model never predicts it, and no action precedes it.
+
+Components are `torch.nn.Module`s built from two things: their own frozen attrs config (the recipe's options,
+paper defaults) and a spec (shapes the pipeline derives: resolution, vocabulary, number of actions). A component
+registers under a name through the `genie_register_components` hook (see `genie_core.hookspecs`).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import attrs
+import torch
+from torch import nn
+
+
+# --------------------------------------------------------------------------------------------------- specs
+
+
+@attrs.define(frozen=True, kw_only=True)
+class VideoSpec:
+    """Shape of the video a component sees."""
+
+    channels: int = 3
+    height: int
+    width: int
+    num_frames: int  # the longest window the component is trained on (temporal positions)
+
+
+@attrs.define(frozen=True, kw_only=True)
+class TokenSpec:
+    """Shape of the token sequences a dynamics model sees."""
+
+    vocab_size: int  # the tokenizer's codebook size
+    grid: tuple[int, int]  # (h, w) tokens per frame
+    num_frames: int
+    num_actions: int  # the latent action model's |A|
+
+
+# --------------------------------------------------------------------------------------------------- results
+
+
+@attrs.define(frozen=True, kw_only=True)
+class TokenizerOutput:
+    loss: torch.Tensor  # scalar, what the optimizer minimises
+    recon: torch.Tensor  # [B, T, C, H, W]
+    tokens: torch.Tensor  # [B, T, h, w]
+    metrics: dict[str, torch.Tensor] = attrs.field(factory=dict)  # detached scalars for logging
+
+
+@attrs.define(frozen=True, kw_only=True)
+class ActionModelOutput:
+    loss: torch.Tensor
+    actions: torch.Tensor  # [B, T - 1]
+    recon: torch.Tensor  # [B, T - 1, C, H, W], the reconstruction of frames 1..T-1
+    metrics: dict[str, torch.Tensor] = attrs.field(factory=dict)
+
+
+@attrs.define(frozen=True, kw_only=True)
+class DynamicsOutput:
+    loss: torch.Tensor
+    logits: torch.Tensor  # [B, T, h, w, V]
+    metrics: dict[str, torch.Tensor] = attrs.field(factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------- kinds
+
+
+class Component(nn.Module):
+    """Base of every registered component: holds its config; subclasses name their config class."""
+
+    config_class: ClassVar[type]
+
+    @classmethod
+    def tiny_config(cls) -> Any:
+        """A config small enough for the CPU contract tests (tests/test_contracts.py), which run on every registered
+        component. The default is the config's defaults; override it when those are large (the paper's sizes)."""
+        return cls.config_class()
+
+    def __init__(self, config: Any):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+
+class VideoTokenizer(Component, abc.ABC):
+    """Video <-> discrete tokens. Causal in time: tokens of frame t depend only on frames <= t."""
+
+    def __init__(self, config: Any, spec: VideoSpec):
+        super().__init__(config)
+        self.spec = spec
+
+    @property
+    @abc.abstractmethod
+    def codebook_size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def grid(self) -> tuple[int, int]:
+        """(h, w): tokens per frame."""
+
+    @abc.abstractmethod
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, T, C, H, W] in [0, 1] -> token ids [B, T, h, w]."""
+
+    @abc.abstractmethod
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T, h, w] -> video [B, T, C, H, W] in [0, 1]."""
+
+    @abc.abstractmethod
+    def loss(self, video: torch.Tensor) -> TokenizerOutput: ...
+
+
+class LatentActionModel(Component, abc.ABC):
+    """Discovers |A| discrete actions from video alone. At play time only the action ids are used."""
+
+    def __init__(self, config: Any, spec: VideoSpec):
+        super().__init__(config)
+        self.spec = spec
+
+    @property
+    @abc.abstractmethod
+    def num_actions(self) -> int: ...
+
+    @abc.abstractmethod
+    def infer_actions(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, T, C, H, W] -> action ids [B, T - 1]; actions[:, t] explains frame t -> t + 1."""
+
+    @abc.abstractmethod
+    def loss(self, video: torch.Tensor) -> ActionModelOutput: ...
+
+
+class DynamicsModel(Component, abc.ABC):
+    """Predicts the next frame's tokens from past tokens and actions. Causal in time."""
+
+    # True when forward() accepts a `mask` that hides tokens of the frame being predicted (MaskGIT style).
+    supports_masking: ClassVar[bool] = False
+
+    def __init__(self, config: Any, spec: TokenSpec):
+        super().__init__(config)
+        self.spec = spec
+
+    @abc.abstractmethod
+    def forward(
+        self, tokens: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """tokens [B, T, h, w], actions [B, T - 1], mask bool [B, T, h, w] (True = hidden) -> logits [B, T, h, w, V]."""
+
+    @abc.abstractmethod
+    def loss(self, tokens: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None) -> DynamicsOutput:
+        """The training loss on a window of tokens and the actions between its frames."""
+
+
+class Sampler(Component, abc.ABC):
+    """Turns a dynamics model into a next-frame generator. Holds no weights; its config holds the knobs."""
+
+    @abc.abstractmethod
+    def sample_next(
+        self,
+        dynamics: DynamicsModel,
+        history: torch.Tensor,
+        actions: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """history tokens [B, t, h, w] and actions [B, t] (the last one leads to the new frame) -> tokens [B, h, w]."""
+
+
+KINDS: dict[str, type[Component]] = {
+    "tokenizer": VideoTokenizer,
+    "action_model": LatentActionModel,
+    "dynamics": DynamicsModel,
+    "sampler": Sampler,
+}

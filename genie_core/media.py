@@ -1,0 +1,62 @@
+"""Pictures of results: GIFs and PNG strips of videos, upscaled with nearest neighbour so pixels stay crisp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from genie_core.errors import GenieError
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """[T, C, H, W] in [0, 1] -> [T, H, W, C] uint8."""
+    return (frames.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def tile(videos: list[torch.Tensor], gap: int = 2) -> torch.Tensor:
+    """Side by side: a list of [T, C, H, W] videos of equal shape -> one [T, C, H, W'] video, white gaps between."""
+    t, c, h, _ = videos[0].shape
+    spacer = torch.ones(t, c, h, gap)
+    parts = []
+    for i, video in enumerate(videos):
+        parts += [video.cpu().float()] + ([spacer] if i < len(videos) - 1 else [])
+    return torch.cat(parts, dim=-1)
+
+
+def _images(frames: torch.Tensor, scale: int) -> list[Image.Image]:
+    return [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in to_uint8(frames)]
+
+
+def save_gif(frames: torch.Tensor, path: Path, scale: int = 3, fps: int = 4) -> None:
+    images = _images(frames, scale)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+
+
+def save_strip(frames: torch.Tensor, path: Path, scale: int = 3) -> None:
+    """All frames of [T, C, H, W] in one row."""
+    save_png(tile(list(frames[:, None])).squeeze(0), path, scale)
+
+
+def save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:
+    """[C, H, W] in [0, 1] -> PNG."""
+    _images(image[None], scale)[0].save(path)
+
+
+def load_image(path: Path, size: tuple[int, int], max_bytes: int = 20_000_000) -> torch.Tensor:
+    """An image file -> [C, H, W] float in [0, 1], resized to (height, width)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenieError(f"{path}: image file not found")
+    if path.stat().st_size > max_bytes:
+        raise GenieError(f"{path}: image is larger than {max_bytes} bytes")
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except Exception as error:  # noqa: BLE001 - PIL raises many kinds for broken files
+        raise GenieError(f"{path}: not a readable image ({error})") from None
+    if rgb.size != (size[1], size[0]):
+        rgb = rgb.resize((size[1], size[0]), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255

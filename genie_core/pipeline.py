@@ -1,0 +1,247 @@
+"""`genie run`: a recipe, stage by stage, into one run folder.
+
+    data       procgen footage of the recipe's game: data/train, data/val (disjoint level seeds)
+    tokenizer  trains the video tokenizer                  -> tokenizer/  (safetensors + components.json)
+    dynamics   co-trains latent actions and dynamics      -> dynamics/
+    report     held-out tokenizer PSNR, dtPSNR, rollouts  -> report.json, report.md, rollout.gif, rollout.png
+
+Each stage folder is written under a temporary name and renamed when complete, with a `stage.json` holding a
+fingerprint of the recipe settings it depends on. Re-running skips every complete stage whose fingerprint still
+matches, so an interrupted run resumes at the stage it was in, and a changed recipe redoes only what it affects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from genie_core.atomic import atomic_dir
+from genie_core.checkpoint import load_components, save_components
+from genie_core.data import EpisodeStore, WindowDataset, build_split, evenly_spaced
+from genie_core.errors import GenieError
+from genie_core.interfaces import TokenSpec, VideoSpec
+from genie_core.media import save_gif, save_strip, tile
+from genie_core.metrics import delta_psnr, mean_and_ci, psnr
+from genie_core.recipe import Recipe
+from genie_core.training import TokenizerTask, WorldModelTask, train
+from genie_core.world import World
+
+STAGES = ("data", "tokenizer", "dynamics", "report")
+STAGE_FILE = "stage.json"
+
+
+def stage_settings(recipe: Recipe, stage: str) -> dict:
+    """Everything a stage's output depends on (cumulative: a stage depends on all the settings of earlier ones)."""
+    d = recipe.describe()
+    settings = {"data": d["data"], "seed": d["run"]["seed"]}
+    if stage in ("tokenizer", "dynamics", "report"):
+        settings |= {"tokenizer": d["tokenizer"], "train.tokenizer": d["train"]["tokenizer"],
+                     "precision": d["run"]["mixed_precision"]}
+    if stage in ("dynamics", "report"):
+        settings |= {"action_model": d["action_model"], "dynamics": d["dynamics"], "train.dynamics": d["train"]["dynamics"]}
+    if stage == "report":
+        settings |= {"sampler": d["sampler"], "eval": d["eval"]}
+    return settings
+
+
+def fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe, run_dir: Path, log=print):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.log = log
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def status(self, stage: str) -> str:
+        """'done', 'stale' (finished under other settings) or 'missing'."""
+        path = self.stage_dir(stage) / STAGE_FILE
+        if not path.is_file():
+            return "missing"
+        saved = json.loads(path.read_text()).get("fingerprint")
+        return "done" if saved == fingerprint(stage_settings(self.recipe, stage)) else "stale"
+
+    def _finish(self, folder: Path, stage: str, summary: dict) -> None:
+        record = {"stage": stage, "fingerprint": fingerprint(stage_settings(self.recipe, stage)),
+                  "settings": stage_settings(self.recipe, stage), "summary": summary}
+        (folder / STAGE_FILE).write_text(json.dumps(record, indent=2, default=str))
+
+    def run(self, redo_from: str | None = None) -> dict:
+        if redo_from is not None and redo_from not in STAGES:
+            raise GenieError(f"--redo-from '{redo_from}': no such stage; stages: {', '.join(STAGES)}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.json").write_text(json.dumps(self.recipe.table, indent=2))
+        run_cfg = self.recipe.run
+        self.accelerator = Accelerator(cpu=run_cfg.cpu, mixed_precision=run_cfg.mixed_precision)
+        redo = False
+        for stage in STAGES:
+            redo = redo or stage == redo_from
+            state = self.status(stage)
+            if state == "done" and not redo:
+                self.log(f"stage {stage}: done, skipping ({self.stage_dir(stage)})")
+                continue
+            if state == "stale":
+                self.log(f"stage {stage}: recipe settings changed since it ran, redoing it and every later stage")
+            redo = True  # everything after a redone stage depends on it
+            start = time.perf_counter()
+            getattr(self, f"stage_{stage}")()
+            self.log(f"stage {stage}: finished in {time.perf_counter() - start:.1f} s")
+        return json.loads((self.run_dir / "report.json").read_text())
+
+    # ------------------------------------------------------------------------------------------ stages
+
+    def stage_data(self) -> None:
+        summaries = {}
+        with atomic_dir(self.stage_dir("data")) as folder:
+            for split in ("train", "val"):
+                summaries[split] = build_split(self.recipe.data, folder / split, split, self.recipe.run.seed)
+            self._finish(folder, "data", summaries)
+
+    def dataset(self, split: str, length: int) -> WindowDataset:
+        return WindowDataset(EpisodeStore(self.stage_dir("data") / split), length)
+
+    def video_spec(self, stage: str) -> VideoSpec:
+        res = self.recipe.data.resolution
+        return VideoSpec(channels=3, height=res, width=res, num_frames=self.recipe.train[stage].seq_len)
+
+    def stage_tokenizer(self) -> None:
+        choice = self.recipe.components["tokenizer"]
+        cfg = self.recipe.train["tokenizer"]
+        torch.manual_seed(self.recipe.run.seed)
+        tokenizer = choice.info.cls(choice.config, self.video_spec("tokenizer"))
+        summary = train(self.accelerator, TokenizerTask(tokenizer), self.dataset("train", cfg.seq_len), cfg,
+                        self.recipe.run.seed, self.run_dir / "logs" / "tokenizer.jsonl", "tokenizer")
+        summary["parameters"] = sum(p.numel() for p in tokenizer.parameters())
+        with atomic_dir(self.stage_dir("tokenizer")) as folder:
+            save_components(folder, {"tokenizer": (choice.name, tokenizer.cpu())})
+            self._finish(folder, "tokenizer", summary)
+
+    def stage_dynamics(self) -> None:
+        components = self.recipe.components
+        cfg = self.recipe.train["dynamics"]
+        tokenizer = load_components(self.stage_dir("tokenizer"))["tokenizer"].to(self.accelerator.device)
+        torch.manual_seed(self.recipe.run.seed + 1)
+        lam_choice, dyn_choice, sampler_choice = components["action_model"], components["dynamics"], components["sampler"]
+        action_model = lam_choice.info.cls(lam_choice.config, self.video_spec("dynamics"))
+        token_spec = TokenSpec(vocab_size=tokenizer.codebook_size, grid=tokenizer.grid, num_frames=cfg.seq_len,
+                               num_actions=action_model.num_actions)
+        dynamics = dyn_choice.info.cls(dyn_choice.config, token_spec)
+        summary = train(self.accelerator, WorldModelTask(action_model, dynamics, tokenizer),
+                        self.dataset("train", cfg.seq_len), cfg, self.recipe.run.seed + 1,
+                        self.run_dir / "logs" / "dynamics.jsonl", "lam+dynamics")
+        summary["parameters"] = {"action_model": sum(p.numel() for p in action_model.parameters()),
+                                 "dynamics": sum(p.numel() for p in dynamics.parameters())}
+        sampler = sampler_choice.info.cls(sampler_choice.config)
+        with atomic_dir(self.stage_dir("dynamics")) as folder:
+            save_components(folder, {"action_model": (lam_choice.name, action_model.cpu()),
+                                     "dynamics": (dyn_choice.name, dynamics.cpu()),
+                                     "sampler": (sampler_choice.name, sampler)})
+            self._finish(folder, "dynamics", summary)
+
+    def load_world(self) -> World:
+        parts = load_components(self.stage_dir("tokenizer")) | load_components(self.stage_dir("dynamics"))
+        choice = self.recipe.components["sampler"]  # the recipe's sampling settings, not necessarily the saved ones
+        parts["sampler"] = choice.info.cls(choice.config)
+        return World(**parts).to(self.accelerator.device)
+
+    @torch.no_grad()
+    def stage_report(self) -> None:
+        world = self.load_world()
+        ev = self.recipe.eval
+        device = self.accelerator.device
+        generator = torch.Generator(device=device).manual_seed(ev.seed)
+
+        # Held-out tokenizer reconstruction.
+        val = self.dataset("val", self.recipe.train["tokenizer"].seq_len)
+        recon_psnr = []
+        for batch in _batches(val, evenly_spaced(val, ev.windows), ev.batch_size):
+            batch = batch.to(device)
+            recon_psnr.append(psnr(world.tokenizer.decode(world.tokenizer.encode(batch)), batch).flatten())
+        tokenizer_psnr = mean_and_ci(torch.cat(recon_psnr))
+
+        # Controllability (dtPSNR at t) and fidelity at t with inferred actions.
+        t = ev.dtpsnr_t  # the recipe checks that t + 1 frames fit the action model's windows
+        windows = self.dataset("val", t + 1)
+        deltas, fidelity = [], []
+        for video in _batches(windows, evenly_spaced(windows, ev.windows), ev.batch_size):
+            video = video.to(device)
+            inferred = world.action_model.infer_actions(video)  # [B, t]
+            random = torch.randint(0, world.num_actions, inferred.shape, device=device, generator=generator)
+            with_inferred = world.rollout(video[:, 0], inferred, generator)[:, t]
+            with_random = world.rollout(video[:, 0], random, generator)[:, t]
+            deltas.append(delta_psnr(video[:, t], with_inferred, with_random))
+            fidelity.append(psnr(with_inferred, video[:, t]))
+        dtpsnr = mean_and_ci(torch.cat(deltas))
+        dynamics_psnr = mean_and_ci(torch.cat(fidelity))
+
+        # One held-out prompt frame, every latent action held for rollout_steps: one panel per action.
+        prompt = windows[0][0][None].to(device)
+        panels = []
+        for action in range(world.num_actions):
+            actions = torch.full((1, ev.rollout_steps), action, device=device)
+            panels.append(world.rollout(prompt, actions, generator)[0].cpu())
+        save_gif(tile(panels), self.run_dir / "rollout.gif", scale=ev.gif_scale)
+        save_strip(panels[0], self.run_dir / "rollout.png", scale=ev.gif_scale)
+
+        stages = {s: json.loads((self.stage_dir(s) / STAGE_FILE).read_text())["summary"] for s in STAGES[:-1]}
+        report = {
+            "run": self.recipe.run.name,
+            "recipe": self.recipe.source,
+            "components": {k: c.name for k, c in self.recipe.components.items()},
+            "tokenizer_psnr_db": tokenizer_psnr,
+            f"dtpsnr_t{t}_db": dtpsnr,
+            f"dynamics_psnr_t{t}_db": dynamics_psnr,
+            "num_actions": world.num_actions,
+            "rollout_gif": "rollout.gif (one panel per latent action, each held for every step)",
+            "stages": stages,
+        }
+        (self.run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (self.run_dir / "report.md").write_text(report_markdown(report, t))
+        with atomic_dir(self.stage_dir("report")) as folder:
+            self._finish(folder, "report", {"tokenizer_psnr_db": tokenizer_psnr["mean"], "dtpsnr_db": dtpsnr["mean"]})
+
+
+def _batches(dataset: WindowDataset, indices: list[int], batch_size: int):
+    for start in range(0, len(indices), batch_size):
+        yield torch.stack([dataset[i] for i in indices[start : start + batch_size]])
+
+
+def _fmt(stat: dict, unit: str) -> str:
+    return f"{stat['mean']:.2f} ± {stat['ci95']:.2f} (n={stat['n']} {unit})"
+
+
+def report_markdown(report: dict, t: int) -> str:
+    train_tok = report["stages"]["tokenizer"]
+    train_dyn = report["stages"]["dynamics"]
+    lines = [
+        f"# Run report: {report['run']}",
+        "",
+        f"Recipe `{report['recipe']}`; components: "
+        + ", ".join(f"{kind} `{name}`" for kind, name in report["components"].items()) + ".",
+        "",
+        "| metric (held-out levels) | value, 95% CI |",
+        "|---|---|",
+        f"| tokenizer reconstruction PSNR (dB) | {_fmt(report['tokenizer_psnr_db'], 'frames')} |",
+        f"| controllability dtPSNR at t={t} (dB) | {_fmt(report[f'dtpsnr_t{t}_db'], 'windows')} |",
+        f"| dynamics PSNR at t={t}, inferred actions (dB) | {_fmt(report[f'dynamics_psnr_t{t}_db'], 'windows')} |",
+        "",
+        f"Training: tokenizer {train_tok['steps_per_second']:.2f} steps/s, final loss {train_tok['final']['loss']:.4f}; "
+        f"LAM + dynamics {train_dyn['steps_per_second']:.2f} steps/s, final loss {train_dyn['final']['loss']:.4f}.",
+        "",
+        f"![rollout](rollout.gif) One held-out prompt frame; panel k holds latent action k "
+        f"(of {report['num_actions']}) at every step.",
+        "",
+    ]
+    return "\n".join(lines)

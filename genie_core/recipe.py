@@ -1,0 +1,194 @@
+"""Recipes: TOML files that compose registered components by name, plus data, training and evaluation settings.
+
+    [tokenizer]            # one table per component kind: `name` picks the registered component,
+    name = "st-vivit"      # every other key is an option of that component's config
+    patch_size = 4
+    [train.tokenizer]      # one table per training stage (genie_core.config.TrainConfig)
+    steps = 1000
+
+Command-line overrides use dotted keys with TOML values: `tokenizer.patch_size=8 run.name="ablation"`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from genie_core.config import DataConfig, EvalConfig, RunConfig, TrainConfig, build_config, config_to_dict
+from genie_core.errors import PluginError, RecipeError
+from genie_core.interfaces import KINDS
+from genie_core.registry import ComponentInfo, Registry, get_registry
+
+CORE_SECTIONS = {"run": RunConfig, "data": DataConfig, "eval": EvalConfig}
+STAGES = ("tokenizer", "dynamics")  # the training stages, each a table under [train]
+
+
+@attrs.define(frozen=True)
+class ComponentChoice:
+    kind: str
+    info: ComponentInfo
+    config: Any
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+@attrs.define(frozen=True)
+class Recipe:
+    source: str  # the file it came from, for messages
+    table: dict[str, Any]  # the TOML after overrides: what gets saved beside a run
+    run: RunConfig
+    data: DataConfig
+    eval: EvalConfig
+    components: dict[str, ComponentChoice]  # kind -> choice
+    train: dict[str, TrainConfig]  # stage -> config
+
+    def fingerprint(self, *sections: str) -> str:
+        """A hash of the named top-level tables, to tell whether a finished stage still matches the recipe."""
+        chosen = {name: self.table.get(name) for name in sections}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "run": config_to_dict(self.run),
+            "data": config_to_dict(self.data),
+            "eval": config_to_dict(self.eval),
+            **{kind: {"name": c.name, **config_to_dict(c.config)} for kind, c in self.components.items()},
+            "train": {stage: config_to_dict(cfg) for stage, cfg in self.train.items()},
+        }
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: `tokenizer.name=st-vivit`
+
+
+def apply_overrides(table: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    table = copy.deepcopy(table)
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            problems.append(f"{source}: override '{item}' is not of the form key.sub=value")
+            continue
+        node = table
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"{source}: override '{item}': '{part}' is a value, not a table")
+                break
+            node = child
+        else:
+            node[parts[-1]] = _parse_value(text.strip())
+    if problems:
+        raise RecipeError(problems)
+    return table
+
+
+def read_recipe_table(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"{path}: recipe file not found"])
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise RecipeError([f"{path}: not valid TOML: {error}"]) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), registry: Registry | None = None) -> Recipe:
+    """Reads, overrides and checks a recipe. Raises RecipeError listing every problem; builds no model."""
+    table = apply_overrides(read_recipe_table(path), list(overrides), str(path))
+    return recipe_from_table(table, str(path), registry)
+
+
+def recipe_from_table(table: dict[str, Any], source: str, registry: Registry | None = None) -> Recipe:
+    registry = registry or get_registry()
+    problems: list[str] = []
+    known = set(CORE_SECTIONS) | set(KINDS) | {"train"}
+    for key in table:
+        if key not in known:
+            problems.append(f"{source}: unknown table [{key}]; valid tables: {', '.join(sorted(known))}")
+
+    def section(name: str) -> dict[str, Any]:
+        value = table.get(name, {})
+        if not isinstance(value, dict):
+            problems.append(f"{source}: '{name}' must be a table, got {type(value).__name__}")
+            return {}
+        return value
+
+    core = {name: build_config(cls, section(name), f"{source} [{name}]", problems) for name, cls in CORE_SECTIONS.items()}
+
+    components = {}
+    for kind in KINDS:
+        options = dict(section(kind))
+        if kind not in table:
+            problems.append(f"{source}: missing table [{kind}]; registered {kind} names: {', '.join(registry.names(kind))}")
+            continue
+        name = options.pop("name", None)
+        if not isinstance(name, str):
+            problems.append(f"{source} [{kind}]: missing key 'name'; registered {kind} names: {', '.join(registry.names(kind))}")
+            continue
+        try:
+            info = registry.get(kind, name)
+        except PluginError as error:
+            problems.append(f"{source} [{kind}]: {error}")
+            continue
+        config = build_config(info.cls.config_class, options, f"{source} [{kind}] ({name})", problems)
+        if config is not None:
+            components[kind] = ComponentChoice(kind, info, config)
+
+    train_table = section("train")
+    train = {}
+    for key in train_table:
+        if key not in STAGES:
+            problems.append(f"{source}: unknown table [train.{key}]; valid stages: {', '.join(STAGES)}")
+    for stage in STAGES:
+        stage_table = train_table.get(stage, {})
+        if not isinstance(stage_table, dict):
+            problems.append(f"{source}: 'train.{stage}' must be a table")
+            continue
+        train[stage] = build_config(TrainConfig, stage_table, f"{source} [train.{stage}]", problems)
+
+    if core["data"] is not None:
+        problems += check_compatibility(components, core["data"], train, source)
+    problems += check_lengths(train, core["eval"], source)
+    if problems:
+        raise RecipeError(problems)
+    return Recipe(source, table, core["run"], core["data"], core["eval"], components, train)
+
+
+def check_lengths(train: dict, eval_cfg: EvalConfig | None, source: str) -> list[str]:
+    """Window lengths must nest: the dynamics stage encodes its windows with the trained tokenizer, and dtPSNR at t
+    needs windows of t + 1 frames from the latent action model."""
+    tok, dyn = train.get("tokenizer"), train.get("dynamics")
+    if tok is None or dyn is None:
+        return []
+    problems = []
+    if dyn.seq_len > tok.seq_len:
+        problems.append(f"{source} [train.dynamics]: seq_len {dyn.seq_len} exceeds train.tokenizer.seq_len "
+                        f"{tok.seq_len}; the tokenizer must be trained on windows at least as long")
+    if eval_cfg is not None and eval_cfg.dtpsnr_t + 1 > dyn.seq_len:
+        problems.append(f"{source} [eval]: dtpsnr_t {eval_cfg.dtpsnr_t} needs windows of {eval_cfg.dtpsnr_t + 1} "
+                        f"frames, longer than train.dynamics.seq_len {dyn.seq_len}")
+    return problems
+
+
+def check_compatibility(components: dict[str, ComponentChoice], data: DataConfig, train: dict, source: str) -> list[str]:
+    """Checks that need more than one table: each component's `check_recipe` hook, if it has one."""
+    problems = []
+    for kind, choice in components.items():
+        check = getattr(choice.info.cls, "check_recipe", None)
+        if check is not None:
+            for problem in check(choice.config, data=data, train=train):
+                problems.append(f"{source} [{kind}] ({choice.name}): {problem}")
+    return problems

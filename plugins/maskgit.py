@@ -1,0 +1,133 @@
+"""MaskGIT dynamics (the paper's): a causal ST-transformer over token frames, trained to fill in masked tokens of
+frames 1..T-1 given all earlier frames and the latent actions, and its iterative sampler."""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+import torch.nn.functional as F
+from attrs import validators as v
+
+from genie_core import hookimpl
+from genie_core.config import check_heads, positive, unit_interval
+from genie_core.interfaces import DynamicsModel, DynamicsOutput, Sampler, TokenSpec
+from genie_core.nn import SpaceTimePositions, STTransformer
+
+
+@attrs.define(frozen=True, kw_only=True)
+class MaskGITDynamicsConfig:
+    """Defaults: the paper's CoinRun dynamics model (Appendix F)."""
+
+    dim: int = attrs.field(default=512, validator=positive)
+    depth: int = attrs.field(default=12, validator=positive)
+    heads: int = attrs.field(default=8, validator=positive)
+    qk_norm: bool = True
+    mask_rate_min: float = attrs.field(default=0.5, validator=unit_interval)  # per-sample rate ~ U(min, max)
+    mask_rate_max: float = attrs.field(default=1.0, validator=unit_interval)
+
+    def __attrs_post_init__(self):
+        check_heads(self)
+        if self.mask_rate_min > self.mask_rate_max:
+            raise ValueError(f"'mask_rate_min' ({self.mask_rate_min}) exceeds 'mask_rate_max' ({self.mask_rate_max})")
+
+
+class MaskGITDynamics(DynamicsModel):
+    config_class = MaskGITDynamicsConfig
+    supports_masking = True
+
+    @classmethod
+    def tiny_config(cls):
+        return MaskGITDynamicsConfig(dim=32, depth=2, heads=2)
+
+    def __init__(self, config: MaskGITDynamicsConfig, spec: TokenSpec):
+        super().__init__(config, spec)
+        d = config.dim
+        self.mask_id = spec.vocab_size  # one extra embedding row stands for "hidden"
+        self.token_embed = torch.nn.Embedding(spec.vocab_size + 1, d)
+        self.action_embed = torch.nn.Embedding(spec.num_actions, d)  # additive conditioning, as in the paper
+        self.positions = SpaceTimePositions(d, spec.grid[0] * spec.grid[1], spec.num_frames)
+        self.transformer = STTransformer(d, config.depth, config.heads, qk_norm=config.qk_norm)
+        self.head = torch.nn.Linear(d, spec.vocab_size)
+
+    def forward(self, tokens, actions, mask=None):
+        b, t, h, w = tokens.shape
+        if mask is not None:
+            tokens = tokens.masked_fill(mask, self.mask_id)
+        x = self.token_embed(tokens.reshape(b, t, h * w))  # [B, T, N, D]
+        # Action a_t explains frame t -> t + 1, so it is added to frame t + 1; frame 0 gets none.
+        act = self.action_embed(actions)  # [B, T - 1, D]
+        x = x + F.pad(act, (0, 0, 1, 0))[:, :, None]
+        x = self.transformer(self.positions(x))
+        return self.head(x).reshape(b, t, h, w, -1)
+
+    def loss(self, tokens, actions, generator=None):
+        b = tokens.shape[0]
+        cfg = self.config
+        rate = cfg.mask_rate_min + (cfg.mask_rate_max - cfg.mask_rate_min) * torch.rand(
+            b, 1, 1, 1, device=tokens.device, generator=generator)
+        mask = torch.rand(tokens.shape, device=tokens.device, generator=generator) < rate
+        mask[:, 0] = False  # the first frame is always given
+        logits = self(tokens, actions, mask)
+        masked_logits, targets = logits[mask], tokens[mask]
+        ce = F.cross_entropy(masked_logits.float(), targets)
+        accuracy = (masked_logits.argmax(-1) == targets).float().mean()
+        return DynamicsOutput(loss=ce, logits=logits, metrics={"ce": ce.detach(), "accuracy": accuracy.detach()})
+
+
+@attrs.define(frozen=True, kw_only=True)
+class MaskGITSamplerConfig:
+    """Defaults: the paper's CoinRun sampling (25 steps, temperature 1.0)."""
+
+    steps: int = attrs.field(default=25, validator=positive)
+    temperature: float = attrs.field(default=1.0, validator=v.ge(0))  # 0 = greedy
+
+
+class MaskGITSampler(Sampler):
+    """Iterative decoding: start from a fully masked frame; at each step sample every hidden token, keep the most
+    confident ones, and hide the rest again, following a cosine schedule until no token is hidden."""
+
+    config_class = MaskGITSamplerConfig
+
+    @classmethod
+    def tiny_config(cls):
+        return MaskGITSamplerConfig(steps=4)
+
+    @torch.no_grad()
+    def sample_next(self, dynamics, history, actions, generator=None):
+        if not dynamics.supports_masking:
+            raise TypeError(f"the maskgit sampler needs a dynamics model that supports masking; "
+                            f"{type(dynamics).__name__} does not")
+        b, t, h, w = history.shape
+        n = h * w
+        steps, temperature = self.config.steps, self.config.temperature
+        tokens = torch.cat([history, history.new_zeros(b, 1, h, w)], dim=1)
+        mask = torch.zeros_like(tokens, dtype=torch.bool)
+        mask[:, -1] = True
+        frame = tokens[:, -1].reshape(b, n)
+        hidden = mask[:, -1].reshape(b, n)
+        for step in range(steps):
+            logits = dynamics(tokens, actions, mask)[:, -1].reshape(b, n, -1).float()
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                sampled = torch.multinomial(probs.reshape(b * n, -1), 1, generator=generator).reshape(b, n)
+            else:
+                probs = torch.softmax(logits, dim=-1)
+                sampled = probs.argmax(-1)
+            confidence = probs.gather(-1, sampled[..., None]).squeeze(-1)
+            confidence = confidence.masked_fill(~hidden, math.inf)  # tokens already fixed stay fixed
+            still_hidden = math.floor(n * math.cos(math.pi / 2 * (step + 1) / steps))
+            least_confident = confidence.argsort(dim=-1)[:, :still_hidden]
+            keep_hidden = torch.zeros_like(hidden).scatter_(1, least_confident, True)
+            frame = torch.where(hidden & ~keep_hidden, sampled, frame)
+            hidden = keep_hidden
+            tokens[:, -1] = frame.reshape(b, h, w)
+            mask[:, -1] = hidden.reshape(b, h, w)
+        return tokens[:, -1]
+
+
+@hookimpl
+def genie_register_components(registrar):
+    registrar.add_dynamics("maskgit", MaskGITDynamics)
+    registrar.add_sampler("maskgit", MaskGITSampler)

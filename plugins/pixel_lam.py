@@ -1,0 +1,93 @@
+"""Latent action model on pixels (the paper's LAM): a VQ-VAE whose latent is one of |A| codes per transition.
+
+The encoder sees frames x_0..x_{t+1} (causal ST-transformer) and emits one latent for the transition t -> t+1; the
+decoder sees x_0..x_t plus that quantized latent and must reconstruct x_{t+1}. The tiny codebook leaves room for
+little more than what changed, which is what makes the codes controllable. Only the code ids are used at play time.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+import torch.nn.functional as F
+from attrs import validators as v
+
+from genie_core import hookimpl
+from genie_core.config import check_heads, check_patch_divides_resolution, positive
+from genie_core.interfaces import ActionModelOutput, LatentActionModel, VideoSpec
+from genie_core.nn import Quantizer, SpaceTimePositions, STTransformer, patchify, unpatchify
+
+
+@attrs.define(frozen=True, kw_only=True)
+class PixelLAMConfig:
+    """Defaults: the paper's CoinRun LAM (Appendix F) with the main model's |A| = 8."""
+
+    num_actions: int = attrs.field(default=8, validator=v.ge(2))
+    patch_size: int = attrs.field(default=16, validator=positive)
+    dim: int = attrs.field(default=512, validator=positive)
+    encoder_depth: int = attrs.field(default=8, validator=positive)
+    decoder_depth: int = attrs.field(default=8, validator=positive)
+    heads: int = attrs.field(default=8, validator=positive)
+    code_dim: int = attrs.field(default=32, validator=positive)
+    commitment_weight: float = attrs.field(default=0.25, validator=v.ge(0))
+    dead_code_threshold: float = attrs.field(default=1.0, validator=v.ge(0))
+    qk_norm: bool = True
+
+    def __attrs_post_init__(self):
+        check_heads(self)
+
+
+class PixelLAM(LatentActionModel):
+    config_class = PixelLAMConfig
+    check_recipe = staticmethod(check_patch_divides_resolution)
+
+    @classmethod
+    def tiny_config(cls):
+        return PixelLAMConfig(num_actions=4, patch_size=4, dim=32, encoder_depth=1, decoder_depth=1, heads=2, code_dim=8)
+
+    def __init__(self, config: PixelLAMConfig, spec: VideoSpec):
+        super().__init__(config, spec)
+        p, d = config.patch_size, config.dim
+        self.grid = (spec.height // p, spec.width // p)
+        num_patches = self.grid[0] * self.grid[1]
+        patch_dim = spec.channels * p * p
+        # Encoder: every frame's patches plus one "action slot" whose output becomes the latent action.
+        self.encoder_embed = torch.nn.Linear(patch_dim, d)
+        self.action_slot = torch.nn.Parameter(torch.randn(d) * 0.02)
+        self.encoder_positions = SpaceTimePositions(d, num_patches + 1, spec.num_frames)
+        self.encoder = STTransformer(d, config.encoder_depth, config.heads, qk_norm=config.qk_norm)
+        self.quantizer = Quantizer(d, config.num_actions, config.code_dim, config.commitment_weight,
+                                   config.dead_code_threshold)
+        # Decoder: frames x_0..x_{T-2}, each plus the action that follows it, predict x_1..x_{T-1}.
+        self.decoder_embed = torch.nn.Linear(patch_dim, d)
+        self.decoder_positions = SpaceTimePositions(d, num_patches, spec.num_frames)
+        self.decoder = STTransformer(d, config.decoder_depth, config.heads, qk_norm=config.qk_norm)
+        self.to_pixels = torch.nn.Linear(d, patch_dim)
+
+    @property
+    def num_actions(self) -> int:
+        return self.config.num_actions
+
+    def _latent_actions(self, video: torch.Tensor):
+        x = self.encoder_embed(patchify(video * 2 - 1, self.config.patch_size))  # [B, T, N, D]
+        slot = self.action_slot.expand(x.shape[0], x.shape[1], 1, -1)
+        x = self.encoder(self.encoder_positions(torch.cat([slot, x], dim=2)))  # [B, T, N + 1, D]
+        # The slot of frame t + 1 has seen x_0..x_{t+1}: it explains the transition t -> t + 1.
+        return self.quantizer(x[:, 1:, 0])  # quantized [B, T - 1, D], indices [B, T - 1]
+
+    def infer_actions(self, video: torch.Tensor) -> torch.Tensor:
+        return self._latent_actions(video).indices
+
+    def loss(self, video: torch.Tensor) -> ActionModelOutput:
+        q = self._latent_actions(video)
+        past = self.decoder_embed(patchify(video[:, :-1] * 2 - 1, self.config.patch_size))  # [B, T - 1, N, D]
+        x = self.decoder(self.decoder_positions(past + q.quantized[:, :, None]))
+        recon = unpatchify(self.to_pixels(x), self.config.patch_size, self.grid, self.spec.channels) * 0.5 + 0.5
+        mse = F.mse_loss(recon, video[:, 1:])
+        metrics = {"mse": mse.detach(), "commit": q.aux_loss.detach(), "perplexity": q.perplexity}
+        return ActionModelOutput(loss=mse + q.aux_loss, actions=q.indices, recon=recon, metrics=metrics)
+
+
+@hookimpl
+def genie_register_components(registrar):
+    registrar.add_action_model("pixel-lam", PixelLAM)

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny shapes, and the registered components built from their tiny configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from genie_core.interfaces import TokenSpec, VideoSpec
+from genie_core.registry import get_registry
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_VIDEO = VideoSpec(channels=3, height=16, width=16, num_frames=6)
+
+
+@pytest.fixture(scope="session")
+def registry():
+    return get_registry()
+
+
+def names(kind: str) -> list[str]:
+    return get_registry().names(kind)
+
+
+def build(kind: str, name: str, spec=None, seed: int = 0):
+    """The registered component `name` of `kind`, from its tiny config, with weights drawn from `seed`."""
+    info = get_registry().get(kind, name)
+    torch.manual_seed(seed)
+    config = info.cls.tiny_config()
+    return info.cls(config) if spec is None else info.cls(config, spec)
+
+
+def video(batch: int = 2, frames: int = TINY_VIDEO.num_frames, seed: int = 0) -> torch.Tensor:
+    """A smooth random video (moving blobs are easier to overfit than white noise), [B, T, 3, 16, 16] in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(batch, 1, 3, 4, 4, generator=g)
+    base = torch.nn.functional.interpolate(base.flatten(0, 1), size=(16, 16), mode="bilinear").unflatten(0, (batch, 1))
+    shifts = [torch.roll(base, shifts=t, dims=-1) for t in range(frames)]
+    return torch.cat(shifts, dim=1).clamp(0, 1)
+
+
+def token_spec(tokenizer=None, num_actions: int = 4) -> TokenSpec:
+    return TokenSpec(vocab_size=32, grid=(4, 4), num_frames=TINY_VIDEO.num_frames, num_actions=num_actions)

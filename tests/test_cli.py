@@ -1,0 +1,93 @@
+"""The CLI end to end on the smoke recipe: run every stage, resume, redo only what a change affects, sample."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+from genie_core.cli import main
+
+SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "smoke"
+    assert main(["run", SMOKE, "--out", str(out)]) == 0
+    return out
+
+
+def test_run_writes_checkpoints_report_and_pictures(run_dir):
+    for path in ("tokenizer/tokenizer.safetensors", "tokenizer/components.json", "dynamics/dynamics.safetensors",
+                 "dynamics/action_model.safetensors", "dynamics/components.json", "report.json", "report.md",
+                 "rollout.gif", "rollout.png", "logs/tokenizer.jsonl", "logs/dynamics.jsonl", "recipe.json"):
+        assert (run_dir / path).is_file(), path
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["tokenizer_psnr_db"]["n"] == 2 * 6  # eval.windows windows of train.tokenizer.seq_len frames
+    assert report["dtpsnr_t4_db"]["n"] == 2
+    assert all(k in report for k in ("dynamics_psnr_t4_db", "stages", "components"))
+    with Image.open(run_dir / "rollout.gif") as gif:
+        assert gif.n_frames == 3 + 1  # the prompt and rollout_steps generated frames
+        assert gif.size == (4 * 64 + 3 * 2, 64)  # one panel per latent action, 2-pixel gaps
+    assert not list(run_dir.glob("*.tmp")), "no temporary folder is left behind"
+
+
+def test_rerun_skips_finished_stages(run_dir, capsys):
+    assert main(["run", SMOKE, "--out", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"stage {s}: done, skipping" in out for s in ("data", "tokenizer", "dynamics", "report"))
+
+
+def test_changed_setting_redoes_only_the_stages_it_affects(run_dir, capsys):
+    before = (run_dir / "tokenizer" / "tokenizer.safetensors").stat().st_mtime_ns
+    assert main(["run", SMOKE, "--out", str(run_dir), "eval.rollout_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "stage tokenizer: done, skipping" in out and "stage dynamics: done, skipping" in out
+    assert "stage report: recipe settings changed" in out
+    assert (run_dir / "tokenizer" / "tokenizer.safetensors").stat().st_mtime_ns == before
+    with Image.open(run_dir / "rollout.gif") as gif:
+        assert gif.n_frames == 3
+
+
+def test_sample_from_a_prompt_image(run_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.png"
+    Image.fromarray((torch.rand(40, 50, 3) * 255).byte().numpy()).save(prompt)  # any size: resized to 64x64
+    out = tmp_path / "play" / "sample.gif"
+    args = ["sample", str(run_dir), "--prompt", str(prompt), "--actions", "0,1,2,3,0", "--out", str(out), "--scale", "2"]
+    assert main(args) == 0
+    with Image.open(out) as gif:
+        assert gif.n_frames == 6 and gif.size == (128, 128)
+    with Image.open(out.with_suffix(".png")) as strip:
+        assert strip.size == ((6 * 64 + 5 * 2) * 2, 128)
+    # same seed, same frames
+    again = tmp_path / "again.gif"
+    assert main(args[:-4] + ["--out", str(again), "--scale", "2"]) == 0
+    assert out.read_bytes() == again.read_bytes()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--actions", "0,9"], "action 9 is out of range; this world has actions 0..3"),
+    (["--actions", "0,x"], "expected comma-separated integers"),
+    (["--prompt", "missing.png"], "image file not found"),
+])
+def test_sample_bad_input_exits_2(run_dir, tmp_path, capsys, args, message):
+    prompt = tmp_path / "prompt.png"
+    Image.new("RGB", (64, 64)).save(prompt)
+    base = {"--prompt": str(prompt), "--actions": "0"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    argv = ["sample", str(run_dir), "--out", str(tmp_path / "x.gif")] + [x for kv in base.items() for x in kv]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sample_broken_image_and_unfinished_run(run_dir, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    assert main(["sample", str(run_dir), "--prompt", str(broken), "--actions", "0"]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path), "--prompt", str(broken), "--actions", "0"]) == 2
+    assert "the tokenizer stage has not finished" in capsys.readouterr().err

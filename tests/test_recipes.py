@@ -1,0 +1,93 @@
+"""Every shipped recipe validates; bad recipes get the documented messages, all at once, naming the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from genie_core.cli import main
+from genie_core.errors import RecipeError
+from genie_core.recipe import apply_overrides, load_recipe
+
+RECIPES = sorted((REPO / "recipes").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert set(recipe.components) == {"tokenizer", "action_model", "dynamics", "sampler"}
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# genie run recipes/"), "each recipe starts with the command that runs it"
+
+
+def problems_of(tmp_path: Path, text: str, overrides=()) -> list[str]:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, list(overrides))
+    assert all(str(path) in p for p in info.value.problems), "every message names the file"
+    return info.value.problems
+
+
+GOOD = (REPO / "recipes" / "coinrun-tiny.toml").read_text()
+
+
+def test_unknown_component_lists_registered_ones(tmp_path):
+    [problem] = problems_of(tmp_path, GOOD.replace('name = "st-vivit"', 'name = "st-vivt"'))
+    assert "unknown tokenizer 'st-vivt'" in problem and "st-vivit" in problem.split("names:")[1]
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    [problem] = problems_of(tmp_path, GOOD, ["tokenizer.patchsize=4"])
+    assert "unknown key 'patchsize'" in problem and "patch_size" in problem and "[tokenizer]" in problem
+
+
+def test_wrong_type_and_range(tmp_path):
+    problems = problems_of(tmp_path, GOOD, ["train.tokenizer.steps=1.5", "train.dynamics.lr=-1", "run.seed=true"])
+    assert len(problems) == 3
+    text = "\n".join(problems)
+    assert "key 'steps': expected int, got float" in text
+    assert "'lr' must be > 0" in text
+    assert "key 'seed': expected int, got bool" in text
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    problems = problems_of(tmp_path, GOOD + "\n[trian]\nsteps = 1\n",
+                           ["dynamics.name=nope", "tokenizer.heads=5", "sampler.steps=0", "data.game=3"])
+    text = "\n".join(problems)
+    assert len(problems) == 5, text
+    for expected in ("unknown table [trian]", "unknown dynamics 'nope'", "'dim' (96) must be divisible by 'heads' (5)",
+                     "'steps' must be > 0", "key 'game': expected str"):
+        assert expected in text
+
+
+def test_cross_table_check_patch_must_tile_resolution(tmp_path):
+    [problem] = problems_of(tmp_path, GOOD, ["tokenizer.patch_size=5"])
+    assert "'patch_size' 5 does not divide data.resolution 64" in problem
+
+
+def test_missing_table_and_bad_toml(tmp_path):
+    problems = problems_of(tmp_path, GOOD.replace("[sampler]", "[not_sampler]"))
+    assert any("missing table [sampler]" in p for p in problems)
+    [problem] = problems_of(tmp_path, "[run\n")
+    assert "not valid TOML" in problem
+
+
+def test_overrides_parse_toml_values_and_bare_words():
+    table = apply_overrides({"a": {"b": 1}}, ["a.b=2", "a.c=1e-3", "a.d=st-vivit", 'a.e="x y"', "f.g=true"], "r.toml")
+    assert table == {"a": {"b": 2, "c": 1e-3, "d": "st-vivit", "e": "x y"}, "f": {"g": True}}
+    with pytest.raises(RecipeError, match="not of the form"):
+        apply_overrides({}, ["novalue"], "r.toml")
+
+
+def test_cli_validate_exit_codes(tmp_path, capsys):
+    good = REPO / "recipes" / "coinrun-tiny.toml"
+    assert main(["validate", str(good)]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main(["validate", str(good), "tokenizer.name=nope", "eval.windows=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert main(["validate", str(tmp_path / "missing.toml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
