@@ -55,6 +55,10 @@ def load_components(folder: Path, registry: Registry | None = None) -> dict[str,
             args.append(spec_cls(**spec))
         module = info.cls(*args)
         if module.state_dict():
-            load_model(module, str(Path(folder) / f"{kind}.safetensors"))
+            weights = Path(folder) / f"{kind}.safetensors"
+            try:
+                load_model(module, str(weights))
+            except (OSError, RuntimeError) as error:  # missing, truncated, or weights of another shape
+                raise GenieError(f"{weights}: cannot load the {kind} weights into {info.name}: {error}") from None
         out[kind] = module.eval()
     return out

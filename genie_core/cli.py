@@ -11,6 +11,13 @@ from genie_core.errors import GenieError, RecipeError
 EXIT_BAD_INPUT = 2
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genie", description="Generative interactive environments on a pluggable core.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -25,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", type=Path)
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     run.add_argument("--out", type=Path, help="run folder (default: run.out_dir/run.name from the recipe)")
-    run.add_argument("--redo-from", metavar="STAGE", help="redo this stage and every later one even if complete")
+    run.add_argument("--redo-from", choices=("data", "tokenizer", "dynamics", "report"),
+                     help="redo this stage and every later one even if complete")
 
     sample = sub.add_parser("sample", help="play a trained world from a prompt image with a sequence of actions")
     sample.add_argument("run_dir", type=Path, help="a run folder whose tokenizer and dynamics stages are complete")
@@ -35,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--steps", type=int, help="sampler steps (overrides the saved sampler's)")
     sample.add_argument("--temperature", type=float, help="sampling temperature (overrides the saved sampler's)")
-    sample.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the output")
+    sample.add_argument("--scale", type=positive_int, default=4, help="nearest-neighbour upscaling of the output")
     return parser
 
 
@@ -82,6 +90,8 @@ def cmd_sample(args) -> int:
         raise GenieError(f"--actions '{args.actions}': expected comma-separated integers such as 0,1,2") from None
     if not actions:
         raise GenieError("--actions: give at least one action")
+    if args.out.suffix.lower() != ".gif":
+        raise GenieError(f"--out {args.out}: must end in .gif (a .png strip is written beside it)")
     world = load_world(args.run_dir)
     changes = {k: v for k, v in (("steps", args.steps), ("temperature", args.temperature)) if v is not None}
     if changes:

@@ -40,10 +40,6 @@ def _resolved_fields(cls: type) -> tuple[attrs.Attribute, ...]:
     return attrs.fields(cls)
 
 
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in _resolved_fields(cls)]
-
-
 def _type_problem(value: Any, expected: Any) -> str | None:
     """Recipes hold TOML values; accept ints for floats, nothing else loosely (True is not 1)."""
     if expected is float:

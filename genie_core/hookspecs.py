@@ -2,7 +2,7 @@
 CONTRIBUTING.md repeats each signature (a test keeps the two in step).
 
 A plugin is any module (or object) with functions marked `@genie_core.hookimpl` whose names match the hooks below.
-First-party plugins (genie_core.plugins.BUILTIN_PLUGINS) load through exactly the same hooks as third-party ones,
+First-party plugins (genie_core.registry.BUILTIN_PLUGINS) load through exactly the same hooks as third-party ones,
 which are found through the `genie.plugins` entry-point group.
 """
 

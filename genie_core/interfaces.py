@@ -166,6 +166,9 @@ class DynamicsModel(Component, abc.ABC):
 class Sampler(Component, abc.ABC):
     """Turns a dynamics model into a next-frame generator. Holds no weights; its config holds the knobs."""
 
+    # True when the sampler drives the dynamics model through `mask` (it then needs `supports_masking`).
+    needs_masking: ClassVar[bool] = False
+
     @abc.abstractmethod
     def sample_next(
         self,

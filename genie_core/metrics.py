@@ -1,7 +1,10 @@
 """The paper's metrics. PSNR comes from torchmetrics; dtPSNR is built on it as the paper defines it.
 
-PSNR is computed per frame over [C, H, W] with data range 1. Identical frames would give infinity: the mean squared
-error is floored at 1e-10, which caps PSNR at 100 dB so that averages stay finite.
+PSNR is computed per frame over [C, H, W] with data range 1. Identical frames would give infinity: PSNR is capped at
+100 dB so that averages stay finite.
+
+dtPSNR at t: the prompt is frame 0 and t counts generated frames after it (t = 4: four actions, four new frames).
+In the paper's notation, where the prompt is x_1, this is its x_{t+1}.
 """
 
 from __future__ import annotations

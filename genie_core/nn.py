@@ -92,8 +92,10 @@ class QuantizerOutput:
 class Quantizer(nn.Module):
     """Vector quantization over the last dimension, from vector-quantize-pytorch.
 
-    EMA codebook updates, k-means initialisation on the first batch, and dead-code restarts: a code used by fewer
-    than `dead_code_threshold` vectors in a batch is replaced by a random vector of that batch.
+    EMA codebook updates, k-means initialisation on the first batch, and dead-code restarts: a code whose
+    exponentially averaged usage falls below `dead_code_threshold` is replaced by a random vector of the batch.
+    Always runs in float32, also under mixed precision: code assignment by distance is fragile in bf16, and the same
+    input must get the same code in training (autocast) and at play time (no autocast).
     """
 
     def __init__(self, dim: int, codebook_size: int, codebook_dim: int, commitment_weight: float = 0.25,
@@ -112,8 +114,9 @@ class Quantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         shape = x.shape
-        flat = x.reshape(shape[0], -1, shape[-1])  # VectorQuantize wants [B, L, D]
-        quantized, indices, aux_loss = self.vq(flat)
+        flat = x.float().reshape(shape[0], -1, shape[-1])  # VectorQuantize wants [B, L, D]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            quantized, indices, aux_loss = self.vq(flat)
         indices = indices.reshape(shape[:-1])
         counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size).float()
         probs = counts / counts.sum()
@@ -123,5 +126,6 @@ class Quantizer(nn.Module):
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         """Code ids [...] -> the quantized vectors [..., D] the decoder consumes."""
         shape = indices.shape
-        out = self.vq.get_output_from_indices(indices.reshape(shape[0], -1))
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            out = self.vq.get_output_from_indices(indices.reshape(shape[0], -1))
         return out.reshape(*shape, out.shape[-1])

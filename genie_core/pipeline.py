@@ -3,11 +3,15 @@
     data       procgen footage of the recipe's game: data/train, data/val (disjoint level seeds)
     tokenizer  trains the video tokenizer                  -> tokenizer/  (safetensors + components.json)
     dynamics   co-trains latent actions and dynamics      -> dynamics/
-    report     held-out tokenizer PSNR, dtPSNR, rollouts  -> report.json, report.md, rollout.gif, rollout.png
+    report     held-out tokenizer PSNR, dtPSNR, rollouts  -> report.json, report.md, rollout.gif, rollout.png,
+                                                             report/ (the sampler, for `genie sample`)
 
 Each stage folder is written under a temporary name and renamed when complete, with a `stage.json` holding a
-fingerprint of the recipe settings it depends on. Re-running skips every complete stage whose fingerprint still
-matches, so an interrupted run resumes at the stage it was in, and a changed recipe redoes only what it affects.
+fingerprint of the recipe settings (and plugin versions) it depends on and the id of the stage output it consumed.
+Re-running skips every complete stage that still matches both, so an interrupted run resumes at the stage it was in,
+and a changed recipe, or a redone earlier stage, redoes exactly what it affects.
+
+Under several processes (`accelerate launch`) every process trains; only the main one writes files.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import json
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -30,15 +35,20 @@ from genie_core.media import save_gif, save_strip, tile
 from genie_core.metrics import delta_psnr, mean_and_ci, psnr
 from genie_core.recipe import Recipe
 from genie_core.training import TokenizerTask, WorldModelTask, train
-from genie_core.world import World
+from genie_core.world import World, load_stages
 
 STAGES = ("data", "tokenizer", "dynamics", "report")
 STAGE_FILE = "stage.json"
 
 
+# Settings that change how a stage reports, not what it produces.
+COSMETIC = {"log_every", "num_workers", "gif_scale"}
+
+
 def stage_settings(recipe: Recipe, stage: str) -> dict:
     """Everything a stage's output depends on (cumulative: a stage depends on all the settings of earlier ones)."""
-    d = recipe.describe()
+    d = _drop_cosmetic(recipe.describe())
+    d["versions"] = {kind: f"{c.info.owner.package} {c.info.owner.version}" for kind, c in recipe.components.items()}
     settings = {"data": d["data"], "seed": d["run"]["seed"]}
     if stage in ("tokenizer", "dynamics", "report"):
         settings |= {"tokenizer": d["tokenizer"], "train.tokenizer": d["train"]["tokenizer"],
@@ -47,7 +57,15 @@ def stage_settings(recipe: Recipe, stage: str) -> dict:
         settings |= {"action_model": d["action_model"], "dynamics": d["dynamics"], "train.dynamics": d["train"]["dynamics"]}
     if stage == "report":
         settings |= {"sampler": d["sampler"], "eval": d["eval"]}
+    if stage != "data":
+        settings["versions"] = d["versions"]
     return settings
+
+
+def _drop_cosmetic(value):
+    if isinstance(value, dict):
+        return {k: _drop_cosmetic(v) for k, v in value.items() if k not in COSMETIC}
+    return value
 
 
 def fingerprint(settings: dict) -> str:
@@ -65,26 +83,41 @@ class Pipeline:
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
 
-    def status(self, stage: str) -> str:
-        """'done', 'stale' (finished under other settings) or 'missing'."""
+    def _record(self, stage: str) -> dict | None:
         path = self.stage_dir(stage) / STAGE_FILE
-        if not path.is_file():
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def status(self, stage: str) -> str:
+        """'done', 'stale' (finished under other settings, or on an earlier stage's output since redone) or 'missing'."""
+        record = self._record(stage)
+        if record is None:
             return "missing"
-        saved = json.loads(path.read_text()).get("fingerprint")
-        return "done" if saved == fingerprint(stage_settings(self.recipe, stage)) else "stale"
+        if record.get("fingerprint") != fingerprint(stage_settings(self.recipe, stage)):
+            return "stale"
+        upstream = STAGES[STAGES.index(stage) - 1] if stage != STAGES[0] else None
+        if upstream is not None and record.get("input") != (self._record(upstream) or {}).get("id"):
+            return "stale"
+        return "done"
 
     def _finish(self, folder: Path, stage: str, summary: dict) -> None:
-        record = {"stage": stage, "fingerprint": fingerprint(stage_settings(self.recipe, stage)),
+        upstream = STAGES[STAGES.index(stage) - 1] if stage != STAGES[0] else None
+        record = {"stage": stage, "id": uuid.uuid4().hex, "input": upstream and self._record(upstream)["id"],
+                  "fingerprint": fingerprint(stage_settings(self.recipe, stage)),
                   "settings": stage_settings(self.recipe, stage), "summary": summary}
         (folder / STAGE_FILE).write_text(json.dumps(record, indent=2, default=str))
 
     def run(self, redo_from: str | None = None) -> dict:
         if redo_from is not None and redo_from not in STAGES:
             raise GenieError(f"--redo-from '{redo_from}': no such stage; stages: {', '.join(STAGES)}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.json").write_text(json.dumps(self.recipe.table, indent=2))
         run_cfg = self.recipe.run
+        # Built before any model: vector-quantize-pytorch decides codebook syncing when a model is constructed.
         self.accelerator = Accelerator(cpu=run_cfg.cpu, mixed_precision=run_cfg.mixed_precision)
+        self.main = self.accelerator.is_main_process
+        if not self.main:
+            self.log = lambda *_: None
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.json").write_text(json.dumps(self.recipe.table, indent=2))
         redo = False
         for stage in STAGES:
             redo = redo or stage == redo_from
@@ -93,16 +126,19 @@ class Pipeline:
                 self.log(f"stage {stage}: done, skipping ({self.stage_dir(stage)})")
                 continue
             if state == "stale":
-                self.log(f"stage {stage}: recipe settings changed since it ran, redoing it and every later stage")
+                self.log(f"stage {stage}: its settings or inputs changed since it ran, redoing it")
             redo = True  # everything after a redone stage depends on it
             start = time.perf_counter()
             getattr(self, f"stage_{stage}")()
+            self.accelerator.wait_for_everyone()  # no process reads a stage before the main one has written it
             self.log(f"stage {stage}: finished in {time.perf_counter() - start:.1f} s")
         return json.loads((self.run_dir / "report.json").read_text())
 
     # ------------------------------------------------------------------------------------------ stages
 
     def stage_data(self) -> None:
+        if not self.main:
+            return
         summaries = {}
         with atomic_dir(self.stage_dir("data")) as folder:
             for split in ("train", "val"):
@@ -124,6 +160,8 @@ class Pipeline:
         summary = train(self.accelerator, TokenizerTask(tokenizer), self.dataset("train", cfg.seq_len), cfg,
                         self.recipe.run.seed, self.run_dir / "logs" / "tokenizer.jsonl", "tokenizer")
         summary["parameters"] = sum(p.numel() for p in tokenizer.parameters())
+        if not self.main:
+            return
         with atomic_dir(self.stage_dir("tokenizer")) as folder:
             save_components(folder, {"tokenizer": (choice.name, tokenizer.cpu())})
             self._finish(folder, "tokenizer", summary)
@@ -133,7 +171,7 @@ class Pipeline:
         cfg = self.recipe.train["dynamics"]
         tokenizer = load_components(self.stage_dir("tokenizer"))["tokenizer"].to(self.accelerator.device)
         torch.manual_seed(self.recipe.run.seed + 1)
-        lam_choice, dyn_choice, sampler_choice = components["action_model"], components["dynamics"], components["sampler"]
+        lam_choice, dyn_choice = components["action_model"], components["dynamics"]
         action_model = lam_choice.info.cls(lam_choice.config, self.video_spec("dynamics"))
         token_spec = TokenSpec(vocab_size=tokenizer.codebook_size, grid=tokenizer.grid, num_frames=cfg.seq_len,
                                num_actions=action_model.num_actions)
@@ -143,22 +181,20 @@ class Pipeline:
                         self.run_dir / "logs" / "dynamics.jsonl", "lam+dynamics")
         summary["parameters"] = {"action_model": sum(p.numel() for p in action_model.parameters()),
                                  "dynamics": sum(p.numel() for p in dynamics.parameters())}
-        sampler = sampler_choice.info.cls(sampler_choice.config)
+        if not self.main:
+            return
         with atomic_dir(self.stage_dir("dynamics")) as folder:
             save_components(folder, {"action_model": (lam_choice.name, action_model.cpu()),
-                                     "dynamics": (dyn_choice.name, dynamics.cpu()),
-                                     "sampler": (sampler_choice.name, sampler)})
+                                     "dynamics": (dyn_choice.name, dynamics.cpu())})
             self._finish(folder, "dynamics", summary)
-
-    def load_world(self) -> World:
-        parts = load_components(self.stage_dir("tokenizer")) | load_components(self.stage_dir("dynamics"))
-        choice = self.recipe.components["sampler"]  # the recipe's sampling settings, not necessarily the saved ones
-        parts["sampler"] = choice.info.cls(choice.config)
-        return World(**parts).to(self.accelerator.device)
 
     @torch.no_grad()
     def stage_report(self) -> None:
-        world = self.load_world()
+        if not self.main:  # evaluation is cheap next to training: the main process does it alone
+            return
+        choice = self.recipe.components["sampler"]
+        sampler = choice.info.cls(choice.config)
+        world = World(**load_stages(self.run_dir, ("tokenizer", "dynamics")), sampler=sampler).to(self.accelerator.device)
         ev = self.recipe.eval
         device = self.accelerator.device
         generator = torch.Generator(device=device).manual_seed(ev.seed)
@@ -210,6 +246,7 @@ class Pipeline:
         (self.run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (self.run_dir / "report.md").write_text(report_markdown(report, t))
         with atomic_dir(self.stage_dir("report")) as folder:
+            save_components(folder, {"sampler": (choice.name, sampler)})
             self._finish(folder, "report", {"tokenizer_psnr_db": tokenizer_psnr["mean"], "dtpsnr_db": dtpsnr["mean"]})
 
 

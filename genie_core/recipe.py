@@ -12,8 +12,6 @@ Command-line overrides use dotted keys with TOML values: `tokenizer.patch_size=8
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -49,11 +47,6 @@ class Recipe:
     eval: EvalConfig
     components: dict[str, ComponentChoice]  # kind -> choice
     train: dict[str, TrainConfig]  # stage -> config
-
-    def fingerprint(self, *sections: str) -> str:
-        """A hash of the named top-level tables, to tell whether a finished stage still matches the recipe."""
-        chosen = {name: self.table.get(name) for name in sections}
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -184,8 +177,13 @@ def check_lengths(train: dict, eval_cfg: EvalConfig | None, source: str) -> list
 
 
 def check_compatibility(components: dict[str, ComponentChoice], data: DataConfig, train: dict, source: str) -> list[str]:
-    """Checks that need more than one table: each component's `check_recipe` hook, if it has one."""
+    """Checks that need more than one table: each component's `check_recipe` hook, if it has one, and that the
+    sampler can drive the dynamics model."""
     problems = []
+    sampler, dynamics = components.get("sampler"), components.get("dynamics")
+    if sampler and dynamics and sampler.info.cls.needs_masking and not dynamics.info.cls.supports_masking:
+        problems.append(f"{source} [sampler] ({sampler.name}): needs a dynamics model that supports masking; "
+                        f"dynamics '{dynamics.name}' does not")
     for kind, choice in components.items():
         check = getattr(choice.info.cls, "check_recipe", None)
         if check is not None:

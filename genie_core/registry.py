@@ -124,9 +124,14 @@ def _strict() -> bool:
     return os.environ.get(STRICT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+@functools.cache
+def _installed_distributions() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
 def _distribution_of(module_name: str) -> tuple[str, str]:
     top = module_name.split(".")[0]
-    for dist in importlib.metadata.packages_distributions().get(top, []):
+    for dist in _installed_distributions().get(top, []):
         try:
             return dist, importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -184,8 +189,9 @@ def load_registry(builtins: tuple[str, ...] = BUILTIN_PLUGINS, entry_points: boo
     # Call each plugin's hook on its own (through pluggy, so its calling conventions hold) so that a failure is
     # attributed to that plugin and to nothing else. Registration order: built-ins first, so a third-party plugin
     # can never take their names.
-    plugins = [plugin for _, plugin in pm.list_name_plugin()]
-    for plugin in sorted(plugins, key=lambda p: list(owners).index(id(p))):
+    order = list(owners)  # registration order
+    plugins = sorted((plugin for _, plugin in pm.list_name_plugin()), key=lambda p: order.index(id(p)))
+    for plugin in plugins:
         owner = owners[id(plugin)]
         registrar = Registrar(owner)
         only_this = pm.subset_hook_caller("genie_register_components", [p for p in plugins if p is not plugin])
@@ -194,6 +200,12 @@ def load_registry(builtins: tuple[str, ...] = BUILTIN_PLUGINS, entry_points: boo
             registry.commit(registrar)
         except Exception as error:  # noqa: BLE001
             fail(owner, error, third_party=id(plugin) not in builtin_ids)
+    for plugin in plugins:  # loaded but silent: most often a hook function without @hookimpl
+        owner = owners[id(plugin)]
+        if not any(info.owner == owner for info in registry.components.values()) and not any(
+                b.owner == owner for b in registry.broken):
+            fail(owner, PluginError("registered no component; is its genie_register_components marked @hookimpl?"),
+                 third_party=id(plugin) not in builtin_ids)
     return registry
 
 

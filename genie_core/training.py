@@ -8,6 +8,7 @@ code runs on one CPU process or under `accelerate launch` on many GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -43,14 +44,16 @@ class WorldModelTask(nn.Module):
         super().__init__()
         self.action_model = action_model
         self.dynamics = dynamics
-        self.frozen = [tokenizer]  # a list hides it from .parameters(), .state_dict() and the optimizer
+        # A plain list hides the tokenizer from .parameters(), .state_dict(), the optimizer and .train(): it stays
+        # frozen in eval mode, so its codebook is not updated and its tokens are those used at play time.
+        self.frozen = [tokenizer]
         tokenizer.requires_grad_(False).eval()
 
     def forward(self, video):
         with torch.no_grad():
             tokens = self.frozen[0].encode(video)
         lam = self.action_model.loss(video)
-        dyn = self.dynamics.loss(tokens, lam.actions.detach())
+        dyn = self.dynamics.loss(tokens, lam.actions)  # integer ids: no gradient reaches the LAM from here
         metrics = {f"lam_{k}": v for k, v in lam.metrics.items()} | {f"dyn_{k}": v for k, v in dyn.metrics.items()}
         return lam.loss + dyn.loss, metrics
 
@@ -87,23 +90,31 @@ def train(
     log_path: Path,
     desc: str,
 ) -> dict:
-    """Trains `task` for cfg.steps steps; returns a summary (final metrics, steps/s). The task is trained in place."""
-    torch.manual_seed(seed)
-    params = [p for p in task.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    """Trains `task` for cfg.steps steps; returns a summary (final metrics, steps/s). The task is trained in place.
+
+    cfg.batch_size is per process: with N processes each optimizer step sees N * batch_size windows.
+    """
+    torch.manual_seed(seed + accelerator.process_index)  # per-rank randomness (masks); weights were built before
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) >= cfg.batch_size,
         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(seed),
     )
-    model, optimizer, loader, scheduler = accelerator.prepare(task, optimizer, loader, scheduler)
+    model = accelerator.prepare(task)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    optimizer, loader = accelerator.prepare(optimizer, loader)
+    # Not prepared: Accelerate would step a prepared scheduler once per process, running the schedule N times fast.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model.train()
     batches = batches_forever(loader)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    main = accelerator.is_main_process
+    if main:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
     last: dict[str, float] = {}
     start = time.perf_counter()
-    with open(log_path, "w") as log, tqdm(total=cfg.steps, desc=desc, unit="step", dynamic_ncols=True,
-                                          disable=not accelerator.is_local_main_process) as bar:
+    log_file = open(log_path, "w") if main else contextlib.nullcontext()
+    bar = tqdm(total=cfg.steps, desc=desc, unit="step", dynamic_ncols=True, disable=not accelerator.is_local_main_process)
+    with log_file as log, bar:
         for step in range(cfg.steps):
             video = next(batches)
             loss, metrics = model(video)
@@ -118,10 +129,12 @@ def train(
                         **{k: float(v) for k, v in metrics.items()}}
                 if not math.isfinite(last["loss"]):
                     raise FloatingPointError(f"{desc}: loss is {last['loss']} at step {step}")
-                log.write(json.dumps(last) + "\n")
-                log.flush()
+                if main:
+                    log.write(json.dumps(last) + "\n")
+                    log.flush()
                 bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
             bar.update(1)
     seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()
+    accelerator.free_memory()  # drop Accelerate's references to this stage's optimizer and wrapped model
     return {"final": last, "seconds": seconds, "steps_per_second": cfg.steps / seconds}

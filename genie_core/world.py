@@ -11,7 +11,7 @@ from pathlib import Path
 import attrs
 import torch
 
-from genie_core.checkpoint import load_components
+from genie_core.checkpoint import MANIFEST, load_components
 from genie_core.errors import GenieError
 from genie_core.interfaces import DynamicsModel, LatentActionModel, Sampler, VideoTokenizer
 from genie_core.registry import Registry, get_registry
@@ -79,14 +79,20 @@ class World:
         return self
 
 
-def load_world(run_dir: Path, registry: Registry | None = None) -> World:
-    """Loads the world trained in a run folder (its tokenizer/ and dynamics/ stages must be complete)."""
+def load_stages(run_dir: Path, stages: tuple[str, ...], registry: Registry | None = None) -> dict:
+    """The components saved by the given stages of a run folder, by kind."""
     run_dir = Path(run_dir)
     parts = {}
-    for stage in ("tokenizer", "dynamics"):
+    for stage in stages:
         folder = run_dir / stage
-        if not (folder / "components.json").is_file():
-            raise GenieError(f"{run_dir}: the {stage} stage has not finished (no {folder}/components.json); "
+        if not (folder / MANIFEST).is_file():
+            raise GenieError(f"{run_dir}: the {stage} stage has not finished (no {folder / MANIFEST}); "
                              f"run `genie run` on its recipe first")
         parts |= load_components(folder, registry or get_registry())
-    return World(**{kind: parts[kind] for kind in ("tokenizer", "action_model", "dynamics", "sampler")})
+    return parts
+
+
+def load_world(run_dir: Path, registry: Registry | None = None) -> World:
+    """Loads the world of a finished run: its tokenizer, action and dynamics models, and the sampler it was
+    evaluated with (saved by the report stage)."""
+    return World(**load_stages(run_dir, ("tokenizer", "dynamics", "report"), registry))

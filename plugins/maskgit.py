@@ -89,6 +89,7 @@ class MaskGITSampler(Sampler):
     confident ones, and hide the rest again, following a cosine schedule until no token is hidden."""
 
     config_class = MaskGITSamplerConfig
+    needs_masking = True
 
     @classmethod
     def tiny_config(cls):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from genie_core.interfaces import TokenSpec, VideoSpec
@@ -12,11 +11,6 @@ from genie_core.registry import get_registry
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIDEO = VideoSpec(channels=3, height=16, width=16, num_frames=6)
-
-
-@pytest.fixture(scope="session")
-def registry():
-    return get_registry()
 
 
 def names(kind: str) -> list[str]:
@@ -40,5 +34,5 @@ def video(batch: int = 2, frames: int = TINY_VIDEO.num_frames, seed: int = 0) ->
     return torch.cat(shifts, dim=1).clamp(0, 1)
 
 
-def token_spec(tokenizer=None, num_actions: int = 4) -> TokenSpec:
+def token_spec(num_actions: int = 4) -> TokenSpec:
     return TokenSpec(vocab_size=32, grid=(4, 4), num_frames=TINY_VIDEO.num_frames, num_actions=num_actions)

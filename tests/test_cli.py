@@ -47,7 +47,7 @@ def test_changed_setting_redoes_only_the_stages_it_affects(run_dir, capsys):
     assert main(["run", SMOKE, "--out", str(run_dir), "eval.rollout_steps=2"]) == 0
     out = capsys.readouterr().out
     assert "stage tokenizer: done, skipping" in out and "stage dynamics: done, skipping" in out
-    assert "stage report: recipe settings changed" in out
+    assert "stage report: its settings or inputs changed since it ran, redoing it" in out
     assert (run_dir / "tokenizer" / "tokenizer.safetensors").stat().st_mtime_ns == before
     with Image.open(run_dir / "rollout.gif") as gif:
         assert gif.n_frames == 3
@@ -91,3 +91,46 @@ def test_sample_broken_image_and_unfinished_run(run_dir, tmp_path, capsys):
     assert "not a readable image" in capsys.readouterr().err
     assert main(["sample", str(tmp_path), "--prompt", str(broken), "--actions", "0"]) == 2
     assert "the tokenizer stage has not finished" in capsys.readouterr().err
+
+
+def test_tiny_recipe_runs_a_few_steps(tmp_path, capsys):
+    """The shipped tiny recipe itself (its real model sizes) through every stage, shortened by overrides."""
+    tiny = str(REPO / "recipes" / "coinrun-tiny.toml")
+    few = ["data.train_levels=2", "data.val_levels=1", "data.steps_per_level=20", "data.min_episode_frames=8",
+           "train.tokenizer.steps=2", "train.dynamics.steps=2", "eval.windows=2", "eval.rollout_steps=1"]
+    assert main(["run", tiny, "--out", str(tmp_path / "tiny"), *few]) == 0
+    assert "dtPSNR(t=4)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "tiny" / "report.json").read_text())
+    assert report["components"] == {"tokenizer": "st-vivit", "action_model": "pixel-lam", "dynamics": "maskgit",
+                                    "sampler": "maskgit"}
+    assert report["num_actions"] == 6
+
+
+def test_redone_earlier_stage_makes_later_stages_stale(run_dir, capsys):
+    """A later stage trained on an earlier stage's output that has since been redone is redone too."""
+    record_path = run_dir / "tokenizer" / "stage.json"
+    record = json.loads(record_path.read_text())
+    record["id"] = "a-tokenizer-trained-again"
+    record_path.write_text(json.dumps(record))
+    assert main(["run", SMOKE, "--out", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "stage tokenizer: done, skipping" in out
+    assert "stage dynamics: its settings or inputs changed since it ran, redoing it" in out
+    assert json.loads((run_dir / "dynamics" / "stage.json").read_text())["input"] == "a-tokenizer-trained-again"
+
+
+def test_sample_out_must_be_a_gif(run_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.png"
+    Image.new("RGB", (64, 64)).save(prompt)
+    assert main(["sample", str(run_dir), "--prompt", str(prompt), "--actions", "0", "--out", str(tmp_path / "x.png")]) == 2
+    assert "must end in .gif" in capsys.readouterr().err
+
+
+def test_sample_rolls_past_the_trained_context(run_dir, tmp_path):
+    """More steps than the model's window: the rolling context keeps every step the same cost and shape."""
+    prompt = tmp_path / "prompt.png"
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(prompt)
+    out = tmp_path / "long.gif"
+    assert main(["sample", str(run_dir), "--prompt", str(prompt), "--actions", ",".join(["1"] * 9), "--out", str(out)]) == 0
+    with Image.open(out) as gif:
+        assert gif.n_frames == 10

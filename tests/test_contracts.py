@@ -108,13 +108,16 @@ class TestActionModel:
         assert torch.equal(la, lb)
 
     def test_causal_in_time(self, name):
-        """Action t explains frame t -> t+1: it may depend on frames <= t+1 and on nothing later."""
+        """Action t explains frame t -> t+1: it depends on frames <= t+1 and on nothing later."""
         lam = build("action_model", name, TINY_VIDEO).eval()
         x = video()
         lam.loss(x)
         y = x.clone()
         y[:, 4:] = torch.rand_like(y[:, 4:])
         assert torch.equal(lam.infer_actions(x)[:, :3], lam.infer_actions(y)[:, :3])
+        # the decoder's predictions of frames 1..3 use frames 0..2 and actions 0..2 only
+        recon_x, recon_y = lam.loss(x).recon, lam.loss(y).recon
+        assert torch.allclose(recon_x[:, :3], recon_y[:, :3], atol=1e-5)
 
     def test_overfits_one_batch(self, name):
         lam = build("action_model", name, TINY_VIDEO)
@@ -165,13 +168,17 @@ class TestDynamics:
         assert torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-5)
         assert not torch.allclose(a, b)
 
-    def test_actions_change_the_prediction(self, name):
+    def test_action_t_steers_frame_t_plus_1(self, name):
+        """actions[:, k] explains frame k -> k+1: it changes the logits of frame k+1 and of no earlier frame."""
         dyn = build("dynamics", name, token_spec()).eval()
         tokens, actions = tokens_and_actions()
+        k = 2
+        other = actions.clone()
+        other[:, k] = (actions[:, k] + 1) % token_spec().num_actions
         with torch.no_grad():
-            a = dyn(tokens, actions)
-            b = dyn(tokens, (actions + 1) % token_spec().num_actions)
-        assert not torch.allclose(a[:, 1:], b[:, 1:])
+            a, b = dyn(tokens, actions), dyn(tokens, other)
+        assert torch.allclose(a[:, : k + 1], b[:, : k + 1], atol=1e-5)
+        assert not torch.allclose(a[:, k + 1], b[:, k + 1])
 
     def test_overfits_one_batch(self, name):
         dyn = build("dynamics", name, token_spec())

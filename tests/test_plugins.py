@@ -21,6 +21,7 @@ import pytest
 import genie_core.cli
 from genie_core import hookspecs
 from genie_core.errors import PluginError
+from conftest import REPO
 from genie_core.registry import (
     BUILTIN_PLUGINS,
     ENTRY_POINT_GROUP,
@@ -31,7 +32,7 @@ from genie_core.registry import (
     load_registry,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+
 BUILTIN_PACKAGE = "genie-world"
 EXAMPLE_PACKAGE = "genie-example-plugin"
 EXAMPLE_TOKENIZER = "example-conv-vq"
@@ -368,3 +369,14 @@ def test_every_hook_is_documented_here_and_in_contributing():
     for name, function in hooks:
         line = expected_signature_line(function)
         assert line in text, f"CONTRIBUTING.md does not contain the signature of hook {name}: {line!r}"
+
+
+def test_plugin_without_hookimpl_marker_is_reported(site):
+    site.add("fake-unmarked", {"fake_unmarked": TOKENIZER_CLASS + """
+def genie_register_components(registrar):  # forgot @genie_core.hookimpl: pluggy ignores it
+    registrar.add_tokenizer("unmarked", Tok)
+"""})
+    registry, warned = load_reporting()
+    [broken] = [b for b in registry.broken if b.owner.package == "fake-unmarked"]
+    assert "registered no component" in broken.error and "@hookimpl" in broken.error
+    assert any("fake-unmarked" in message for message in warned)

@@ -91,3 +91,30 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
     assert main(["validate", str(tmp_path / "missing.toml")]) == 2
     assert "recipe file not found" in capsys.readouterr().err
+
+
+def test_sampler_must_fit_the_dynamics_model(tmp_path):
+    """A MaskGIT sampler with a dynamics model that cannot mask is caught by validation, not after training."""
+    from genie_core.registry import Owner, Registrar, load_registry
+    from genie_plugins.maskgit import MaskGITDynamics
+
+    class NoMasking(MaskGITDynamics):
+        supports_masking = False
+
+    registry = load_registry()
+    registrar = Registrar(Owner("test", "tests", "0"))
+    registrar.add_dynamics("no-masking", NoMasking)
+    registry.commit(registrar)
+    path = tmp_path / "r.toml"
+    path.write_text(GOOD)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["dynamics.name=no-masking"], registry=registry)
+    [problem] = info.value.problems
+    assert "[sampler] (maskgit): needs a dynamics model that supports masking; dynamics 'no-masking' does not" in problem
+
+
+def test_dynamics_windows_must_fit_the_tokenizer_and_eval(tmp_path):
+    problems = problems_of(tmp_path, GOOD, ["train.dynamics.seq_len=12", "eval.dtpsnr_t=12"])
+    text = "\n".join(problems)
+    assert "seq_len 12 exceeds train.tokenizer.seq_len 8" in text
+    assert "dtpsnr_t 12 needs windows of 13 frames" in text
