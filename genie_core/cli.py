@@ -35,6 +35,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--redo-from", choices=("data", "tokenizer", "dynamics", "report"),
                      help="redo this stage and every later one even if complete")
 
+    data = sub.add_parser("data", help="build and inspect footage data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    build = data_sub.add_parser("build", help="build a data set from a recipe's [source] or from a source by name")
+    build.add_argument("target", help="a recipe file (.toml), or a registered source name such as procgen")
+    build.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="recipe overrides; with a source name: its options (game=bigfish) and data.* settings")
+    build.add_argument("--out", type=Path, help="data set folder (default: the recipe's data.path or run folder)")
+    build.add_argument("--skip-bad", action="store_true", help="skip and record bad input instead of stopping")
+    info = data_sub.add_parser("info", help="counts, resolution, episode lengths and a contact sheet of a data set")
+    info.add_argument("path", type=Path)
+    info.add_argument("--verify", action="store_true", help="also check every shard's sha256 against the manifest")
+    info.add_argument("--sheet", type=Path, help="contact sheet PNG (default: PATH/contact_sheet.png)")
+
     sample = sub.add_parser("sample", help="play a trained world from a prompt image with a sequence of actions")
     sample.add_argument("run_dir", type=Path, help="a run folder whose tokenizer and dynamics stages are complete")
     sample.add_argument("--prompt", type=Path, required=True, help="PNG or JPG; resized to the world's resolution")
@@ -74,6 +87,56 @@ def cmd_run(args) -> int:
     t = recipe.eval.dtpsnr_t
     print(f"tokenizer PSNR {report['tokenizer_psnr_db']['mean']:.2f} dB, "
           f"dtPSNR(t={t}) {report[f'dtpsnr_t{t}_db']['mean']:.3f} dB; report: {run_dir / 'report.md'}")
+    return 0
+
+
+def _source_from_cli(name: str, overrides: list[str]):
+    """A source named on the command line: `key=value` go to its config, `data.key=value` to the data settings."""
+    from genie_core.config import DataConfig, build_config
+    from genie_core.recipe import apply_overrides
+    from genie_core.registry import get_registry
+
+    info = get_registry().get("source", name)
+    table = apply_overrides({}, overrides, "command line")
+    problems: list[str] = []
+    data_table = table.pop("data", {})
+    config = build_config(info.cls.config_class, table, f"source {name}", problems)
+    data = build_config(DataConfig, data_table, "data", problems)
+    check = getattr(info.cls, "check_recipe", None)
+    if config is not None and data is not None and check is not None:
+        problems += [f"source {name}: {problem}" for problem in check(config, data=data, train={})]
+    if problems:
+        raise RecipeError(problems)
+    return info, config, data
+
+
+def cmd_data(args) -> int:
+    from genie_core.data import EpisodeIndex, build_dataset, contact_sheet, describe, source_identity
+    from genie_core.interfaces import DataSpec
+    from genie_core.media import save_png
+    from genie_core.recipe import load_recipe
+
+    if args.data_command == "info":
+        index = EpisodeIndex.open(args.path, verify=args.verify)
+        print(describe(index))
+        sheet = args.sheet or args.path / "contact_sheet.png"
+        save_png(contact_sheet(index), sheet, scale=2)
+        print(f"contact sheet: {sheet}")
+        return 0
+    if args.target.endswith(".toml"):
+        recipe = load_recipe(Path(args.target), args.overrides)
+        info, config, data = recipe.components["source"].info, recipe.components["source"].config, recipe.data
+        out = args.out or (Path(data.path) if data.path else Path(recipe.run.out_dir) / recipe.run.name / "data")
+    else:
+        info, config, data = _source_from_cli(args.target, args.overrides)
+        if args.out is None:
+            raise GenieError("--out: give the folder to build into when naming a source directly")
+        out = args.out
+    source = info.cls(config, DataSpec(resolution=data.resolution))
+    manifest = build_dataset(source, source_identity(source, info.name, info.owner), data, out,
+                             skip_bad=args.skip_bad or data.skip_bad)
+    print(f"{out}: {manifest['frames']} frames in {len(manifest['episodes'])} episodes; "
+          f"{len(manifest['skipped'])} bad units skipped")
     return 0
 
 
@@ -120,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             parser.error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides += extra
-    handler = {"plugins": cmd_plugins, "validate": cmd_validate, "run": cmd_run, "sample": cmd_sample}[args.command]
+    handler = {"plugins": cmd_plugins, "validate": cmd_validate, "run": cmd_run, "data": cmd_data,
+               "sample": cmd_sample}[args.command]
     try:
         return handler(args)
     except RecipeError as error:

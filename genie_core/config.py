@@ -103,15 +103,13 @@ class RunConfig:
 
 @attrs.define(frozen=True, kw_only=True)
 class DataConfig:
-    """Procgen game footage from a random policy (the paper's Appendix F recipe, scaled by these numbers)."""
+    """How footage is stored and cut, whatever the [source] table says it comes from."""
 
-    game: str = "coinrun"
-    distribution_mode: str = attrs.field(default="hard", validator=v.in_(("easy", "hard", "extreme", "memory", "exploration")))
-    train_levels: int = attrs.field(default=10_000, validator=positive)  # level seeds [0, train_levels)
-    val_levels: int = attrs.field(default=100, validator=positive)  # the next val_levels seeds, never trained on
-    steps_per_level: int = attrs.field(default=1000, validator=positive)
-    resolution: int = attrs.field(default=64, validator=positive)
+    resolution: int = attrs.field(default=64, validator=positive)  # square frames, as in the paper
     min_episode_frames: int = attrs.field(default=16, validator=positive)  # shorter episodes are dropped
+    shard_frames: int = attrs.field(default=10_000, validator=positive)  # frames per shard file (~120 MB at 64x64)
+    skip_bad: bool = False  # skip (and record) units with corrupt input instead of stopping
+    path: str = ""  # a dataset built before (`genie data build`) to use instead of building one in the run folder
 
 
 @attrs.define(frozen=True, kw_only=True)

@@ -18,6 +18,7 @@ registers under a name through the `genie_register_components` hook (see `genie_
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import attrs
@@ -48,7 +49,24 @@ class TokenSpec:
     num_actions: int  # the latent action model's |A|
 
 
+@attrs.define(frozen=True, kw_only=True)
+class DataSpec:
+    """What every video source must deliver, whatever it reads: square RGB frames of this size."""
+
+    resolution: int
+    channels: int = 3
+
+
 # --------------------------------------------------------------------------------------------------- results
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Episode:
+    """One uninterrupted stretch of footage from a source. Windows for training never cross two episodes."""
+
+    frames: Any  # numpy uint8 [L, H, W, C]
+    actions: Any = None  # numpy int [L]: the ground-truth action taken after each frame, -1 after the last; or None
+    meta: dict[str, Any] = attrs.field(factory=dict)  # JSON-able facts: level seed, file, episode index
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -180,9 +198,32 @@ class Sampler(Component, abc.ABC):
         """history tokens [B, t, h, w] and actions [B, t] (the last one leads to the new frame) -> tokens [B, h, w]."""
 
 
+class VideoSource(Component, abc.ABC):
+    """Where footage comes from: a game played by a policy, a folder of videos, ...
+
+    A source divides its footage into *units* (a level seed, a file): the unit of splitting, of resuming an
+    interrupted build, and of skipping bad input. Units are assigned to splits by the source, deterministically, so
+    evaluation never sees a training level or file. Ground-truth actions, where the source has them, are kept for
+    evaluation only.
+    """
+
+    def __init__(self, config: Any, spec: DataSpec):
+        super().__init__(config)
+        self.spec = spec
+
+    @abc.abstractmethod
+    def units(self) -> dict[str, list[str]]:
+        """Split name ("train", "val") -> the unit keys of that split, in a fixed order."""
+
+    @abc.abstractmethod
+    def record(self, unit: str) -> Iterator[Episode]:
+        """The episodes of one unit, at spec.resolution. Raise GenieError naming the file (and frame) on bad input."""
+
+
 KINDS: dict[str, type[Component]] = {
     "tokenizer": VideoTokenizer,
     "action_model": LatentActionModel,
     "dynamics": DynamicsModel,
     "sampler": Sampler,
+    "source": VideoSource,
 }

@@ -60,3 +60,13 @@ def load_image(path: Path, size: tuple[int, int], max_bytes: int = 20_000_000) -
     if rgb.size != (size[1], size[0]):
         rgb = rgb.resize((size[1], size[0]), Image.BILINEAR)
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255
+
+
+def resize_frames(frames: np.ndarray, resolution: int) -> np.ndarray:
+    """uint8 [L, H, W, C] -> uint8 [L, resolution, resolution, C], area-averaged (no aliasing when shrinking)."""
+    if frames.shape[1:3] == (resolution, resolution):
+        return frames
+    t = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    mode = "area" if min(frames.shape[1:3]) >= resolution else "bilinear"  # area only ever shrinks well
+    t = torch.nn.functional.interpolate(t, size=(resolution, resolution), mode=mode)
+    return t.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()

@@ -1,6 +1,6 @@
 """`genie run`: a recipe, stage by stage, into one run folder.
 
-    data       procgen footage of the recipe's game: data/train, data/val (disjoint level seeds)
+    data       footage from the recipe's [source] -> data/ (manifest + shards; resumable), or data.path if given
     tokenizer  trains the video tokenizer                  -> tokenizer/  (safetensors + components.json)
     dynamics   co-trains latent actions and dynamics      -> dynamics/
     report     held-out tokenizer PSNR, dtPSNR, rollouts  -> report.json, report.md, rollout.gif, rollout.png,
@@ -28,9 +28,9 @@ from accelerate import Accelerator
 
 from genie_core.atomic import atomic_dir
 from genie_core.checkpoint import load_components, save_components
-from genie_core.data import EpisodeStore, WindowDataset, build_split, evenly_spaced
+from genie_core.data import EpisodeIndex, WindowDataset, build_dataset, evenly_spaced, source_identity
 from genie_core.errors import GenieError
-from genie_core.interfaces import TokenSpec, VideoSpec
+from genie_core.interfaces import DataSpec, TokenSpec, VideoSpec
 from genie_core.media import save_gif, save_strip, tile
 from genie_core.metrics import delta_psnr, mean_and_ci, psnr
 from genie_core.recipe import Recipe
@@ -49,16 +49,16 @@ def stage_settings(recipe: Recipe, stage: str) -> dict:
     """Everything a stage's output depends on (cumulative: a stage depends on all the settings of earlier ones)."""
     d = _drop_cosmetic(recipe.describe())
     d["versions"] = {kind: f"{c.info.owner.package} {c.info.owner.version}" for kind, c in recipe.components.items()}
-    settings = {"data": d["data"], "seed": d["run"]["seed"]}
+    settings = {"data": d["data"], "source": d["source"]}
     if stage in ("tokenizer", "dynamics", "report"):
-        settings |= {"tokenizer": d["tokenizer"], "train.tokenizer": d["train"]["tokenizer"],
+        settings |= {"seed": d["run"]["seed"], "tokenizer": d["tokenizer"], "train.tokenizer": d["train"]["tokenizer"],
                      "precision": d["run"]["mixed_precision"]}
     if stage in ("dynamics", "report"):
         settings |= {"action_model": d["action_model"], "dynamics": d["dynamics"], "train.dynamics": d["train"]["dynamics"]}
     if stage == "report":
         settings |= {"sampler": d["sampler"], "eval": d["eval"]}
-    if stage != "data":
-        settings["versions"] = d["versions"]
+    # the plugin versions that produced it: the source's for the data, every component's after that
+    settings["versions"] = {"source": d["versions"]["source"]} if stage == "data" else d["versions"]
     return settings
 
 
@@ -136,17 +136,33 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ stages
 
+    @property
+    def data_root(self) -> Path:
+        return Path(self.recipe.data.path) if self.recipe.data.path else self.stage_dir("data")
+
     def stage_data(self) -> None:
         if not self.main:
             return
-        summaries = {}
-        with atomic_dir(self.stage_dir("data")) as folder:
-            for split in ("train", "val"):
-                summaries[split] = build_split(self.recipe.data, folder / split, split, self.recipe.run.seed)
-            self._finish(folder, "data", summaries)
+        cfg = self.recipe.data
+        if cfg.path:  # built before: check it, use it in place
+            manifest = EpisodeIndex.open(cfg.path).manifest
+        else:
+            choice = self.recipe.components["source"]
+            source = choice.info.cls(choice.config, DataSpec(resolution=cfg.resolution))
+            manifest = build_dataset(source, source_identity(source, choice.name, choice.info.owner), cfg,
+                                     self.stage_dir("data"), skip_bad=cfg.skip_bad, log=self.log)
+        if manifest["resolution"] != cfg.resolution:
+            raise GenieError(f"{self.data_root}: frames are {manifest['resolution']} pixels square, the recipe's "
+                             f"data.resolution is {cfg.resolution}")
+        self.stage_dir("data").mkdir(parents=True, exist_ok=True)
+        self._finish(self.stage_dir("data"), "data", {"root": str(self.data_root), "frames": manifest["frames"],
+                                                       "splits": {k: {"episodes": v["episodes"], "frames": v["frames"]} for k, v in manifest["splits"].items()},
+            "skipped": manifest["skipped"]})
 
     def dataset(self, split: str, length: int) -> WindowDataset:
-        return WindowDataset(EpisodeStore(self.stage_dir("data") / split), length)
+        if getattr(self, "_index", None) is None:
+            self._index = EpisodeIndex.open(self.data_root)
+        return WindowDataset(self._index, split, length)
 
     def video_spec(self, stage: str) -> VideoSpec:
         res = self.recipe.data.resolution

@@ -28,6 +28,8 @@ BUILTIN_PLUGINS = (
     "genie_plugins.st_vivit",
     "genie_plugins.pixel_lam",
     "genie_plugins.maskgit",
+    "genie_plugins.procgen_source",
+    "genie_plugins.atari_source",
 )
 
 
@@ -78,6 +80,9 @@ class Registrar:
 
     def add_sampler(self, name: str, cls: type[Component]) -> None:
         self._add("sampler", name, cls)
+
+    def add_source(self, name: str, cls: type[Component]) -> None:
+        self._add("source", name, cls)
 
     def _add(self, kind: str, name: str, cls: Any) -> None:
         base = KINDS[kind]

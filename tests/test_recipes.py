@@ -17,7 +17,7 @@ RECIPES = sorted((REPO / "recipes").glob("*.toml"))
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipe_validates(path):
     recipe = load_recipe(path)
-    assert set(recipe.components) == {"tokenizer", "action_model", "dynamics", "sampler"}
+    assert set(recipe.components) == {"tokenizer", "action_model", "dynamics", "sampler", "source"}
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("# genie run recipes/"), "each recipe starts with the command that runs it"
 
@@ -55,7 +55,7 @@ def test_wrong_type_and_range(tmp_path):
 
 def test_every_problem_is_reported_at_once(tmp_path):
     problems = problems_of(tmp_path, GOOD + "\n[trian]\nsteps = 1\n",
-                           ["dynamics.name=nope", "tokenizer.heads=5", "sampler.steps=0", "data.game=3"])
+                           ["dynamics.name=nope", "tokenizer.heads=5", "sampler.steps=0", "source.game=3"])
     text = "\n".join(problems)
     assert len(problems) == 5, text
     for expected in ("unknown table [trian]", "unknown dynamics 'nope'", "'dim' (96) must be divisible by 'heads' (5)",

@@ -1,0 +1,102 @@
+"""Procgen games (CoinRun and the other 15) played by a uniformly random policy, as in the paper's Appendix F.
+
+A unit is one level seed. Each level is played by `num_envs` environments stepped together in one vectorised call
+for steps_per_level steps in all, each choosing a fresh random action at every step (no action repeats). Training
+levels are seeds [0, train_levels); validation levels are the next val_levels seeds, never trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+
+import attrs
+import numpy as np
+from attrs import validators as v
+
+from genie_core import hookimpl
+from genie_core.config import positive
+from genie_core.errors import GenieError
+from genie_core.interfaces import Episode, VideoSource
+from genie_core.media import resize_frames
+
+NATIVE_RESOLUTION = 64  # procgen renders 64x64 observations
+
+
+def procgen():
+    """The procgen module, imported quietly (gym, which it imports, prints a notice about its own age)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        import procgen as module
+        from procgen.env import ENV_NAMES  # noqa: F401 - loads the game list along with the module
+    return module
+
+
+@attrs.define(frozen=True, kw_only=True)
+class ProcgenConfig:
+    """Defaults: the paper's CoinRun data set (10,000 levels x 1,000 steps, hard mode)."""
+
+    game: str = "coinrun"
+    distribution_mode: str = attrs.field(default="hard", validator=v.in_(("easy", "hard", "extreme", "memory", "exploration")))
+    train_levels: int = attrs.field(default=10_000, validator=positive)
+    val_levels: int = attrs.field(default=100, validator=positive)
+    steps_per_level: int = attrs.field(default=1000, validator=positive)
+    num_envs: int = attrs.field(default=8, validator=positive)  # environments stepped together on each level
+
+
+class ProcgenSource(VideoSource):
+    config_class = ProcgenConfig
+
+    @classmethod
+    def tiny_config(cls):
+        return ProcgenConfig(train_levels=2, val_levels=1, steps_per_level=24, num_envs=2)
+
+    @staticmethod
+    def check_recipe(config, data, train):  # noqa: ARG004 - the check_recipe signature
+        names = procgen().env.ENV_NAMES
+        return [] if config.game in names else [f"'game' {config.game!r} is not a procgen game; games: {', '.join(names)}"]
+
+    def units(self):
+        c = self.config
+        return {"train": [f"level-{i}" for i in range(c.train_levels)],
+                "val": [f"level-{c.train_levels + i}" for i in range(c.val_levels)]}
+
+    def make_env(self, level: int, num: int):
+        c = self.config
+        module = procgen()
+        if c.game not in module.env.ENV_NAMES:  # procgen aborts the whole process on an unknown name: check first
+            raise GenieError(f"source procgen: no game '{c.game}'; games: {', '.join(module.env.ENV_NAMES)}")
+        return module.ProcgenGym3Env(num=num, env_name=c.game, distribution_mode=c.distribution_mode,
+                                     start_level=level, num_levels=1, rand_seed=level)
+
+    def record(self, unit):
+        level = int(unit.removeprefix("level-"))
+        c = self.config
+        num = min(c.num_envs, c.steps_per_level)
+        steps = math.ceil(c.steps_per_level / num)
+        env = self.make_env(level, num)
+        rng = np.random.default_rng(level)  # per level: the same footage whatever order levels are built in
+        # Step all environments together and keep whole steps; episodes are cut out afterwards, vectorised.
+        frames = np.empty((steps, num, NATIVE_RESOLUTION, NATIVE_RESOLUTION, 3), dtype=np.uint8)
+        firsts = np.empty((steps, num), dtype=bool)
+        actions = rng.integers(env.ac_space.eltype.n, size=(steps, num)).astype(np.int16)
+        for step in range(steps):
+            _, obs, first = env.observe()
+            frames[step], firsts[step] = obs["rgb"], first
+            env.act(actions[step])
+        env.close()
+        episodes = []
+        for i in range(num):
+            # a `first` flag at step s > 0 means the environment reset itself: its previous episode ended at s - 1
+            cuts = np.flatnonzero(firsts[1:, i]) + 1
+            for start, end in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [steps]])):
+                acts = actions[start:end, i].copy()
+                acts[-1] = -1  # the last action leads out of the episode
+                episodes.append(Episode(frames=resize_frames(frames[start:end, i], self.spec.resolution),
+                                        actions=acts, meta={"level": level, "env": i}))
+        return episodes
+
+
+@hookimpl
+def genie_register_components(registrar):
+    registrar.add_source("procgen", ProcgenSource)

@@ -1,0 +1,240 @@
+"""The footage format: build -> read round trip, windows inside episodes, splits, resumable builds, bad input,
+`genie data build/info`, and two processes reading disjoint windows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import attrs
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from genie_core.cli import main
+from genie_core.config import DataConfig
+from genie_core.data import EpisodeIndex, WindowDataset, build_dataset, source_identity
+from genie_core.errors import GenieError
+from genie_core.interfaces import DataSpec, Episode, VideoSource
+from genie_core.registry import Owner, get_registry
+
+RES = 8
+
+
+def frame_ids(ids) -> np.ndarray:
+    """Frames that say who they are: pixel (0, 0) holds id % 256 and id // 256 in its first two channels."""
+    frames = np.zeros((len(ids), RES, RES, 3), dtype=np.uint8)
+    frames[:, 0, 0, 0] = np.asarray(ids) % 256
+    frames[:, 0, 0, 1] = np.asarray(ids) // 256
+    return frames
+
+
+def ids_of(video: torch.Tensor) -> list[int]:
+    """Inverse of frame_ids for float video [..., T, C, H, W]."""
+    pixel = (video[..., :2, 0, 0] * 255).round().long()
+    return (pixel[..., 0] + 256 * pixel[..., 1]).flatten().tolist()
+
+
+@attrs.define(frozen=True, kw_only=True)
+class FakeConfig:
+    lengths: str = "5,2,4"  # episode lengths of every unit
+    units_per_split: int = 2
+    fail_unit: str = ""  # this unit raises a GenieError, as a corrupt file would
+
+
+class FakeSource(VideoSource):
+    """Units u0, u1, ... ; unit k's episodes have frames numbered from 1000 * k."""
+
+    config_class = FakeConfig
+    recorded: list[str] = []
+
+    def units(self):
+        n = self.config.units_per_split
+        return {"train": [f"u{i}" for i in range(n)], "val": [f"u{i}" for i in range(n, 2 * n)]}
+
+    def record(self, unit):
+        FakeSource.recorded.append(unit)
+        if unit == self.config.fail_unit:
+            raise GenieError(f"{unit}.mp4: cannot decode frame 3: invalid data")
+        k, start = int(unit[1:]), 0
+        for length in map(int, self.config.lengths.split(",")):
+            ids = np.arange(1000 * k + start, 1000 * k + start + length)
+            yield Episode(frames=frame_ids(ids), actions=ids % 7, meta={"unit": unit})
+            start += length
+
+
+def build(tmp_path, config=FakeConfig(), data=DataConfig(resolution=RES, min_episode_frames=3, shard_frames=6), **kw):
+    source = FakeSource(config, DataSpec(resolution=RES))
+    return build_dataset(source, source_identity(source, "fake", Owner("fake", "tests", "0")), data, tmp_path / "ds",
+                         log=lambda *_: None, **kw)
+
+
+def test_round_trip_gives_the_source_frames_back(tmp_path):
+    manifest = build(tmp_path)
+    index = EpisodeIndex.open(tmp_path / "ds", verify=True)
+    ds = WindowDataset(index, "train", 3)
+    # episodes of 5 and 4 frames per unit (the 2-frame one is dropped): 3 + 2 windows per unit, 2 train units
+    assert len(ds) == 2 * (3 + 2)
+    windows = [ids_of(ds[i]) for i in range(len(ds))]
+    assert windows[:5] == [[0, 1, 2], [1, 2, 3], [2, 3, 4], [7, 8, 9], [8, 9, 10]]
+    assert windows[5] == [1000, 1001, 1002]
+    assert torch.equal(ds.actions(0), torch.tensor([0, 1]))  # the T - 1 actions between the 3 frames
+    assert manifest["dropped_short_episodes"] == 4 and len(manifest["shards"]) >= 2  # shards of ~6 frames
+    assert manifest["splits"]["train"]["units"] == ["u0", "u1"] and manifest["splits"]["val"]["units"] == ["u2", "u3"]
+
+
+def test_windows_never_cross_an_episode_and_splits_are_disjoint(tmp_path):
+    build(tmp_path)
+    index = EpisodeIndex.open(tmp_path / "ds")
+    seen = {}
+    for split in ("train", "val"):
+        ds = WindowDataset(index, split, 4)
+        seen[split] = set()
+        for i in range(len(ds)):
+            ids = ids_of(ds[i])
+            assert ids == list(range(ids[0], ids[0] + 4)), "consecutive frames of one episode"
+            seen[split] |= set(ids)
+    assert seen["train"].isdisjoint(seen["val"])
+    with pytest.raises(GenieError, match="no train episode has 6 frames"):
+        WindowDataset(index, "train", 6)
+
+
+def test_interrupted_build_resumes_without_duplicates_or_losses(tmp_path):
+    whole = build(tmp_path / "a")
+
+    class Interrupt(Exception):
+        pass
+
+    class Flaky(FakeSource):
+        calls = 0
+
+        def record(self, unit):
+            Flaky.calls += 1
+            if Flaky.calls == 3:  # killed while recording the third unit
+                raise Interrupt
+            return super().record(unit)
+
+    source = Flaky(FakeConfig(), DataSpec(resolution=RES))
+    identity = source_identity(source, "fake", Owner("fake", "tests", "0"))
+    data = DataConfig(resolution=RES, min_episode_frames=3, shard_frames=6)
+    with pytest.raises(Interrupt):
+        build_dataset(source, identity, data, tmp_path / "b" / "ds", log=lambda *_: None)
+    assert not (tmp_path / "b" / "ds" / "manifest.json").exists()
+    with pytest.raises(GenieError, match="an unfinished build"):
+        EpisodeIndex.open(tmp_path / "b" / "ds")
+    FakeSource.recorded = []
+    resumed = build_dataset(source, identity, data, tmp_path / "b" / "ds", log=lambda *_: None)
+    assert "u0" not in FakeSource.recorded and "u1" not in FakeSource.recorded  # journalled units are not redone
+    key = lambda m: [(e["split"], e["unit"], e["length"], e["meta"]) for e in m["episodes"]]  # noqa: E731
+    assert key(resumed) == key(whole)
+    a = WindowDataset(EpisodeIndex.open(tmp_path / "a" / "ds"), "val", 3)
+    b = WindowDataset(EpisodeIndex.open(tmp_path / "b" / "ds", verify=True), "val", 3)
+    assert [ids_of(a[i]) for i in range(len(a))] == [ids_of(b[i]) for i in range(len(b))]
+
+
+def test_finished_build_is_not_redone_and_other_settings_are_refused(tmp_path):
+    build(tmp_path)
+    FakeSource.recorded = []
+    build(tmp_path)
+    assert FakeSource.recorded == []
+    with pytest.raises(GenieError, match="holds a finished dataset of another source or settings"):
+        build(tmp_path, config=FakeConfig(lengths="9"))
+
+
+def test_bad_unit_stops_the_build_or_is_skipped_and_recorded(tmp_path):
+    with pytest.raises(GenieError, match="u1.mp4: cannot decode frame 3"):
+        build(tmp_path / "strict", config=FakeConfig(fail_unit="u1"))
+    manifest = build(tmp_path / "skip", config=FakeConfig(fail_unit="u1"), skip_bad=True)
+    assert manifest["skipped"] == [{"unit": "u1", "error": "u1.mp4: cannot decode frame 3: invalid data"}]
+    assert {e["unit"] for e in manifest["episodes"]} == {"u0", "u2", "u3"}
+
+
+def test_damaged_data_sets_are_clear_errors(tmp_path):
+    build(tmp_path)
+    root = tmp_path / "ds"
+    manifest = json.loads((root / "manifest.json").read_text())
+    shard = root / f"{manifest['shards'][0]['file']}.frames.npy"
+    original = np.load(shard)
+    np.save(shard, original[:-1])  # a shard that no longer matches the manifest
+    with pytest.raises(GenieError, match=r"shard-00000.frames.npy: holds shape \[\d+, 8, 8, 3\] but the manifest says"):
+        EpisodeIndex.open(root)
+    original[0, 0, 0, 0] ^= 1
+    np.save(shard, original)  # right shape, changed content: only --verify notices
+    EpisodeIndex.open(root)
+    with pytest.raises(GenieError, match="sha256 differs from the manifest's"):
+        EpisodeIndex.open(root, verify=True)
+    shard.unlink()
+    with pytest.raises(GenieError, match="shard-00000.frames.npy: missing; the manifest lists it"):
+        EpisodeIndex.open(root)
+    (root / "manifest.json").unlink()
+    (root / "journal.jsonl").unlink()
+    with pytest.raises(GenieError, match="no manifest.json"):
+        EpisodeIndex.open(root)
+
+
+def test_procgen_source_records_disjoint_levels_with_parallel_envs():
+    info = get_registry().get("source", "procgen")
+    source = info.cls(info.cls.tiny_config(), DataSpec(resolution=32))
+    units = source.units()
+    assert units == {"train": ["level-0", "level-1"], "val": ["level-2"]}
+    episodes = list(source.record("level-2"))
+    assert sum(len(e.frames) for e in episodes) == 24  # steps_per_level, over num_envs=2 environments
+    assert {e.meta["env"] for e in episodes} == {0, 1} and all(e.meta["level"] == 2 for e in episodes)
+    assert episodes[0].frames.shape[1:] == (32, 32, 3) and episodes[0].frames.dtype == np.uint8
+    assert all(e.actions[-1] == -1 and 0 <= e.actions[:-1].min() and e.actions[:-1].max() < 15 for e in episodes)
+    again = list(source.record("level-2"))
+    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(episodes, again)), "deterministic per level"
+
+
+def test_cli_data_build_and_info(tmp_path, capsys):
+    out = tmp_path / "bigfish"
+    args = ["data", "build", "procgen", "game=bigfish", "train_levels=2", "val_levels=1", "steps_per_level=12",
+            "num_envs=2", "data.min_episode_frames=4", "--out", str(out)]
+    assert main(args) == 0
+    assert main(["data", "info", str(out), "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "36 frames of 64x64 from source 'procgen'" in text and "train: 4 episodes, 24 frames, 2 units" in text
+    assert "episode lengths:" in text and (out / "contact_sheet.png").is_file()
+    assert main(["data", "build", "procgen", "game=nope", "--out", str(tmp_path / "x")]) == 2
+    assert "'game' 'nope' is not a procgen game; games: bigfish" in capsys.readouterr().err
+    assert main(["data", "info", str(tmp_path / "nowhere")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+TWO_RANKS = """
+import json, sys
+import torch
+from accelerate import Accelerator
+from genie_core.data import EpisodeIndex, WindowDataset
+sys.path.insert(0, {tests!r})
+from test_data import ids_of
+
+accelerator = Accelerator(cpu=True)
+ds = WindowDataset(EpisodeIndex.open({root!r}), "train", 3)
+loader = accelerator.prepare(torch.utils.data.DataLoader(ds, batch_size=2, shuffle=True,
+                                                         generator=torch.Generator().manual_seed(0)))
+firsts = [ids_of(video[:, :1]) for video in loader]
+with open({out!r} + f"/rank{{accelerator.process_index}}.json", "w") as f:
+    json.dump({{"world": accelerator.num_processes, "firsts": sum(firsts, [])}}, f)
+"""
+
+
+def test_two_processes_read_disjoint_windows(tmp_path):
+    build(tmp_path, config=FakeConfig(lengths="12,10", units_per_split=2))  # 36 windows: 9 steps of 2 x 2
+    script = tmp_path / "two_ranks.py"
+    script.write_text(textwrap.dedent(TWO_RANKS.format(tests=str(REPO / "tests"), root=str(tmp_path / "ds"),
+                                                       out=str(tmp_path))))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*torchrun, str(script)], capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    a, b = set(ranks[0]["firsts"]), set(ranks[1]["firsts"])
+    assert a and b and a.isdisjoint(b)
+    total = len(WindowDataset(EpisodeIndex.open(tmp_path / "ds"), "train", 3))
+    assert len(a | b) == total  # together they read every window once (the epoch divides evenly here)
