@@ -68,7 +68,7 @@ def build_config(cls: type, table: dict[str, Any], where: str, problems: list[st
             try:
                 field.validator(None, field, value)
             except (ValueError, TypeError) as error:
-                problem = str(error)
+                problem = str(error.args[0]) if error.args else str(error)  # attrs' in_() adds more args
         if problem is not None:
             problems.append(f"{where}: key '{key}': {problem}")
             continue

@@ -30,6 +30,7 @@ BUILTIN_PLUGINS = (
     "genie_plugins.maskgit",
     "genie_plugins.procgen_source",
     "genie_plugins.atari_source",
+    "genie_plugins.video_folder_source",
 )
 
 

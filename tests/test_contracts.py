@@ -4,10 +4,13 @@ can learn (one batch, loss falls by the stated factor). A third-party plugin ins
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import TINY_VIDEO, build, names, token_spec, video
+from genie_core.errors import GenieError
+from genie_core.interfaces import DataSpec
 
 OVERFIT_STEPS = 60
 OVERFIT_FACTOR = 2.0  # the loss on one repeated batch must fall at least this much
@@ -247,3 +250,25 @@ def test_maskgit_schedule_reveals_every_token_and_keeps_revealed_ones():
     assert hidden_counts == [16, 14, 11, 6]  # 16 * cos(pi/2 * s/4) for s = 0..3, floored
     for (frame, mask), (next_frame, _) in zip(seen, seen[1:] + [(result, None)]):
         assert torch.equal(frame[~mask], next_frame[~mask])
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+
+@pytest.mark.parametrize("name", names("source"))
+def test_source_contract(name):
+    """Disjoint splits; episodes of uint8 frames at the asked resolution; actions, if any, one per frame; the same
+    unit gives the same footage twice."""
+    source = build("source", name, DataSpec(resolution=16))
+    try:
+        units = source.units()
+    except GenieError as error:
+        pytest.skip(f"{name} needs input files, its own tests make them: {error}")
+    assert set(units) == {"train", "val"} and set(units["train"]).isdisjoint(units["val"])
+    unit = units["val"][0]
+    episodes, again = list(source.record(unit)), list(source.record(unit))
+    assert episodes
+    for episode, twin in zip(episodes, again):
+        assert episode.frames.dtype == np.uint8 and episode.frames.shape[1:] == (16, 16, 3)
+        assert episode.actions is None or len(episode.actions) == len(episode.frames)
+        assert np.array_equal(episode.frames, twin.frames)
