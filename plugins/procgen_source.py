@@ -2,7 +2,8 @@
 
 A unit is one level seed. Each level is played by `num_envs` environments stepped together in one vectorised call
 for steps_per_level steps in all, each choosing a fresh random action at every step (no action repeats). Training
-levels are seeds [0, train_levels); validation levels are the next val_levels seeds, never trained on.
+levels are seeds [first_level, first_level + train_levels); validation levels are the next val_levels seeds, never
+trained on.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ProcgenConfig:
 
     game: str = "coinrun"
     distribution_mode: str = attrs.field(default="hard", validator=v.in_(("easy", "hard", "extreme", "memory", "exploration")))
+    first_level: int = attrs.field(default=0, validator=v.ge(0))  # training levels: [first_level, + train_levels)
     train_levels: int = attrs.field(default=10_000, validator=positive)
     val_levels: int = attrs.field(default=100, validator=positive)
     steps_per_level: int = attrs.field(default=1000, validator=positive)
@@ -58,8 +60,9 @@ class ProcgenSource(VideoSource):
 
     def units(self):
         c = self.config
-        return {"train": [f"level-{i}" for i in range(c.train_levels)],
-                "val": [f"level-{c.train_levels + i}" for i in range(c.val_levels)]}
+        first_val = c.first_level + c.train_levels
+        return {"train": [f"level-{i}" for i in range(c.first_level, first_val)],
+                "val": [f"level-{i}" for i in range(first_val, first_val + c.val_levels)]}
 
     def make_env(self, level: int, num: int):
         c = self.config

@@ -238,3 +238,15 @@ def test_two_processes_read_disjoint_windows(tmp_path):
     assert a and b and a.isdisjoint(b)
     total = len(WindowDataset(EpisodeIndex.open(tmp_path / "ds"), "train", 3))
     assert len(a | b) == total  # together they read every window once (the epoch divides evenly here)
+
+
+def test_a_run_uses_a_data_set_built_before_and_checks_its_resolution(tmp_path, capsys):
+    smoke = str(REPO / "recipes" / "coinrun-smoke.toml")
+    data = tmp_path / "coinrun"
+    assert main(["data", "build", smoke, "--out", str(data)]) == 0
+    assert main(["run", smoke, f"data.path={str(data)!r}", "--out", str(tmp_path / "run")]) == 0
+    record = json.loads((tmp_path / "run" / "data" / "stage.json").read_text())
+    assert record["summary"]["root"] == str(data) and not (tmp_path / "run" / "data" / "manifest.json").exists()
+    capsys.readouterr()
+    assert main(["run", smoke, f"data.path={str(data)!r}", "data.resolution=32", "--out", str(tmp_path / "r2")]) == 2
+    assert "frames are 64 pixels square, the recipe's data.resolution is 32" in capsys.readouterr().err
