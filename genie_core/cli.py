@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from genie_core.errors import GenieError, RecipeError
+from genie_core.errors import GenieError, RecipeError, TrainingDiverged
 
 EXIT_BAD_INPUT = 2
 
@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", type=Path)
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     run.add_argument("--out", type=Path, help="run folder (default: run.out_dir/run.name from the recipe)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted training stage from its newest full-state checkpoint")
     run.add_argument("--redo-from", choices=("data", "tokenizer", "dynamics", "report"),
                      help="redo this stage and every later one even if complete")
 
@@ -83,7 +85,7 @@ def cmd_run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = args.out or Path(recipe.run.out_dir) / recipe.run.name
     print(f"genie run: {args.recipe} -> {run_dir}")
-    report = Pipeline(recipe, run_dir).run(redo_from=args.redo_from)
+    report = Pipeline(recipe, run_dir).run(redo_from=args.redo_from, resume=args.resume)
     t = recipe.eval.dtpsnr_t
     print(f"tokenizer PSNR {report['tokenizer_psnr_db']['mean']:.2f} dB, "
           f"dtPSNR(t={t}) {report[f'dtpsnr_t{t}_db']['mean']:.3f} dB; report: {run_dir / 'report.md'}")
@@ -187,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                "sample": cmd_sample}[args.command]
     try:
         return handler(args)
+    except TrainingDiverged as error:  # not bad input: the run itself failed
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except RecipeError as error:
         for problem in error.problems:
             print(f"error: {problem}", file=sys.stderr)

@@ -99,6 +99,7 @@ class RunConfig:
     out_dir: str = "runs"  # the run folder is out_dir/name unless `genie run --out` says otherwise
     mixed_precision: str = attrs.field(default="no", validator=v.in_(("no", "bf16", "fp16")))
     cpu: bool = False  # force CPU even when a GPU is present
+    trackers: str = "tensorboard"  # Accelerate trackers, comma-separated (tensorboard, wandb, ...); "none" for none
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -126,6 +127,9 @@ class TrainConfig:
     beta2: float = attrs.field(default=0.9, validator=unit_interval)
     weight_decay: float = attrs.field(default=1e-4, validator=non_negative)
     grad_clip: float = attrs.field(default=1.0, validator=non_negative)  # 0 disables clipping
+    grad_accum: int = attrs.field(default=1, validator=positive)  # micro-batches per optimizer step
+    checkpoint_every: int = attrs.field(default=1000, validator=non_negative)  # full-state checkpoints; 0: none
+    keep_checkpoints: int = attrs.field(default=2, validator=positive)
     log_every: int = attrs.field(default=50, validator=positive)
     num_workers: int = attrs.field(default=0, validator=non_negative)
 

@@ -15,3 +15,7 @@ class RecipeError(GenieError):
 
 class PluginError(GenieError):
     """A plugin failed to load or to register its components."""
+
+
+class TrainingDiverged(GenieError):
+    """The loss became NaN or infinite; the message names the stage, the step and the loss term."""

@@ -87,6 +87,7 @@ class QuantizerOutput:
     indices: torch.Tensor  # [...]
     aux_loss: torch.Tensor  # scalar: commitment (and any codebook) loss
     perplexity: torch.Tensor  # scalar, detached: exp(entropy of code usage in this batch)
+    usage: torch.Tensor  # scalar, detached: the fraction of the codebook used in this batch
 
 
 class Quantizer(nn.Module):
@@ -121,7 +122,8 @@ class Quantizer(nn.Module):
         counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size).float()
         probs = counts / counts.sum()
         perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum()).detach()
-        return QuantizerOutput(quantized.reshape(shape), indices, aux_loss.sum(), perplexity)
+        usage = (counts > 0).float().mean()
+        return QuantizerOutput(quantized.reshape(shape), indices, aux_loss.sum(), perplexity, usage)
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         """Code ids [...] -> the quantized vectors [..., D] the decoder consumes."""

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from genie_core.atomic import atomic_dir
 from genie_core.checkpoint import load_components, save_components
@@ -42,7 +43,7 @@ STAGE_FILE = "stage.json"
 
 
 # Settings that change how a stage reports, not what it produces.
-COSMETIC = {"log_every", "num_workers", "gif_scale"}
+COSMETIC = {"log_every", "num_workers", "gif_scale", "checkpoint_every", "keep_checkpoints", "trackers"}
 
 
 def stage_settings(recipe: Recipe, stage: str) -> dict:
@@ -60,6 +61,17 @@ def stage_settings(recipe: Recipe, stage: str) -> dict:
     # the plugin versions that produced it: the source's for the data, every component's after that
     settings["versions"] = {"source": d["versions"]["source"]} if stage == "data" else d["versions"]
     return settings
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}: trackers take flat hyper-parameter tables of plain values."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
 
 
 def _drop_cosmetic(value):
@@ -106,12 +118,22 @@ class Pipeline:
                   "settings": stage_settings(self.recipe, stage), "summary": summary}
         (folder / STAGE_FILE).write_text(json.dumps(record, indent=2, default=str))
 
-    def run(self, redo_from: str | None = None) -> dict:
+    def run(self, redo_from: str | None = None, resume: bool = False) -> dict:
+        """Runs every stage that is not done. With `resume`, a training stage that was interrupted continues from
+        its newest full-state checkpoint instead of starting over."""
+        self.resume = resume
         if redo_from is not None and redo_from not in STAGES:
             raise GenieError(f"--redo-from '{redo_from}': no such stage; stages: {', '.join(STAGES)}")
         run_cfg = self.recipe.run
         # Built before any model: vector-quantize-pytorch decides codebook syncing when a model is constructed.
-        self.accelerator = Accelerator(cpu=run_cfg.cpu, mixed_precision=run_cfg.mixed_precision)
+        trackers = [t.strip() for t in run_cfg.trackers.split(",") if t.strip() and t.strip() != "none"]
+        # Accelerate keeps one mixed-precision setting per process; a new run in the same process (a notebook, the
+        # tests) may ask for another. The distributed state (PartialState) is kept.
+        AcceleratorState._reset_state()
+        self.accelerator = Accelerator(cpu=run_cfg.cpu, mixed_precision=run_cfg.mixed_precision,
+                                       log_with=trackers or None, project_dir=str(self.run_dir / "logs"))
+        if trackers:
+            self.accelerator.init_trackers(run_cfg.name, config=_flat(self.recipe.describe()))
         self.main = self.accelerator.is_main_process
         if not self.main:
             self.log = lambda *_: None
@@ -132,6 +154,7 @@ class Pipeline:
             getattr(self, f"stage_{stage}")()
             self.accelerator.wait_for_everyone()  # no process reads a stage before the main one has written it
             self.log(f"stage {stage}: finished in {time.perf_counter() - start:.1f} s")
+        self.accelerator.end_training()
         return json.loads((self.run_dir / "report.json").read_text())
 
     # ------------------------------------------------------------------------------------------ stages
@@ -164,6 +187,10 @@ class Pipeline:
             self._index = EpisodeIndex.open(self.data_root)
         return WindowDataset(self._index, split, length)
 
+    def _checkpointing(self, stage: str) -> dict:
+        return {"checkpoint_dir": self.run_dir / "checkpoints" / stage, "resume": self.resume,
+                "fingerprint": fingerprint(stage_settings(self.recipe, stage))}
+
     def video_spec(self, stage: str) -> VideoSpec:
         res = self.recipe.data.resolution
         return VideoSpec(channels=3, height=res, width=res, num_frames=self.recipe.train[stage].seq_len)
@@ -174,7 +201,8 @@ class Pipeline:
         torch.manual_seed(self.recipe.run.seed)
         tokenizer = choice.info.cls(choice.config, self.video_spec("tokenizer"))
         summary = train(self.accelerator, TokenizerTask(tokenizer), self.dataset("train", cfg.seq_len), cfg,
-                        self.recipe.run.seed, self.run_dir / "logs" / "tokenizer.jsonl", "tokenizer")
+                        self.recipe.run.seed, self.run_dir / "logs" / "tokenizer.jsonl", "tokenizer",
+                        **self._checkpointing("tokenizer"))
         summary["parameters"] = sum(p.numel() for p in tokenizer.parameters())
         if not self.main:
             return
@@ -194,7 +222,7 @@ class Pipeline:
         dynamics = dyn_choice.info.cls(dyn_choice.config, token_spec)
         summary = train(self.accelerator, WorldModelTask(action_model, dynamics, tokenizer),
                         self.dataset("train", cfg.seq_len), cfg, self.recipe.run.seed + 1,
-                        self.run_dir / "logs" / "dynamics.jsonl", "lam+dynamics")
+                        self.run_dir / "logs" / "dynamics.jsonl", "lam+dynamics", **self._checkpointing("dynamics"))
         summary["parameters"] = {"action_model": sum(p.numel() for p in action_model.parameters()),
                                  "dynamics": sum(p.numel() for p in dynamics.parameters())}
         if not self.main:

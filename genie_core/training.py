@@ -2,8 +2,9 @@
 
 A stage hands the engine a *task*: an nn.Module whose forward(video) returns (loss, metrics). The engine owns the
 optimizer (AdamW), the schedule (linear warm-up, then cosine from lr to min_lr, as in the paper's Appendix F), gradient
-clipping, logging (JSONL + progress bar), and the hand-off to Accelerate (`prepare`, `backward`), so that the same
-code runs on one CPU process or under `accelerate launch` on many GPUs.
+accumulation and clipping, the NaN guard, full-state checkpoints and resume, logging (JSONL, Accelerate's trackers,
+progress bar), and the hand-off to Accelerate (`prepare`, `backward`), so that the same code runs on one CPU process
+or under `accelerate launch` on many GPUs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,7 +22,10 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+STATE_FILE = "trainer.json"
+
 from genie_core.config import TrainConfig
+from genie_core.errors import GenieError, TrainingDiverged
 from genie_core.interfaces import LatentActionModel, DynamicsModel, VideoTokenizer
 
 
@@ -31,6 +37,9 @@ class TokenizerTask(nn.Module):
     def forward(self, video):
         out = self.tokenizer.loss(video)
         return out.loss, out.metrics
+
+
+LAM_USAGE = "lam_usage"  # the share of its |A| actions the latent action model used in a batch
 
 
 class WorldModelTask(nn.Module):
@@ -71,14 +80,89 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
-def batches_forever(loader):
-    """Cycles through the loader epoch after epoch (the dataset shuffles anew each epoch)."""
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+class DataPosition:
+    """Where training is in the data: the epoch, and how many batches of it were used. Each epoch shuffles with a
+    seed derived from (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, loader, generator: torch.Generator, seed: int, epoch: int = 0, used: int = 0):
+        self.loader, self.generator, self.seed = loader, generator, seed
+        self.epoch, self.used = epoch, used
+        self._batches = None
+
+    def next_batch(self):
+        while True:
+            if self._batches is None:
+                self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+                self._batches = iter(self.loader)
+                for _ in range(self.used):  # resuming mid-epoch: pass over the batches already trained on
+                    next(self._batches)
+            try:
+                batch = next(self._batches)
+                self.used += 1
+                return batch
+            except StopIteration:
+                self.epoch, self.used, self._batches = self.epoch + 1, 0, None
+
+
+class Checkpoints:
+    """Full-state checkpoints of one stage: model, optimizer and every RNG (through Accelerate's save_state), plus
+    the scheduler, the step, the data position and the stage's fingerprint. Each is written under a temporary
+    name and renamed when complete; the newest `keep` are kept."""
+
+    def __init__(self, accelerator: Accelerator, folder: Path, keep: int, fingerprint: str, scheduler):
+        self.accelerator, self.folder, self.keep, self.fingerprint = accelerator, Path(folder), keep, fingerprint
+        self.scheduler = scheduler  # saved here, not registered with Accelerate, whose registry outlives a stage
+
+    def complete(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.glob("step-*") if p.suffix != ".tmp" and (p / STATE_FILE).is_file())
+
+    def save(self, step: int, position: DataPosition) -> None:
+        final = self.folder / f"step-{step:09d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))  # every process: each saves its own RNG state
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            state = {"step": step, "epoch": position.epoch, "used": position.used, "fingerprint": self.fingerprint,
+                     "scheduler": self.scheduler.state_dict()}
+            (tmp / STATE_FILE).write_text(json.dumps(state))
+            os.replace(tmp, final)
+            for old in self.complete()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def load_newest(self) -> dict | None:
+        """Restores the newest complete checkpoint; returns its state, or None when there is none."""
+        found = self.complete()
+        if not found:
+            return None
+        state = json.loads((found[-1] / STATE_FILE).read_text())
+        if state["fingerprint"] != self.fingerprint:
+            raise GenieError(f"{found[-1]}: this checkpoint was written by a run with other settings (another recipe "
+                             f"or overrides); resume with the recipe that wrote it, or run without --resume")
+        self.accelerator.load_state(str(found[-1]))
+        self.scheduler.load_state_dict(state["scheduler"])
+        return state
+
+    def clear(self) -> None:
+        if self.accelerator.is_main_process:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+
+def _check_finite(loss: torch.Tensor, metrics: dict, desc: str, step: int, checkpoints: Checkpoints) -> None:
+    if torch.isfinite(loss):
+        return
+    bad = [name for name, value in metrics.items() if not torch.isfinite(torch.as_tensor(value)).all()]
+    last = checkpoints.complete()
+    raise TrainingDiverged(
+        f"{desc}: the loss is {loss.item()} at step {step}"
+        + (f"; non-finite terms: {', '.join(bad)}" if bad else "")
+        + (f"; the last good checkpoint is {last[-1]} (resume with --resume)" if last else "; no checkpoint yet"))
 
 
 def train(
@@ -89,15 +173,21 @@ def train(
     seed: int,
     log_path: Path,
     desc: str,
+    checkpoint_dir: Path,
+    fingerprint: str,
+    resume: bool = False,
 ) -> dict:
-    """Trains `task` for cfg.steps steps; returns a summary (final metrics, steps/s). The task is trained in place.
+    """Trains `task` for cfg.steps optimizer steps; returns a summary (final metrics, steps/s). The task is trained
+    in place. With `resume`, continues from the newest complete checkpoint in `checkpoint_dir`, if any.
 
-    cfg.batch_size is per process: with N processes each optimizer step sees N * batch_size windows.
+    cfg.batch_size is per process and per micro-batch: each optimizer step sees
+    processes x grad_accum x batch_size windows.
     """
     torch.manual_seed(seed + accelerator.process_index)  # per-rank randomness (masks); weights were built before
+    generator = torch.Generator()
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) >= cfg.batch_size,
-        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(seed),
+        num_workers=cfg.num_workers, generator=generator,
     )
     model = accelerator.prepare(task)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -105,20 +195,40 @@ def train(
     optimizer, loader = accelerator.prepare(optimizer, loader)
     # Not prepared: Accelerate would step a prepared scheduler once per process, running the schedule N times fast.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    checkpoints = Checkpoints(accelerator, checkpoint_dir, cfg.keep_checkpoints, fingerprint, scheduler)
+    state = checkpoints.load_newest() if resume else None
+    if state is None:
+        checkpoints.clear()
+        state = {"step": 0, "epoch": 0, "used": 0}
+    elif accelerator.is_main_process:
+        print(f"{desc}: resuming at step {state['step']} from {checkpoints.complete()[-1]}")
+    position = DataPosition(loader, generator, seed, state["epoch"], state["used"])
+    first_step = state["step"]
+
     model.train()
-    batches = batches_forever(loader)
     main = accelerator.is_main_process
     if main:
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []  # a resumed log keeps the lines of the steps the checkpoint covers, and goes on from there
+        if first_step and log_path.is_file():
+            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < first_step]
+        log_path.write_text("".join(line + "\n" for line in kept))
     last: dict[str, float] = {}
+    warned = False
     start = time.perf_counter()
-    log_file = open(log_path, "w") if main else contextlib.nullcontext()
-    bar = tqdm(total=cfg.steps, desc=desc, unit="step", dynamic_ncols=True, disable=not accelerator.is_local_main_process)
+    log_file = open(log_path, "a") if main else contextlib.nullcontext()
+    bar = tqdm(total=cfg.steps, initial=first_step, desc=desc, unit="step", dynamic_ncols=True,
+               disable=not accelerator.is_local_main_process)
     with log_file as log, bar:
-        for step in range(cfg.steps):
-            video = next(batches)
-            loss, metrics = model(video)
-            accelerator.backward(loss)
+        for step in range(first_step, cfg.steps):
+            for micro in range(cfg.grad_accum):
+                video = position.next_batch()
+                # gradients are all-reduced only on the last micro-batch of a step
+                sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
+                with sync:
+                    loss, metrics = model(video)
+                    _check_finite(loss, metrics, desc, step, checkpoints)
+                    accelerator.backward(loss / cfg.grad_accum)
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
@@ -127,14 +237,21 @@ def train(
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 last = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                         **{k: float(v) for k, v in metrics.items()}}
-                if not math.isfinite(last["loss"]):
-                    raise FloatingPointError(f"{desc}: loss is {last['loss']} at step {step}")
                 if main:
                     log.write(json.dumps(last) + "\n")
                     log.flush()
+                accelerator.log({f"{desc}/{k}": v for k, v in last.items() if k != "step"}, step=step)
+                if main and not warned and last.get(LAM_USAGE, 1.0) < 0.5 and step >= cfg.warmup_steps:
+                    warned = True  # codebook collapse, a known failure of latent action models: say so once
+                    bar.write(f"warning: {desc} step {step}: the latent action model used only "
+                              f"{last[LAM_USAGE]:.0%} of its actions in this batch (codebook collapse?)")
                 bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
             bar.update(1)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                checkpoints.save(step + 1, position)
     seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()
+    checkpoints.clear()  # the stage's result is saved by the pipeline; its checkpoints are no longer needed
     accelerator.free_memory()  # drop Accelerate's references to this stage's optimizer and wrapped model
-    return {"final": last, "seconds": seconds, "steps_per_second": cfg.steps / seconds}
+    steps = cfg.steps - first_step
+    return {"final": last, "seconds": seconds, "steps_per_second": steps / seconds if steps else float("nan")}

@@ -84,7 +84,7 @@ class PixelLAM(LatentActionModel):
         x = self.decoder(self.decoder_positions(past + q.quantized[:, :, None]))
         recon = unpatchify(self.to_pixels(x), self.config.patch_size, self.grid, self.spec.channels) * 0.5 + 0.5
         mse = F.mse_loss(recon, video[:, 1:])
-        metrics = {"mse": mse.detach(), "commit": q.aux_loss.detach(), "perplexity": q.perplexity}
+        metrics = {"mse": mse.detach(), "commit": q.aux_loss.detach(), "perplexity": q.perplexity, "usage": q.usage}
         return ActionModelOutput(loss=mse + q.aux_loss, actions=q.indices, recon=recon, metrics=metrics)
 
 

@@ -87,7 +87,7 @@ class STViViTTokenizer(VideoTokenizer):
         recon = self._decode(q.quantized)
         mse = F.mse_loss(recon, video)
         tokens = q.indices.reshape(*q.indices.shape[:2], *self._grid)
-        metrics = {"mse": mse.detach(), "commit": q.aux_loss.detach(), "perplexity": q.perplexity}
+        metrics = {"mse": mse.detach(), "commit": q.aux_loss.detach(), "perplexity": q.perplexity, "usage": q.usage}
         return TokenizerOutput(loss=mse + q.aux_loss, recon=recon, tokens=tokens, metrics=metrics)
 
 

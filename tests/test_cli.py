@@ -34,6 +34,7 @@ def test_run_writes_checkpoints_report_and_pictures(run_dir):
         assert gif.n_frames == 3 + 1  # the prompt and rollout_steps generated frames
         assert gif.size == (4 * 64 + 3 * 2, 64)  # one panel per latent action, 2-pixel gaps
     assert not list(run_dir.glob("*.tmp")), "no temporary folder is left behind"
+    assert list((run_dir / "logs" / "coinrun-smoke").glob("events.out.tfevents.*")), "TensorBoard is the default tracker"
 
 
 def test_rerun_skips_finished_stages(run_dir, capsys):

@@ -228,7 +228,7 @@ def test_two_processes_read_disjoint_windows(tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(textwrap.dedent(TWO_RANKS.format(tests=str(REPO / "tests"), root=str(tmp_path / "ds"),
                                                        out=str(tmp_path))))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*torchrun, str(script)], capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -97,7 +97,7 @@ class ConvVQTokenizer(VideoTokenizer):
         q = self._encode(video)
         recon = self._decode(q.quantized)
         mse = F.mse_loss(recon, video)
-        metrics = {"mse": mse.detach(), "commit": q.aux_loss.detach(), "perplexity": q.perplexity}
+        metrics = {"mse": mse.detach(), "commit": q.aux_loss.detach(), "perplexity": q.perplexity, "usage": q.usage}
         return TokenizerOutput(loss=mse + q.aux_loss, recon=recon, tokens=q.indices, metrics=metrics)
 
 

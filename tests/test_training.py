@@ -1,0 +1,145 @@
+"""The training engine: kill -9 and --resume give the same losses step for step; a checkpoint of other settings is
+refused; a NaN stops training naming the step and the term; two processes stay in sync on different data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from conftest import REPO, TINY_VIDEO, build
+from genie_core.cli import main
+from genie_core.config import TrainConfig
+from genie_core.errors import TrainingDiverged
+from genie_core.training import TokenizerTask, train
+
+SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
+LONGER = ["train.dynamics.steps=40", "train.dynamics.checkpoint_every=5", "train.dynamics.log_every=1",
+          "run.trackers=none"]
+
+
+def losses(run_dir, stage="dynamics"):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "logs" / f"{stage}.jsonl").read_text().splitlines())]
+
+
+def test_sigkill_then_resume_gives_the_same_losses_step_for_step(tmp_path, capsys):
+    reference = tmp_path / "reference"
+    assert main(["run", SMOKE, *LONGER, "--out", str(reference)]) == 0
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "genie_core.cli", "run", SMOKE, *LONGER, "--out", str(killed)]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = killed / "logs" / "dynamics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 13:  # past the checkpoints of steps 5 and 10
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "dynamics" / "stage.json").exists()
+
+    capsys.readouterr()
+    assert main(["run", SMOKE, *LONGER, "--out", str(killed), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "stage tokenizer: done, skipping" in out
+    resumed_at = int(out.split("resuming at step ")[1].split()[0])
+    assert resumed_at >= 10
+    assert losses(killed) == losses(reference)  # bitwise: same floats, same steps, nothing missing or repeated
+    assert not (killed / "checkpoints" / "dynamics").exists(), "checkpoints go once the stage is saved"
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "genie_core.cli", "run", SMOKE, *LONGER, "--out", str(run)]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and not list(
+            (run / "checkpoints" / "dynamics").glob("step-*[0-9]")):
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    capsys.readouterr()
+    assert main(["run", SMOKE, *LONGER, "train.dynamics.lr=1e-3", "--out", str(run), "--resume"]) == 2
+    assert "was written by a run with other settings" in capsys.readouterr().err
+
+
+def test_nan_stops_training_naming_step_and_term(tmp_path):
+    tokenizer = build("tokenizer", "st-vivit", TINY_VIDEO)
+
+    class Poisoned(TokenizerTask):
+        calls = 0
+
+        def forward(self, video):
+            loss, metrics = super().forward(video)
+            Poisoned.calls += 1
+            if Poisoned.calls == 4:
+                metrics = dict(metrics, mse=torch.tensor(float("nan")))
+                loss = loss * float("nan")
+            return loss, metrics
+
+    dataset = [torch.rand(TINY_VIDEO.num_frames, 3, 16, 16) for _ in range(8)]
+    cfg = TrainConfig(steps=10, batch_size=2, seq_len=6, warmup_steps=1, checkpoint_every=2)
+    with pytest.raises(TrainingDiverged, match=r"tok: the loss is nan at step 3; non-finite terms: mse; "
+                                               r"the last good checkpoint is .*step-000000002"):
+        train(Accelerator(cpu=True), Poisoned(tokenizer), dataset, cfg, 0, tmp_path / "log.jsonl", "tok",
+              checkpoint_dir=tmp_path / "ckpt", fingerprint="x")
+
+
+TWO_RANKS = """
+import json, sys
+from pathlib import Path
+import torch
+from accelerate import Accelerator
+sys.path.insert(0, {tests!r})
+from conftest import TINY_VIDEO, build
+from genie_core.config import TrainConfig
+from genie_core.training import TokenizerTask, train
+
+accelerator = Accelerator(cpu=True)
+torch.manual_seed(0)  # the same initial weights on both ranks
+tokenizer = build("tokenizer", "st-vivit", TINY_VIDEO)
+seen, checksums = [], []
+
+class Recording(TokenizerTask):
+    def forward(self, video):
+        seen.extend(video[:, 0, 0, 0, 0].mul(1000).round().long().tolist())  # which windows this rank got
+        checksums.append(sum(p.double().sum().item() for p in self.parameters()))  # weights before this step
+        return super().forward(video)
+
+dataset = [torch.full((TINY_VIDEO.num_frames, 3, 16, 16), i / 1000) for i in range(16)]
+cfg = TrainConfig(steps=4, batch_size=2, seq_len=6, warmup_steps=1, checkpoint_every=0, lr=1e-2)
+train(accelerator, Recording(tokenizer), dataset, cfg, 0, Path({tmp!r}) / "log.jsonl", "tok",
+      checkpoint_dir=Path({tmp!r}) / "ckpt", fingerprint="x")
+with open({tmp!r} + f"/rank{{accelerator.process_index}}.json", "w") as f:
+    json.dump({{"seen": seen, "checksums": checksums, "world": accelerator.num_processes}}, f)
+"""
+
+
+def test_two_processes_agree_on_weights_and_read_different_data(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(textwrap.dedent(TWO_RANKS.format(tests=str(REPO / "tests"), tmp=str(tmp_path))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert a["world"] == b["world"] == 2
+    assert a["checksums"] == b["checksums"]  # identical weights before every step
+    assert len(set(a["checksums"])) == 4  # ... and they did change from step to step
+    assert set(a["seen"]).isdisjoint(b["seen"])  # each rank trained on its own windows
+
+
+def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
+    assert main(["run", SMOKE, "run.mixed_precision=bf16", "run.cpu=true", "run.trackers=none",
+                 "--out", str(tmp_path / "bf16")]) == 0
+    report = json.loads((tmp_path / "bf16" / "report.json").read_text())
+    assert report["tokenizer_psnr_db"]["mean"] > 0
