@@ -99,6 +99,7 @@ class RunConfig:
     out_dir: str = "runs"  # the run folder is out_dir/name unless `genie run --out` says otherwise
     mixed_precision: str = attrs.field(default="no", validator=v.in_(("no", "bf16", "fp16")))
     cpu: bool = False  # force CPU even when a GPU is present
+    distributed: str = attrs.field(default="ddp", validator=v.in_(("ddp", "fsdp")))  # under several processes
     trackers: str = "tensorboard"  # Accelerate trackers, comma-separated (tensorboard, wandb, ...); "none" for none
 
 
@@ -129,6 +130,7 @@ class TrainConfig:
     grad_clip: float = attrs.field(default=1.0, validator=non_negative)  # 0 disables clipping
     grad_accum: int = attrs.field(default=1, validator=positive)  # micro-batches per optimizer step
     checkpoint_every: int = attrs.field(default=1000, validator=non_negative)  # full-state checkpoints; 0: none
+    eval_every: int = attrs.field(default=5000, validator=non_negative)  # held-out PSNR + a sample GIF; 0: none
     keep_checkpoints: int = attrs.field(default=2, validator=positive)
     log_every: int = attrs.field(default=50, validator=positive)
     num_workers: int = attrs.field(default=0, validator=non_negative)
@@ -136,6 +138,20 @@ class TrainConfig:
     def __attrs_post_init__(self):
         if self.min_lr > self.lr:
             raise ValueError(f"'min_lr' ({self.min_lr}) must not exceed 'lr' ({self.lr})")
+
+
+@attrs.define(frozen=True, kw_only=True)
+class DynamicsTrainConfig(TrainConfig):
+    """The world-model stage. Defaults: the paper's co-training of LAM and dynamics (Appendix F)."""
+
+    steps: int = attrs.field(default=200_000, validator=positive)
+    batch_size: int = attrs.field(default=36, validator=positive)
+    lr: float = attrs.field(default=3e-5, validator=positive)
+    min_lr: float = attrs.field(default=3e-6, validator=non_negative)
+    warmup_steps: int = attrs.field(default=5_000, validator=non_negative)
+    # 0: the paper's co-training. N > 0: train the latent action model alone for N steps first, then the dynamics
+    # model alone for `steps` steps on the frozen LAM (an ablation, and a way to reuse one LAM).
+    lam_steps: int = attrs.field(default=0, validator=non_negative)
 
 
 @attrs.define(frozen=True, kw_only=True)

@@ -23,8 +23,9 @@ import time
 import uuid
 from pathlib import Path
 
+import attrs
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.state import AcceleratorState
 
 from genie_core.atomic import atomic_dir
@@ -35,7 +36,7 @@ from genie_core.interfaces import DataSpec, TokenSpec, VideoSpec
 from genie_core.media import save_gif, save_strip, tile
 from genie_core.metrics import delta_psnr, mean_and_ci, psnr
 from genie_core.recipe import Recipe
-from genie_core.training import TokenizerTask, WorldModelTask, train
+from genie_core.training import LatentActionTask, TokenizerTask, WorldModelTask, train
 from genie_core.world import World, load_stages
 
 STAGES = ("data", "tokenizer", "dynamics", "report")
@@ -130,7 +131,8 @@ class Pipeline:
         # Accelerate keeps one mixed-precision setting per process; a new run in the same process (a notebook, the
         # tests) may ask for another. The distributed state (PartialState) is kept.
         AcceleratorState._reset_state()
-        self.accelerator = Accelerator(cpu=run_cfg.cpu, mixed_precision=run_cfg.mixed_precision,
+        fsdp = FullyShardedDataParallelPlugin() if run_cfg.distributed == "fsdp" else None
+        self.accelerator = Accelerator(cpu=run_cfg.cpu, mixed_precision=run_cfg.mixed_precision, fsdp_plugin=fsdp,
                                        log_with=trackers or None, project_dir=str(self.run_dir / "logs"))
         if trackers:
             self.accelerator.init_trackers(run_cfg.name, config=_flat(self.recipe.describe()))
@@ -200,9 +202,16 @@ class Pipeline:
         cfg = self.recipe.train["tokenizer"]
         torch.manual_seed(self.recipe.run.seed)
         tokenizer = choice.info.cls(choice.config, self.video_spec("tokenizer"))
+        val = self._validation_batch(cfg.seq_len)
+
+        def validate(step: int) -> dict:  # held-out reconstruction, and a GIF of it: truth | reconstruction
+            recon = tokenizer.decode(tokenizer.encode(val))
+            save_gif(tile([val[0].cpu(), recon[0].cpu()]), self._sample_path(f"tokenizer-{step:07d}.gif"), scale=2)
+            return {"val_psnr_db": psnr(recon, val).mean().item()}
+
         summary = train(self.accelerator, TokenizerTask(tokenizer), self.dataset("train", cfg.seq_len), cfg,
                         self.recipe.run.seed, self.run_dir / "logs" / "tokenizer.jsonl", "tokenizer",
-                        **self._checkpointing("tokenizer"))
+                        validate=validate, **self._checkpointing("tokenizer"))
         summary["parameters"] = sum(p.numel() for p in tokenizer.parameters())
         if not self.main:
             return
@@ -220,9 +229,16 @@ class Pipeline:
         token_spec = TokenSpec(vocab_size=tokenizer.codebook_size, grid=tokenizer.grid, num_frames=cfg.seq_len,
                                num_actions=action_model.num_actions)
         dynamics = dyn_choice.info.cls(dyn_choice.config, token_spec)
-        summary = train(self.accelerator, WorldModelTask(action_model, dynamics, tokenizer),
-                        self.dataset("train", cfg.seq_len), cfg, self.recipe.run.seed + 1,
-                        self.run_dir / "logs" / "dynamics.jsonl", "lam+dynamics", **self._checkpointing("dynamics"))
+        data = self.dataset("train", cfg.seq_len)
+        seed, logs, ckpt = self.recipe.run.seed + 1, self.run_dir / "logs", self._checkpointing("dynamics")
+        ckpt["validate"] = self._world_validator(tokenizer, action_model, dynamics, cfg.seq_len)
+        if cfg.lam_steps:  # the LAM alone first, then dynamics on it, frozen
+            self._train_action_model_alone(lam_choice.name, action_model, data, cfg, seed, ckpt)
+            summary = train(self.accelerator, WorldModelTask(action_model, dynamics, tokenizer, train_action_model=False),
+                            data, cfg, seed, logs / "dynamics.jsonl", "dynamics", **ckpt)
+        else:
+            summary = train(self.accelerator, WorldModelTask(action_model, dynamics, tokenizer), data, cfg, seed,
+                            logs / "dynamics.jsonl", "lam+dynamics", **ckpt)
         summary["parameters"] = {"action_model": sum(p.numel() for p in action_model.parameters()),
                                  "dynamics": sum(p.numel() for p in dynamics.parameters())}
         if not self.main:
@@ -231,6 +247,53 @@ class Pipeline:
             save_components(folder, {"action_model": (lam_choice.name, action_model.cpu()),
                                      "dynamics": (dyn_choice.name, dynamics.cpu())})
             self._finish(folder, "dynamics", summary)
+        shutil.rmtree(self.run_dir / "checkpoints" / "dynamics-lam-done", ignore_errors=True)
+
+    def _validation_batch(self, length: int) -> torch.Tensor:
+        val = self.dataset("val", length)
+        return torch.stack([val[i] for i in evenly_spaced(val, 4)]).to(self.accelerator.device)
+
+    def _sample_path(self, name: str) -> Path:
+        folder = self.run_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+
+    def _world_validator(self, tokenizer, action_model, dynamics, length: int):
+        """Held-out LAM reconstruction PSNR and the next frame generated with inferred actions, plus a GIF of the
+        truth next to a rollout from its first frame. Uses its own random generator, not the global ones."""
+        val = self._validation_batch(length)
+        choice = self.recipe.components["sampler"]
+        world = World(tokenizer, action_model, dynamics, choice.info.cls(choice.config))
+
+        def validate(step: int) -> dict:
+            generator = torch.Generator(device=val.device).manual_seed(0)
+            actions = action_model.infer_actions(val)
+            lam_recon = action_model.loss(val).recon
+            steps = min(4, val.shape[1] - 1)
+            rollout = world.rollout(val[:, 0], actions[:, :steps], generator)
+            save_gif(tile([val[0, : steps + 1].cpu(), rollout[0].cpu()]), self._sample_path(f"world-{step:07d}.gif"),
+                     scale=2)
+            return {"val_lam_psnr_db": psnr(lam_recon, val[:, 1:]).mean().item(),
+                    "val_next_frame_psnr_db": psnr(rollout[:, 1], val[:, 1]).mean().item()}
+
+        return validate
+
+    def _train_action_model_alone(self, name: str, action_model, data, cfg, seed: int, ckpt: dict) -> None:
+        """First phase of a separate LAM/dynamics stage. Its result is kept beside the stage's checkpoints, so a
+        resumed stage does not train the LAM again."""
+        done = ckpt["checkpoint_dir"].parent / "dynamics-lam-done"
+        if self.resume and (done / "components.json").is_file():
+            action_model.load_state_dict(load_components(done)["action_model"].state_dict())
+            self.log(f"dynamics: the latent action model was trained before the interruption ({done}); reusing it")
+            return
+        lam_cfg = attrs.evolve(cfg, steps=cfg.lam_steps, warmup_steps=min(cfg.warmup_steps, cfg.lam_steps))
+        train(self.accelerator, LatentActionTask(action_model), data, lam_cfg, seed, self.run_dir / "logs" / "lam.jsonl",
+              "lam", checkpoint_dir=ckpt["checkpoint_dir"].parent / "dynamics-lam", resume=self.resume,
+              fingerprint=ckpt["fingerprint"])
+        if self.main:
+            with atomic_dir(done) as folder:
+                save_components(folder, {"action_model": (name, action_model)})
+        self.accelerator.wait_for_everyone()
 
     @torch.no_grad()
     def stage_report(self) -> None:

@@ -18,13 +18,14 @@ from typing import Any
 
 import attrs
 
-from genie_core.config import DataConfig, EvalConfig, RunConfig, TrainConfig, build_config, config_to_dict
+from genie_core.config import (DataConfig, DynamicsTrainConfig, EvalConfig, RunConfig, TrainConfig, build_config,
+                               config_to_dict)
 from genie_core.errors import PluginError, RecipeError
 from genie_core.interfaces import KINDS
 from genie_core.registry import ComponentInfo, Registry, get_registry
 
 CORE_SECTIONS = {"run": RunConfig, "data": DataConfig, "eval": EvalConfig}
-STAGES = ("tokenizer", "dynamics")  # the training stages, each a table under [train]
+TRAIN_TABLES = {"tokenizer": TrainConfig, "dynamics": DynamicsTrainConfig}  # [train.STAGE] -> its config class
 
 
 @attrs.define(frozen=True)
@@ -143,14 +144,14 @@ def recipe_from_table(table: dict[str, Any], source: str, registry: Registry | N
     train_table = section("train")
     train = {}
     for key in train_table:
-        if key not in STAGES:
-            problems.append(f"{source}: unknown table [train.{key}]; valid stages: {', '.join(STAGES)}")
-    for stage in STAGES:
+        if key not in TRAIN_TABLES:
+            problems.append(f"{source}: unknown table [train.{key}]; valid stages: {', '.join(TRAIN_TABLES)}")
+    for stage, config_class in TRAIN_TABLES.items():
         stage_table = train_table.get(stage, {})
         if not isinstance(stage_table, dict):
             problems.append(f"{source}: 'train.{stage}' must be a table")
             continue
-        train[stage] = build_config(TrainConfig, stage_table, f"{source} [train.{stage}]", problems)
+        train[stage] = build_config(config_class, stage_table, f"{source} [train.{stage}]", problems)
 
     if core["data"] is not None:
         problems += check_compatibility(components, core["data"], train, source)

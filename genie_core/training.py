@@ -42,29 +42,56 @@ class TokenizerTask(nn.Module):
 LAM_USAGE = "lam_usage"  # the share of its |A| actions the latent action model used in a batch
 
 
-class WorldModelTask(nn.Module):
-    """The paper's co-training of the latent action model and the dynamics model on a frozen tokenizer.
+def freeze(module: nn.Module) -> list[nn.Module]:
+    """Frozen and in eval mode, inside a plain list: hidden from .parameters(), .state_dict(), the optimizer and
+    .train(), so its codebooks are not updated and it gives exactly what it gives at play time."""
+    module.requires_grad_(False).eval()
+    return [module]
 
-    The dynamics model gets the LAM's action *ids*: no gradient flows from the dynamics loss into the LAM
-    (the paper's stop-gradient), while the LAM learns from its own reconstruction loss in the same step.
-    """
 
-    def __init__(self, action_model: LatentActionModel, dynamics: DynamicsModel, tokenizer: VideoTokenizer):
+class LatentActionTask(nn.Module):
+    """The latent action model alone, on its reconstruction loss."""
+
+    def __init__(self, action_model: LatentActionModel):
         super().__init__()
         self.action_model = action_model
+
+    def forward(self, video):
+        out = self.action_model.loss(video)
+        return out.loss, {f"lam_{k}": v for k, v in out.metrics.items()}
+
+
+class WorldModelTask(nn.Module):
+    """The dynamics model on a frozen tokenizer, co-trained with the latent action model (the paper), or on a
+    frozen one (`train_action_model=False`).
+
+    The dynamics model gets the LAM's action *ids*: no gradient flows from the dynamics loss into the LAM
+    (the paper's stop-gradient), while in co-training the LAM learns from its own loss in the same step.
+    """
+
+    def __init__(self, action_model: LatentActionModel, dynamics: DynamicsModel, tokenizer: VideoTokenizer,
+                 train_action_model: bool = True):
+        super().__init__()
         self.dynamics = dynamics
-        # A plain list hides the tokenizer from .parameters(), .state_dict(), the optimizer and .train(): it stays
-        # frozen in eval mode, so its codebook is not updated and its tokens are those used at play time.
-        self.frozen = [tokenizer]
-        tokenizer.requires_grad_(False).eval()
+        self.frozen = freeze(tokenizer)
+        if train_action_model:
+            self.action_model = action_model
+        else:
+            self.frozen_action_model = freeze(action_model)
 
     def forward(self, video):
         with torch.no_grad():
             tokens = self.frozen[0].encode(video)
-        lam = self.action_model.loss(video)
-        dyn = self.dynamics.loss(tokens, lam.actions)  # integer ids: no gradient reaches the LAM from here
-        metrics = {f"lam_{k}": v for k, v in lam.metrics.items()} | {f"dyn_{k}": v for k, v in dyn.metrics.items()}
-        return lam.loss + dyn.loss, metrics
+        if hasattr(self, "action_model"):
+            lam = self.action_model.loss(video)
+            loss, actions = lam.loss, lam.actions
+            metrics = {f"lam_{k}": v for k, v in lam.metrics.items()}
+        else:
+            with torch.no_grad():
+                actions = self.frozen_action_model[0].infer_actions(video)
+            loss, metrics = 0.0, {}
+        dyn = self.dynamics.loss(tokens, actions)  # integer ids: no gradient reaches the LAM from here
+        return loss + dyn.loss, metrics | {f"dyn_{k}": v for k, v in dyn.metrics.items()}
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -176,9 +203,12 @@ def train(
     checkpoint_dir: Path,
     fingerprint: str,
     resume: bool = False,
+    validate=None,
 ) -> dict:
     """Trains `task` for cfg.steps optimizer steps; returns a summary (final metrics, steps/s). The task is trained
     in place. With `resume`, continues from the newest complete checkpoint in `checkpoint_dir`, if any.
+    `validate(step)`, if given, runs on the main process every cfg.eval_every steps and returns metrics to log; it
+    must leave the model's state and the global random generators as it found them.
 
     cfg.batch_size is per process and per micro-batch: each optimizer step sees
     processes x grad_accum x batch_size windows.
@@ -247,6 +277,17 @@ def train(
                               f"{last[LAM_USAGE]:.0%} of its actions in this batch (codebook collapse?)")
                 bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
             bar.update(1)
+            if validate is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                if main:
+                    model.eval()
+                    with torch.no_grad():
+                        scores = {"step": step, **validate(step + 1)}
+                    model.train()
+                    log.write(json.dumps(scores) + "\n")
+                    accelerator.log({f"{desc}/{k}": v for k, v in scores.items() if k != "step"}, step=step)
+                    bar.write(f"{desc} step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
+                                                                      if k != "step"))
+                accelerator.wait_for_everyone()
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 checkpoints.save(step + 1, position)
     seconds = time.perf_counter() - start

@@ -231,11 +231,12 @@ def test_two_processes_read_disjoint_windows(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*torchrun, str(script)], capture_output=True, text=True, timeout=240, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
+    inherited = {k: v for k, v in env.items() if k.startswith(("ACCELERATE", "RANK", "WORLD", "MASTER", "LOCAL"))}
+    assert result.returncode == 0, (inherited, result.stderr[-3000:])
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
     a, b = set(ranks[0]["firsts"]), set(ranks[1]["firsts"])
-    assert a and b and a.isdisjoint(b)
+    assert a and b and a.isdisjoint(b), (sorted(a), sorted(b), result.stderr[-2000:])
     total = len(WindowDataset(EpisodeIndex.open(tmp_path / "ds"), "train", 3))
     assert len(a | b) == total  # together they read every window once (the epoch divides evenly here)
 

@@ -23,11 +23,16 @@ from genie_core.training import TokenizerTask, train
 
 SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
 LONGER = ["train.dynamics.steps=40", "train.dynamics.checkpoint_every=5", "train.dynamics.log_every=1",
-          "run.trackers=none"]
+          "train.dynamics.eval_every=10", "run.trackers=none"]
 
 
-def losses(run_dir, stage="dynamics"):
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "logs" / f"{stage}.jsonl").read_text().splitlines())]
+def log_rows(run_dir, stage="dynamics"):
+    """Every logged row: training losses and metrics, and the held-out validation scores."""
+    return [json.loads(line) for line in (run_dir / "logs" / f"{stage}.jsonl").read_text().splitlines()]
+
+
+def training_rows(log) -> int:
+    return sum('"loss"' in line for line in log.read_text().splitlines()) if log.is_file() else 0
 
 
 def test_sigkill_then_resume_gives_the_same_losses_step_for_step(tmp_path, capsys):
@@ -40,7 +45,7 @@ def test_sigkill_then_resume_gives_the_same_losses_step_for_step(tmp_path, capsy
     log = killed / "logs" / "dynamics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        if log.is_file() and len(log.read_text().splitlines()) >= 13:  # past the checkpoints of steps 5 and 10
+        if training_rows(log) >= 13:  # past the checkpoints of steps 5 and 10
             break
         time.sleep(0.01)
     assert process.poll() is None, "the run ended before it could be killed"
@@ -54,7 +59,9 @@ def test_sigkill_then_resume_gives_the_same_losses_step_for_step(tmp_path, capsy
     assert "stage tokenizer: done, skipping" in out
     resumed_at = int(out.split("resuming at step ")[1].split()[0])
     assert resumed_at >= 10
-    assert losses(killed) == losses(reference)  # bitwise: same floats, same steps, nothing missing or repeated
+    # bitwise: the same losses, metrics and validation scores, step for step, nothing missing or repeated
+    assert log_rows(killed) == log_rows(reference)
+    assert sum("val_lam_psnr_db" in row for row in log_rows(reference)) == 4
     assert not (killed / "checkpoints" / "dynamics").exists(), "checkpoints go once the stage is saved"
 
 
@@ -143,3 +150,39 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
                  "--out", str(tmp_path / "bf16")]) == 0
     report = json.loads((tmp_path / "bf16" / "report.json").read_text())
     assert report["tokenizer_psnr_db"]["mean"] > 0
+
+
+def test_lam_alone_then_dynamics_on_the_frozen_lam(tmp_path):
+    """train.dynamics.lam_steps > 0: the LAM trains alone, then the dynamics model alone on it, frozen."""
+    run = tmp_path / "separate"
+    assert main(["run", SMOKE, "train.dynamics.lam_steps=3", "run.trackers=none", "--out", str(run)]) == 0
+    lam_log = [row for row in log_rows(run, "lam") if "loss" in row]
+    dyn_log = [row for row in log_rows(run, "dynamics") if "loss" in row]
+    assert lam_log[-1]["step"] == 2 and all(not k.startswith("dyn_") for k in lam_log[-1])
+    assert all(not k.startswith("lam_") for k in dyn_log[-1]) and "dyn_ce" in dyn_log[-1]
+    assert not (run / "checkpoints" / "dynamics-lam-done").exists()
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """2 micro-batches of 2 make the same optimizer step as one batch of 4 (the same 4 windows, a batch-mean loss)."""
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layer = torch.nn.Linear(4, 1)
+
+        def forward(self, video):
+            loss = (self.layer(video.flatten(1)) - 1).pow(2).mean()
+            return loss, {}
+
+    dataset = [torch.rand(4, generator=torch.Generator().manual_seed(i)) for i in range(16)]
+    weights = []
+    for batch, accum in ((4, 1), (2, 2)):
+        task = Linear()
+        cfg = TrainConfig(steps=3, batch_size=batch, grad_accum=accum, seq_len=2, warmup_steps=0, lr=0.1,
+                          min_lr=0.1, grad_clip=0, weight_decay=0, checkpoint_every=0)
+        train(Accelerator(cpu=True), task, dataset, cfg, 0, tmp_path / f"{batch}.jsonl", "lin",
+              checkpoint_dir=tmp_path / f"ckpt{batch}", fingerprint="x")
+        weights.append(task.layer.weight.detach().clone())
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)
