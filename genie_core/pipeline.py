@@ -81,6 +81,12 @@ def _drop_cosmetic(value):
     return value
 
 
+def _upstream(stage: str) -> str | None:
+    """The stage whose output this one consumes."""
+    index = STAGES.index(stage)
+    return STAGES[index - 1] if index else None
+
+
 def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -107,13 +113,13 @@ class Pipeline:
             return "missing"
         if record.get("fingerprint") != fingerprint(stage_settings(self.recipe, stage)):
             return "stale"
-        upstream = STAGES[STAGES.index(stage) - 1] if stage != STAGES[0] else None
+        upstream = _upstream(stage)
         if upstream is not None and record.get("input") != (self._record(upstream) or {}).get("id"):
             return "stale"
         return "done"
 
     def _finish(self, folder: Path, stage: str, summary: dict) -> None:
-        upstream = STAGES[STAGES.index(stage) - 1] if stage != STAGES[0] else None
+        upstream = _upstream(stage)
         record = {"stage": stage, "id": uuid.uuid4().hex, "input": upstream and self._record(upstream)["id"],
                   "fingerprint": fingerprint(stage_settings(self.recipe, stage)),
                   "settings": stage_settings(self.recipe, stage), "summary": summary}
@@ -126,12 +132,12 @@ class Pipeline:
         if redo_from is not None and redo_from not in STAGES:
             raise GenieError(f"--redo-from '{redo_from}': no such stage; stages: {', '.join(STAGES)}")
         run_cfg = self.recipe.run
-        # Built before any model: vector-quantize-pytorch decides codebook syncing when a model is constructed.
         trackers = [t.strip() for t in run_cfg.trackers.split(",") if t.strip() and t.strip() != "none"]
         # Accelerate keeps one mixed-precision setting per process; a new run in the same process (a notebook, the
         # tests) may ask for another. The distributed state (PartialState) is kept.
         AcceleratorState._reset_state()
         fsdp = FullyShardedDataParallelPlugin() if run_cfg.distributed == "fsdp" else None
+        # Built before any model: vector-quantize-pytorch decides codebook syncing when a model is constructed.
         self.accelerator = Accelerator(cpu=run_cfg.cpu, mixed_precision=run_cfg.mixed_precision, fsdp_plugin=fsdp,
                                        log_with=trackers or None, project_dir=str(self.run_dir / "logs"))
         if trackers:
@@ -139,7 +145,7 @@ class Pipeline:
         self.main = self.accelerator.is_main_process
         if not self.main:
             self.log = lambda *_: None
-        if self.main:
+        else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.json").write_text(json.dumps(self.recipe.table, indent=2))
         redo = False
