@@ -1,10 +1,12 @@
-"""Training and sampling throughput of a recipe's components, measured side by side in one process.
+"""Training and sampling throughput of a recipe's components, measured side by side in one run.
 
-    python benchmarks/stage_throughput.py recipes/coinrun-tiny.toml [KEY=VALUE ...] [--steps 30]
+    python benchmarks/stage_throughput.py recipes/coinrun-tiny.toml [KEY=VALUE ...] [--steps 30] [--precision bf16]
+    torchrun --nproc_per_node 2 benchmarks/stage_throughput.py recipes/coinrun-tiny.toml     # several processes
 
-For each training stage: steps/s and samples/s of the recipe's batch (random video, so no data needs building),
-and for play: frames/s of the sampler from a one-frame prompt. Prints a table and saves JSON (with the machine,
-library versions and git commit) to benchmarks/results/throughput-RUNNAME.json.
+For each training stage: optimizer steps/s and samples/s (all processes together) at the recipe's per-process
+batch, through Accelerate (DDP under torchrun, autocast under bf16), on random video so no data needs building;
+and for play (single process): frames/s of the sampler from a one-frame prompt. Prints a table and saves JSON (with
+the machine, library versions and git commit) to benchmarks/results/throughput-RUNNAME-PRECISION-Nproc.json.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 from genie_core.interfaces import TokenSpec, VideoSpec
 from genie_core.recipe import load_recipe
@@ -27,17 +30,25 @@ from genie_core.world import World
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def timed_steps(task: torch.nn.Module, batch: torch.Tensor, steps: int, warmup: int = 3) -> float:
+def timed_steps(task: torch.nn.Module, batch: torch.Tensor, steps: int, warmup: int = 3,
+                accelerator: Accelerator | None = None) -> float:
     """Seconds per optimizer step, after `warmup` untimed steps (k-means codebook init, allocator warm-up)."""
-    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-4)
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    model = accelerator.prepare(task)
+    optimizer = accelerator.prepare(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
+    batch = batch.to(accelerator.device)
     for i in range(warmup + steps):
         if i == warmup:
+            accelerator.wait_for_everyone()
             start = time.perf_counter()
-        loss, _ = task(batch)
-        loss.backward()
+        loss, _ = model(batch)
+        accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / steps
+    accelerator.wait_for_everyone()
+    seconds = (time.perf_counter() - start) / steps
+    accelerator.free_memory()
+    return seconds
 
 
 def environment() -> dict:
@@ -56,7 +67,11 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per stage")
     parser.add_argument("--frames", type=int, default=8, help="frames sampled for the play measurement")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args(argv)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if args.precision == "bf16" else "no")
+    procs = accelerator.num_processes
     recipe = load_recipe(args.recipe, args.overrides)
     torch.manual_seed(0)
     res = recipe.data.resolution
@@ -66,9 +81,9 @@ def main(argv=None) -> int:
     tok_cfg = recipe.train["tokenizer"]
     tokenizer = c["tokenizer"].info.cls(c["tokenizer"].config, VideoSpec(height=res, width=res, num_frames=tok_cfg.seq_len))
     batch = torch.rand(tok_cfg.batch_size, tok_cfg.seq_len, 3, res, res)
-    seconds = timed_steps(TokenizerTask(tokenizer), batch, args.steps)
+    seconds = timed_steps(TokenizerTask(tokenizer), batch, args.steps, accelerator=accelerator)
     rows.append({"stage": "tokenizer", "batch": list(batch.shape[:2]), "steps_per_s": 1 / seconds,
-                 "samples_per_s": tok_cfg.batch_size / seconds,
+                 "samples_per_s": procs * tok_cfg.batch_size / seconds,
                  "parameters": sum(p.numel() for p in tokenizer.parameters())})
 
     dyn_cfg = recipe.train["dynamics"]
@@ -78,11 +93,14 @@ def main(argv=None) -> int:
         vocab_size=tokenizer.codebook_size, grid=tokenizer.grid, num_frames=dyn_cfg.seq_len,
         num_actions=action_model.num_actions))
     batch = torch.rand(dyn_cfg.batch_size, dyn_cfg.seq_len, 3, res, res)
-    seconds = timed_steps(WorldModelTask(action_model, dynamics, tokenizer), batch, args.steps)
+    seconds = timed_steps(WorldModelTask(action_model, dynamics, tokenizer.to(accelerator.device)), batch, args.steps,
+                          accelerator=accelerator)
     rows.append({"stage": "lam+dynamics", "batch": list(batch.shape[:2]), "steps_per_s": 1 / seconds,
-                 "samples_per_s": dyn_cfg.batch_size / seconds,
+                 "samples_per_s": procs * dyn_cfg.batch_size / seconds,
                  "parameters": sum(p.numel() for p in action_model.parameters()) + sum(p.numel() for p in dynamics.parameters())})
 
+    if not accelerator.is_main_process:
+        return 0
     world = World(tokenizer.eval(), action_model.eval(), dynamics.eval(), c["sampler"].info.cls(c["sampler"].config))
     prompt = torch.rand(1, 3, res, res)
     actions = torch.zeros(1, args.frames, dtype=torch.long)
@@ -98,9 +116,9 @@ def main(argv=None) -> int:
         print(f"{row['stage']:<32} {'x'.join(map(str, row['batch'])):>8} {row['steps_per_s']:>9.2f} "
               f"{row['samples_per_s']:>10.1f} {row['parameters']:>10,}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"throughput-{recipe.run.name}.json"
-    out.write_text(json.dumps({"recipe": str(args.recipe), "overrides": args.overrides, "environment": environment(),
-                               "rows": rows}, indent=2))
+    out = RESULTS / f"throughput-{recipe.run.name}-{args.precision}-{procs}proc.json"
+    out.write_text(json.dumps({"recipe": str(args.recipe), "overrides": args.overrides, "precision": args.precision,
+                               "processes": procs, "environment": environment(), "rows": rows}, indent=2))
     print(f"saved {out}")
     return 0
 
