@@ -284,6 +284,24 @@ class Pipeline:
 
         return validate
 
+    @torch.no_grad()
+    def _evaluate(self, dataset: WindowDataset, measure) -> list[torch.Tensor]:
+        """Runs `measure(video, generator) -> [per-window values, ...]` over the evaluation windows, split across
+        processes and put back together with gather_for_metrics. Batches and their random generators depend only
+        on the windows, so the numbers are the same on any number of processes."""
+        ev = self.recipe.eval
+        indices = evenly_spaced(dataset, ev.windows)
+        batches = [indices[i : i + ev.batch_size] for i in range(0, len(indices), ev.batch_size)]
+        rank, world_size = self.accelerator.process_index, self.accelerator.num_processes
+        mine = []
+        for number, batch in list(enumerate(batches))[rank::world_size]:
+            video = torch.stack([dataset[i] for i in batch]).to(self.accelerator.device)
+            generator = torch.Generator(device=self.accelerator.device).manual_seed(ev.seed * 1_000_003 + number)
+            mine.append((number, [values.cpu().tolist() for values in measure(video, generator)]))
+        gathered = self.accelerator.gather_for_metrics(mine, use_gather_object=True)
+        ordered = [values for _, values in sorted(gathered, key=lambda item: item[0])]
+        return [torch.tensor([v for values in ordered for v in values[k]]) for k in range(len(ordered[0]))]
+
     def _train_action_model_alone(self, name: str, action_model, data, cfg, seed: int, ckpt: dict) -> None:
         """First phase of a separate LAM/dynamics stage. Its result is kept beside the stage's checkpoints, so a
         resumed stage does not train the LAM again."""
@@ -303,39 +321,39 @@ class Pipeline:
 
     @torch.no_grad()
     def stage_report(self) -> None:
-        if not self.main:  # evaluation is cheap next to training: the main process does it alone
-            return
         choice = self.recipe.components["sampler"]
         sampler = choice.info.cls(choice.config)
         world = World(**load_stages(self.run_dir, ("tokenizer", "dynamics")), sampler=sampler).to(self.accelerator.device)
         ev = self.recipe.eval
         device = self.accelerator.device
-        generator = torch.Generator(device=device).manual_seed(ev.seed)
 
         # Held-out tokenizer reconstruction.
         val = self.dataset("val", self.recipe.train["tokenizer"].seq_len)
-        recon_psnr = []
-        for batch in _batches(val, evenly_spaced(val, ev.windows), ev.batch_size):
-            batch = batch.to(device)
-            recon_psnr.append(psnr(world.tokenizer.decode(world.tokenizer.encode(batch)), batch).flatten())
-        tokenizer_psnr = mean_and_ci(torch.cat(recon_psnr))
+
+        def reconstruction(video, generator):
+            return [psnr(world.tokenizer.decode(world.tokenizer.encode(video)), video).flatten()]
+
+        [recon_psnr] = self._evaluate(val, reconstruction)
+        tokenizer_psnr = mean_and_ci(recon_psnr)
 
         # Controllability (dtPSNR at t) and fidelity at t with inferred actions.
         t = ev.dtpsnr_t  # the recipe checks that t + 1 frames fit the action model's windows
         windows = self.dataset("val", t + 1)
-        deltas, fidelity = [], []
-        for video in _batches(windows, evenly_spaced(windows, ev.windows), ev.batch_size):
-            video = video.to(device)
+
+        def controllability(video, generator):
             inferred = world.action_model.infer_actions(video)  # [B, t]
             random = torch.randint(0, world.num_actions, inferred.shape, device=device, generator=generator)
             with_inferred = world.rollout(video[:, 0], inferred, generator)[:, t]
             with_random = world.rollout(video[:, 0], random, generator)[:, t]
-            deltas.append(delta_psnr(video[:, t], with_inferred, with_random))
-            fidelity.append(psnr(with_inferred, video[:, t]))
-        dtpsnr = mean_and_ci(torch.cat(deltas))
-        dynamics_psnr = mean_and_ci(torch.cat(fidelity))
+            return [delta_psnr(video[:, t], with_inferred, with_random), psnr(with_inferred, video[:, t])]
+
+        deltas, fidelity = self._evaluate(windows, controllability)
+        dtpsnr, dynamics_psnr = mean_and_ci(deltas), mean_and_ci(fidelity)
+        if not self.main:
+            return
 
         # One held-out prompt frame, every latent action held for rollout_steps: one panel per action.
+        generator = torch.Generator(device=device).manual_seed(ev.seed)
         prompt = windows[0][0][None].to(device)
         panels = []
         for action in range(world.num_actions):
@@ -363,9 +381,6 @@ class Pipeline:
             self._finish(folder, "report", {"tokenizer_psnr_db": tokenizer_psnr["mean"], "dtpsnr_db": dtpsnr["mean"]})
 
 
-def _batches(dataset: WindowDataset, indices: list[int], batch_size: int):
-    for start in range(0, len(indices), batch_size):
-        yield torch.stack([dataset[i] for i in indices[start : start + batch_size]])
 
 
 def _fmt(stat: dict, unit: str) -> str:
