@@ -11,7 +11,8 @@ fingerprint of the recipe settings (and plugin versions) it depends on and the i
 Re-running skips every complete stage that still matches both, so an interrupted run resumes at the stage it was in,
 and a changed recipe, or a redone earlier stage, redoes exactly what it affects.
 
-Under several processes (`accelerate launch`) every process trains; only the main one writes files.
+Under several processes (`accelerate launch`, `torchrun`) every process trains and evaluates its share; only the
+main one writes files.
 """
 
 from __future__ import annotations
