@@ -229,7 +229,7 @@ class Pipeline:
     def stage_dynamics(self) -> None:
         components = self.recipe.components
         cfg = self.recipe.train["dynamics"]
-        tokenizer = load_components(self.stage_dir("tokenizer"))["tokenizer"].to(self.accelerator.device)
+        tokenizer = load_stages(self.run_dir, ("tokenizer",))["tokenizer"].to(self.accelerator.device)
         torch.manual_seed(self.recipe.run.seed + 1)
         lam_choice, dyn_choice = components["action_model"], components["dynamics"]
         action_model = lam_choice.info.cls(lam_choice.config, self.video_spec("dynamics"))
@@ -274,8 +274,8 @@ class Pipeline:
 
         def validate(step: int) -> dict:
             generator = torch.Generator(device=val.device).manual_seed(0)
-            actions = action_model.infer_actions(val)
-            lam_recon = action_model.loss(val).recon
+            lam = action_model.loss(val)  # in eval mode its actions are infer_actions(val)
+            actions, lam_recon = lam.actions, lam.recon
             steps = min(4, val.shape[1] - 1)
             rollout = world.rollout(val[:, 0], actions[:, :steps], generator)
             save_gif(tile([val[0, : steps + 1].cpu(), rollout[0].cpu()]), self._sample_path(f"world-{step:07d}.gif"),

@@ -22,11 +22,11 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-STATE_FILE = "trainer.json"
-
 from genie_core.config import TrainConfig
 from genie_core.errors import GenieError, TrainingDiverged
-from genie_core.interfaces import LatentActionModel, DynamicsModel, VideoTokenizer
+from genie_core.interfaces import DynamicsModel, LatentActionModel, VideoTokenizer
+
+STATE_FILE = "trainer.json"  # beside Accelerate's files in a checkpoint: step, data position, scheduler, fingerprint
 
 
 class TokenizerTask(nn.Module):
