@@ -149,6 +149,10 @@ class Pipeline:
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.json").write_text(json.dumps(self.recipe.table, indent=2))
+        if fsdp is not None and self.accelerator.distributed_type.value != "FSDP" and self.accelerator.num_processes > 1:
+            # Accelerate shards with FSDP only on GPUs; on CPU processes it falls back to DDP without a word.
+            self.log(f"run.distributed = 'fsdp': Accelerate runs FSDP on GPUs only; these "
+                     f"{self.accelerator.num_processes} {self.accelerator.device.type} processes use DDP")
         redo = False
         for stage in STAGES:
             redo = redo or stage == redo_from

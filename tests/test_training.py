@@ -207,14 +207,16 @@ def test_evaluation_split_across_processes_gives_the_same_report(tmp_path):
 
 
 def test_tiny_recipe_on_two_processes(tmp_path):
-    """The shipped tiny recipe, shortened, end to end under torchrun with 2 gloo processes on the CPU."""
+    """The shipped tiny recipe, shortened, end to end under torchrun with 2 gloo processes on the CPU. FSDP is
+    asked for: Accelerate shards only on GPUs, so the run says it uses DDP instead of pretending."""
     tiny = str(REPO / "recipes" / "coinrun-tiny.toml")
     few = ["source.train_levels=2", "source.val_levels=1", "source.steps_per_level=40", "data.min_episode_frames=8",
            "train.tokenizer.steps=3", "train.dynamics.steps=3", "eval.windows=2", "eval.rollout_steps=1",
-           "run.cpu=true", "run.trackers=none"]
+           "run.cpu=true", "run.trackers=none", "run.distributed=fsdp"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "genie_core.cli", "run", tiny, *few, "--out", str(tmp_path / "tiny")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "tiny" / "report.json").read_text())
     assert report["stages"]["dynamics"]["final"]["step"] == 2 and report["num_actions"] == 6
+    assert result.stdout.count("Accelerate runs FSDP on GPUs only; these 2 cpu processes use DDP") == 1
