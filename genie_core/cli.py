@@ -18,6 +18,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _steps(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(positive_int(part) for part in text.split(",") if part.strip())
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"'{text}': expected positive integers such as 4 or 1,4,8") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one t")
+    return values
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genie", description="Generative interactive environments on a pluggable core.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -49,6 +66,27 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("path", type=Path)
     info.add_argument("--verify", action="store_true", help="also check every shard's sha256 against the manifest")
     info.add_argument("--sheet", type=Path, help="contact sheet PNG (default: PATH/contact_sheet.png)")
+
+    ev = sub.add_parser("eval", help="measure trained runs on held-out windows: PSNR/SSIM by step, dtPSNR, FVD, "
+                                     "latent vs true actions, codebooks; several runs side by side")
+    ev.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders (or a folder inside one)")
+    ev.add_argument("--data", type=Path, help="a data set folder (`genie data build`); default: the first run's own")
+    ev.add_argument("--split", default="val", help="which split of the data set (default: val)")
+    ev.add_argument("--out", type=Path, help="results folder (default: RUN/eval; several runs: a 'comparison' "
+                                             "folder beside the first, and each run's own RUN/eval)")
+    ev.add_argument("--t", type=_steps, dest="dtpsnr_t", metavar="T[,T...]",
+                    help="dtPSNR at these numbers of generated frames (default: the run's eval.dtpsnr_t)")
+    ev.add_argument("--horizon", type=positive_int, help="rollout steps for PSNR/SSIM by step and FVD clips "
+                                                         "(default: the world's context - 1)")
+    ev.add_argument("--windows", type=positive_int, help="held-out windows (default: the run's eval.windows)")
+    ev.add_argument("--batch-size", type=positive_int)
+    ev.add_argument("--seed", type=int)
+    ev.add_argument("--labelled-fraction", type=_fraction,
+                    help="share of transitions that fit the latent -> true action mapping (default 0.1)")
+    ev.add_argument("--i3d", type=Path, help="local I3D weights for FVD: the TorchScript I3D of common FVD code, or "
+                                             "a state dict of genie_core.fvd.InceptionI3d; without it no FVD")
+    ev.add_argument("--fvd-size", type=positive_int, default=224, help="frame size fed to I3D (default 224)")
+    ev.add_argument("--cpu", action="store_true", help="evaluate on the CPU even if a GPU is present")
 
     sample = sub.add_parser("sample", help="play a trained world from a prompt image with a sequence of actions")
     sample.add_argument("run_dir", type=Path, help="a run folder whose tokenizer and dynamics stages are complete")
@@ -142,6 +180,23 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from genie_core.evaluation import evaluate_runs, summary_rows, table
+
+    chosen = {"windows": args.windows, "batch_size": args.batch_size, "seed": args.seed, "dtpsnr_t": args.dtpsnr_t,
+              "horizon": args.horizon, "labelled_fraction": args.labelled_fraction}
+    results = evaluate_runs(args.runs, args.data, args.split, {k: v for k, v in chosen.items() if v is not None},
+                            args.out, i3d_path=args.i3d, fvd_size=args.fvd_size, cpu=args.cpu)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # every process measured its share; one prints
+        return 0
+    rows = [dict(summary_rows(result)) for result in results.values()]
+    metrics = list(dict.fromkeys(metric for row in rows for metric in row))
+    print(table(["metric", *results], [[m, *(row.get(m, "n/a") for row in rows)] for m in metrics]))
+    return 0
+
+
 def cmd_sample(args) -> int:
     import attrs
     import torch
@@ -186,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides += extra
     handler = {"plugins": cmd_plugins, "validate": cmd_validate, "run": cmd_run, "data": cmd_data,
-               "sample": cmd_sample}[args.command]
+               "eval": cmd_eval, "sample": cmd_sample}[args.command]
     try:
         return handler(args)
     except TrainingDiverged as error:  # not bad input: the run itself failed

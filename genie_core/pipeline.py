@@ -33,9 +33,10 @@ from genie_core.atomic import atomic_dir
 from genie_core.checkpoint import load_components, save_components
 from genie_core.data import EpisodeIndex, WindowDataset, build_dataset, evenly_spaced, source_identity
 from genie_core.errors import GenieError
+from genie_core.evaluation import EvalSettings, Evaluation
 from genie_core.interfaces import DataSpec, TokenSpec, VideoSpec
 from genie_core.media import save_gif, save_strip, tile
-from genie_core.metrics import delta_psnr, mean_and_ci, psnr
+from genie_core.metrics import psnr
 from genie_core.recipe import Recipe
 from genie_core.training import LatentActionTask, TokenizerTask, WorldModelTask, train
 from genie_core.world import World, load_stages
@@ -289,24 +290,6 @@ class Pipeline:
 
         return validate
 
-    @torch.no_grad()
-    def _evaluate(self, dataset: WindowDataset, measure) -> list[torch.Tensor]:
-        """Runs `measure(video, generator) -> [per-window values, ...]` over the evaluation windows, split across
-        processes and put back together with gather_for_metrics. Batches and their random generators depend only
-        on the windows, so the numbers are the same on any number of processes."""
-        ev = self.recipe.eval
-        indices = evenly_spaced(dataset, ev.windows)
-        batches = [indices[i : i + ev.batch_size] for i in range(0, len(indices), ev.batch_size)]
-        rank, world_size = self.accelerator.process_index, self.accelerator.num_processes
-        mine = []
-        for number, batch in list(enumerate(batches))[rank::world_size]:
-            video = torch.stack([dataset[i] for i in batch]).to(self.accelerator.device)
-            generator = torch.Generator(device=self.accelerator.device).manual_seed(ev.seed * 1_000_003 + number)
-            mine.append((number, [values.cpu().tolist() for values in measure(video, generator)]))
-        gathered = self.accelerator.gather_for_metrics(mine, use_gather_object=True)
-        ordered = [values for _, values in sorted(gathered, key=lambda item: item[0])]
-        return [torch.tensor([v for values in ordered for v in values[k]]) for k in range(len(ordered[0]))]
-
     def _train_action_model_alone(self, name: str, action_model, data, cfg, seed: int, ckpt: dict) -> None:
         """First phase of a separate LAM/dynamics stage. Its result is kept beside the stage's checkpoints, so a
         resumed stage does not train the LAM again."""
@@ -331,31 +314,14 @@ class Pipeline:
         world = World(**load_stages(self.run_dir, ("tokenizer", "dynamics")), sampler=sampler).to(self.accelerator.device)
         ev = self.recipe.eval
         device = self.accelerator.device
-
-        # Held-out tokenizer reconstruction.
-        val = self.dataset("val", self.recipe.train["tokenizer"].seq_len)
-
-        def reconstruction(video, generator):
-            return [psnr(world.tokenizer.decode(world.tokenizer.encode(video)), video).flatten()]
-
-        [recon_psnr] = self._evaluate(val, reconstruction)
-        tokenizer_psnr = mean_and_ci(recon_psnr)
-
-        # Controllability (dtPSNR at t) and fidelity at t with inferred actions.
         t = ev.dtpsnr_t  # the recipe checks that t + 1 frames fit the action model's windows
-        windows = self.dataset("val", t + 1)
-
-        def controllability(video, generator):
-            inferred = world.action_model.infer_actions(video)  # [B, t]
-            random = torch.randint(0, world.num_actions, inferred.shape, device=device, generator=generator)
-            with_inferred = world.rollout(video[:, 0], inferred, generator)[:, t]
-            with_random = world.rollout(video[:, 0], random, generator)[:, t]
-            return [delta_psnr(video[:, t], with_inferred, with_random), psnr(with_inferred, video[:, t])]
-
-        deltas, fidelity = self._evaluate(windows, controllability)
-        dtpsnr, dynamics_psnr = mean_and_ci(deltas), mean_and_ci(fidelity)
+        settings = EvalSettings(windows=ev.windows, batch_size=ev.batch_size, seed=ev.seed, dtpsnr_t=(t,))
+        evaluation = Evaluation(world, EpisodeIndex.open(self.data_root), "val", settings, self.accelerator)
+        measured = evaluation.tokenizer() | evaluation.world_model()
         if not self.main:
             return
+        tokenizer_psnr, dtpsnr = measured["tokenizer_psnr_db"], measured["dtpsnr_db"][str(t)]
+        windows = self.dataset("val", t + 1)
 
         # One held-out prompt frame, every latent action held for rollout_steps: one panel per action.
         generator = torch.Generator(device=device).manual_seed(ev.seed)
@@ -373,8 +339,11 @@ class Pipeline:
             "recipe": self.recipe.source,
             "components": {k: c.name for k, c in self.recipe.components.items()},
             "tokenizer_psnr_db": tokenizer_psnr,
+            "tokenizer_ssim": measured["tokenizer_ssim"],
             f"dtpsnr_t{t}_db": dtpsnr,
-            f"dynamics_psnr_t{t}_db": dynamics_psnr,
+            f"dynamics_psnr_t{t}_db": measured["dynamics_psnr_at_t_db"][str(t)],
+            "actions_vs_true_nmi": (measured["actions_vs_true"] or {}).get("nmi"),
+            "lam_codebook": measured["lam_codebook"],
             "num_actions": world.num_actions,
             "rollout_gif": "rollout.gif (one panel per latent action, each held for every step)",
             "stages": stages,
@@ -388,13 +357,15 @@ class Pipeline:
 
 
 
-def _fmt(stat: dict, unit: str) -> str:
-    return f"{stat['mean']:.2f} ± {stat['ci95']:.2f} (n={stat['n']} {unit})"
+def _fmt(stat: dict, unit: str, digits: int = 2) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['ci95']:.{digits}f} (n={stat['n']} {unit})"
 
 
 def report_markdown(report: dict, t: int) -> str:
     train_tok = report["stages"]["tokenizer"]
     train_dyn = report["stages"]["dynamics"]
+    nmi = "n/a (no true actions)" if report["actions_vs_true_nmi"] is None else f"{report['actions_vs_true_nmi']:.3f}"
+    lam = report["lam_codebook"]
     lines = [
         f"# Run report: {report['run']}",
         "",
@@ -406,12 +377,17 @@ def report_markdown(report: dict, t: int) -> str:
         f"| tokenizer reconstruction PSNR (dB) | {_fmt(report['tokenizer_psnr_db'], 'frames')} |",
         f"| controllability dtPSNR at t={t} (dB) | {_fmt(report[f'dtpsnr_t{t}_db'], 'windows')} |",
         f"| dynamics PSNR at t={t}, inferred actions (dB) | {_fmt(report[f'dynamics_psnr_t{t}_db'], 'windows')} |",
+        f"| tokenizer reconstruction SSIM | {_fmt(report['tokenizer_ssim'], 'frames', 3)} |",
+        f"| latent vs true actions NMI | {nmi} |",
+        f"| latent actions used / perplexity | {lam['used']}/{lam['size']} / {lam['perplexity']:.2f} |",
         "",
         f"Training: tokenizer {train_tok['steps_per_second']:.2f} steps/s, final loss {train_tok['final']['loss']:.4f}; "
         f"LAM + dynamics {train_dyn['steps_per_second']:.2f} steps/s, final loss {train_dyn['final']['loss']:.4f}.",
         "",
         f"![rollout](rollout.gif) One held-out prompt frame; panel k holds latent action k "
         f"(of {report['num_actions']}) at every step.",
+        "",
+        "More (SSIM and PSNR at every step, FVD, latent vs true actions, charts): `genie eval RUN_FOLDER`.",
         "",
     ]
     return "\n".join(lines)

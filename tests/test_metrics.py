@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from genie_core.config import TrainConfig
-from genie_core.metrics import PSNR_CAP_DB, delta_psnr, mean_and_ci, psnr
+from genie_core.metrics import (PSNR_CAP_DB, action_agreement, codebook_stats, delta_psnr, mean_and_ci, psnr,
+                                 ssim)
 from genie_core.training import lr_lambda
 
 
@@ -25,6 +26,43 @@ def test_delta_psnr_is_zero_when_actions_are_ignored_and_positive_when_they_stee
     same = target + 0.05
     assert torch.allclose(delta_psnr(target, same, same), torch.zeros(4))
     assert torch.all(delta_psnr(target, target + 0.01, target + 0.2) > 0)
+
+
+def test_ssim_is_one_for_identical_frames_and_falls_with_noise():
+    x = torch.rand(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert ssim(x, x).shape == (2, 3) and torch.allclose(ssim(x, x), torch.ones(2, 3))
+    noisy = [ssim((x + s * torch.randn_like(x)).clamp(0, 1), x).mean().item() for s in (0.02, 0.1, 0.3)]
+    assert 1 > noisy[0] > noisy[1] > noisy[2]
+    assert ssim(x[..., :8, :8], x[..., :8, :8]).shape == (2, 3)  # frames smaller than the 11-pixel window
+
+
+def test_codebook_stats():
+    assert codebook_stats(torch.tensor([5, 5, 5, 5])) == {"size": 4, "used": 4, "usage": 1.0,
+                                                         "perplexity": pytest.approx(4.0)}
+    one = codebook_stats(torch.tensor([0, 9, 0, 0]))
+    assert one["used"] == 1 and one["usage"] == 0.25 and one["perplexity"] == pytest.approx(1.0)
+
+
+def test_action_agreement_on_known_cases():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 5, (2000,), generator=g)
+    perfect = action_agreement(real, real, 5)
+    assert perfect["nmi"] == pytest.approx(1.0) and perfect["mapping_accuracy"] == 1.0
+    relabelled = action_agreement((real + 2) % 5, real, 5)  # names need not match, meaning must
+    assert relabelled["nmi"] == pytest.approx(1.0) and relabelled["latent_to_real"] == [3, 4, 0, 1, 2]
+    coarse = action_agreement(real // 2, real, 5)  # two true actions share one latent action
+    assert 0.5 < coarse["nmi"] < 1 and coarse["mapping_accuracy"] == pytest.approx(0.6, abs=0.05)
+    noise = action_agreement(torch.randint(0, 5, (2000,), generator=g), real, 5)
+    assert noise["nmi"] < 0.02 and abs(noise["mapping_accuracy"] - noise["majority_baseline"]) < 0.1
+    assert noise["labelled"] == 200 and noise["scored"] == 1800
+
+
+def test_action_agreement_leaves_out_unknown_true_actions():
+    latent = torch.tensor([0, 1, 0, 1, 2, 2])
+    real = torch.tensor([3, 4, 3, 4, -1, -1])
+    result = action_agreement(latent, real, 3, labelled_fraction=0.5)
+    assert result["transitions"] == 4 and result["nmi"] == pytest.approx(1.0)
+    assert action_agreement(latent, torch.full((6,), -1), 3) is None
 
 
 def test_mean_and_ci():

@@ -1,0 +1,61 @@
+"""Charts of evaluation results (PNG, matplotlib without a display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training machines; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _by_step(ax, series: dict[str, list[dict]], ylabel: str) -> None:
+    for label, stats in series.items():
+        steps = list(range(1, len(stats) + 1))
+        mean = [s["mean"] for s in stats]
+        half = [0.0 if s["ci95"] != s["ci95"] else s["ci95"] for s in stats]  # NaN CI (one window) draws no band
+        ax.plot(steps, mean, marker="o", label=label)
+        ax.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], alpha=0.2)
+    ax.set_xlabel("generated frame t (after the prompt)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def fidelity_by_step(psnr: dict[str, list[dict]], ssim: dict[str, list[dict]], path: Path, title: str) -> None:
+    """PSNR and SSIM of generated frames against the truth at each rollout step, one line per run, 95% CI bands."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    _by_step(left, psnr, "PSNR (dB)")
+    _by_step(right, ssim, "SSIM")
+    if len(psnr) > 1:
+        left.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def action_usage(usage: list[int], contingency: list[list[int]] | None, path: Path, title: str) -> None:
+    """How often each latent action was inferred, and (when the data has true actions) which true actions each
+    latent action came with, as a share of that latent action's transitions."""
+    panels = 2 if contingency else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels + 1, 4), squeeze=False)
+    bars = axes[0][0]
+    bars.bar(range(len(usage)), usage)
+    bars.set_xlabel("latent action")
+    bars.set_ylabel("transitions")
+    bars.set_xticks(range(len(usage)))
+    bars.set_title("latent action usage")
+    if contingency:
+        heat = axes[0][1]
+        rows = [[c / max(1, sum(row)) for c in row] for row in contingency]
+        image = heat.imshow(rows, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        heat.set_xlabel("true action")
+        heat.set_ylabel("latent action")
+        heat.set_yticks(range(len(rows)))
+        heat.set_title("P(true action | latent action)")
+        fig.colorbar(image, ax=heat)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

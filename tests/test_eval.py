@@ -1,0 +1,241 @@
+"""Evaluation: the measurements on worlds whose answers are known, and `genie eval` end to end on a trained run.
+
+The known worlds live in a data set of flat grey frames whose brightness level moves by the true action at every
+step (level_{t+1} = level_t + action_t mod LEVELS). Their tokenizer reads the level exactly, their latent action
+model reads the action back (under a relabelling), and their sampler either applies the action (a perfect world) or
+ignores it and adds sampling noise (a world without control).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import attrs
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+from genie_core.cli import main
+from genie_core.config import DataConfig
+from genie_core.data import EpisodeIndex, build_dataset, source_identity
+from genie_core.evaluation import EvalSettings, Evaluation
+from genie_core.interfaces import (DataSpec, DynamicsModel, Episode, LatentActionModel, Sampler, TokenSpec,
+                                   VideoSource, VideoSpec, VideoTokenizer)
+from genie_core.registry import Owner
+from genie_core.world import World
+
+from conftest import REPO
+
+LEVELS, ACTIONS, RES, FRAMES = 16, 4, 16, 6
+SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
+
+
+@attrs.define(frozen=True)
+class Empty:
+    pass
+
+
+class LevelSource(VideoSource):
+    config_class = Empty
+
+    def units(self):
+        return {"train": ["0"], "val": ["1", "2"]}
+
+    def record(self, unit):
+        rng = np.random.default_rng(int(unit))
+        actions = rng.integers(0, ACTIONS, 40)
+        levels = np.cumsum(np.concatenate([[rng.integers(0, LEVELS)], actions[:-1]])) % LEVELS
+        frames = np.repeat((levels * 255 // (LEVELS - 1)).astype(np.uint8)[:, None, None, None], RES, 1)
+        yield Episode(frames=np.repeat(np.repeat(frames, RES, 2), 3, 3), actions=actions)
+
+
+def level_of(video):  # [..., C, H, W] -> [...] the brightness level
+    return (video.mean(dim=(-3, -2, -1)) * (LEVELS - 1)).round().long()
+
+
+class LevelTokenizer(VideoTokenizer):
+    config_class = Empty
+    codebook_size = LEVELS
+    grid = (2, 2)
+
+    def encode(self, video):
+        return level_of(video)[..., None, None].expand(*video.shape[:2], 2, 2)
+
+    def decode(self, tokens):
+        level = tokens[..., :1, :1].float() / (LEVELS - 1)  # [B, T, 1, 1]
+        return level[:, :, None].expand(*tokens.shape[:2], 3, RES, RES).clone()
+
+    def loss(self, video):
+        raise NotImplementedError
+
+
+class LevelActions(LatentActionModel):
+    """Reads the true action back, relabelled (latent = true + 1 mod |A|): meaning does not need the same names."""
+
+    config_class = Empty
+    num_actions = ACTIONS
+
+    def infer_actions(self, video):
+        level = level_of(video)
+        return ((level[:, 1:] - level[:, :-1]) % LEVELS + 1) % ACTIONS
+
+    def loss(self, video):
+        raise NotImplementedError
+
+
+class NoDynamics(DynamicsModel):
+    """The known worlds' samplers do the work; this only carries the spec and a device."""
+
+    config_class = Empty
+
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens, actions, mask=None):
+        raise NotImplementedError
+
+    def loss(self, tokens, actions, generator=None):
+        raise NotImplementedError
+
+
+@attrs.define(frozen=True)
+class StepConfig:
+    obeys_actions: bool = True
+
+
+class LevelSampler(Sampler):
+    config_class = StepConfig
+
+    def sample_next(self, dynamics, history, actions, generator=None):
+        last = history[:, -1]
+        if self.config.obeys_actions:
+            return (last + ((actions[:, -1] - 1) % ACTIONS)[:, None, None]) % LEVELS
+        noise = torch.randint(0, 3, (last.shape[0], 1, 1), generator=generator, device=last.device)
+        return (last + noise) % LEVELS
+
+
+@pytest.fixture(scope="module")
+def levels(tmp_path_factory):
+    source = LevelSource(Empty(), DataSpec(resolution=RES))
+    out = tmp_path_factory.mktemp("levels") / "ds"
+    build_dataset(source, source_identity(source, "levels", Owner("levels", "tests", "0")),
+                  DataConfig(resolution=RES, min_episode_frames=FRAMES), out, log=lambda *_: None)
+    return EpisodeIndex.open(out)
+
+
+def known_world(obeys_actions: bool) -> World:
+    video = VideoSpec(height=RES, width=RES, num_frames=FRAMES)
+    tokens = TokenSpec(vocab_size=LEVELS, grid=(2, 2), num_frames=FRAMES, num_actions=ACTIONS)
+    return World(LevelTokenizer(Empty(), video), LevelActions(Empty(), video), NoDynamics(Empty(), tokens),
+                 LevelSampler(StepConfig(obeys_actions)))
+
+
+def evaluate(world, index, **settings):
+    settings = EvalSettings(windows=12, batch_size=5, dtpsnr_t=(1, 4), **settings)
+    return Evaluation(world, index, "val", settings, Accelerator(cpu=True)).run()
+
+
+def test_a_perfect_world_scores_perfectly(levels):
+    result = evaluate(known_world(obeys_actions=True), levels)
+    assert result["tokenizer_psnr_db"]["mean"] == 100.0 and result["tokenizer_ssim"]["mean"] == pytest.approx(1.0, abs=1e-3)
+    assert result["horizon"] == FRAMES - 1
+    assert [s["mean"] for s in result["dynamics_psnr_by_step_db"]] == [100.0] * (FRAMES - 1)
+    assert all(s["mean"] == pytest.approx(1.0, abs=1e-3) for s in result["dynamics_ssim_by_step"])
+    assert all(result["dtpsnr_db"][t]["mean"] > 10 for t in ("1", "4"))  # random actions land elsewhere
+    assert result["dtpsnr_db"]["4"]["n"] == 12
+    actions = result["actions_vs_true"]
+    assert actions["nmi"] == pytest.approx(1.0)  # a relabelling carries all the information
+    assert actions["mapping_accuracy"] == 1.0 and actions["majority_baseline"] < 0.6
+    assert actions["latent_to_real"] == [3, 0, 1, 2] and actions["real_to_latent"] == {0: 1, 1: 2, 2: 3, 3: 0}
+    assert result["lam_codebook"]["used"] == ACTIONS
+
+
+def test_a_world_that_ignores_actions_has_exactly_zero_controllability(levels):
+    """Both rollouts of a window draw the same sampling noise, so only the actions can make them differ."""
+    result = evaluate(known_world(obeys_actions=False), levels)
+    assert result["dtpsnr_db"]["1"]["mean"] == 0.0 and result["dtpsnr_db"]["4"]["mean"] == 0.0
+    assert result["dynamics_psnr_by_step_db"][0]["mean"] < 100.0
+
+
+def test_rollouts_longer_than_the_action_model_reads_are_refused(levels):
+    with pytest.raises(Exception, match="trained on 6: lower --horizon or --t to at most 5"):
+        evaluate(known_world(True), levels, horizon=6)
+
+
+# ------------------------------------------------------------------------------------------------ genie eval
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "smoke"
+    assert main(["run", SMOKE, "run.trackers=none", "--out", str(out)]) == 0
+    return out
+
+
+def test_eval_writes_results_and_reproduces_the_report(smoke_run, capsys):
+    assert main(["eval", str(smoke_run / "dynamics")]) == 0  # a folder inside the run is enough
+    printed = capsys.readouterr().out
+    assert "| dtPSNR t=4 (dB) |" in printed and "| latent vs true actions NMI |" in printed
+    folder = smoke_run / "eval"
+    for name in ("eval.json", "eval.md", "fidelity_by_step.png", "actions.png"):
+        assert (folder / name).is_file(), name
+    result = json.loads((folder / "eval.json").read_text())
+    report = json.loads((smoke_run / "report.json").read_text())
+    # the run's own [eval] settings by default: the same windows and seeds as the report stage
+    assert result["tokenizer_psnr_db"] == report["tokenizer_psnr_db"]
+    assert result["dtpsnr_db"]["4"] == report["dtpsnr_t4_db"]
+    assert result["actions_vs_true"]["transitions"] > 0  # procgen footage carries the true actions
+    assert len(result["dynamics_psnr_by_step_db"]) == result["horizon"] == 5
+
+
+def test_eval_with_fvd_and_other_t(smoke_run, tmp_path):
+    from genie_core.fvd import InceptionI3d
+
+    torch.manual_seed(0)
+    weights = tmp_path / "i3d.pt"
+    torch.save(InceptionI3d().state_dict(), weights)
+    out = tmp_path / "with-fvd"
+    assert main(["eval", str(smoke_run), "--i3d", str(weights), "--fvd-size", "32", "--t", "1,3",
+                 "--windows", "4", "--out", str(out)]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert set(result["dtpsnr_db"]) == {"1", "3"} and result["dtpsnr_db"]["1"]["n"] == 4
+    fvd = result["fvd"]  # its value is checked in test_fvd.py; here: the path from a run to the number
+    assert fvd["videos"] == 4 and fvd["frames"] == 6 and fvd["i3d_format"] == "state_dict" and fvd["size"] == 32
+    assert abs(fvd["value"]) < float("inf")
+    assert not (smoke_run / "eval.tmp").exists()
+
+
+def test_several_runs_are_compared_on_the_same_windows(smoke_run, tmp_path):
+    twin = tmp_path / "twin"
+    shutil.copytree(smoke_run, twin, ignore=shutil.ignore_patterns("eval"))
+    out = tmp_path / "comparison"
+    assert main(["eval", str(smoke_run), str(twin), "--windows", "2", "--out", str(out)]) == 0
+    table = (out / "comparison.md").read_text()
+    assert "| metric | smoke | twin |" in table and (out / "comparison.png").is_file()
+    both = json.loads((out / "comparison.json").read_text())
+    assert both["smoke"]["dtpsnr_db"] == both["twin"]["dtpsnr_db"]  # same weights, same windows, same seeds
+    assert (twin / "eval" / "eval.json").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--i3d", "missing.pt"], "missing.pt: no such file"),
+    (["--t", "9"], "lower --horizon or --t to at most 5"),
+    (["--split", "test"], "no split 'test'; splits: train, val"),
+])
+def test_bad_eval_input_is_one_clear_line(smoke_run, capsys, args, message):
+    assert main(["eval", str(smoke_run), "--windows", "2", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_refuses_to_replace_a_folder_that_is_not_an_evaluation(smoke_run, tmp_path, capsys):
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    assert main(["eval", str(smoke_run), "--windows", "2", "--out", str(keep)]) == 2
+    assert "holds something other than an evaluation" in capsys.readouterr().err
+    assert (keep / "notes.txt").read_text() == "mine"
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not a finished run" in capsys.readouterr().err
