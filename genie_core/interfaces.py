@@ -106,6 +106,12 @@ class Component(nn.Module):
         component. The default is the config's defaults; override it when those are large (the paper's sizes)."""
         return cls.config_class()
 
+    @classmethod
+    def tiny_variants(cls) -> dict[str, Any]:
+        """More small configs the contract tests run, one per option that changes the computation (another
+        quantizer, another way of conditioning on actions), by variant name. None by default."""
+        return {}
+
     def __init__(self, config: Any):
         super().__init__()
         if not isinstance(config, self.config_class):

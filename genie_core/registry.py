@@ -26,8 +26,10 @@ ENTRY_POINT_GROUP = "genie.plugins"
 STRICT_ENV = "GENIE_STRICT_PLUGINS"
 BUILTIN_PLUGINS = (
     "genie_plugins.st_vivit",
+    "genie_plugins.vit_tokenizers",
     "genie_plugins.pixel_lam",
     "genie_plugins.maskgit",
+    "genie_plugins.autoregressive",
     "genie_plugins.procgen_source",
     "genie_plugins.atari_source",
     "genie_plugins.video_folder_source",

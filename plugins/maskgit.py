@@ -26,6 +26,10 @@ class MaskGITDynamicsConfig:
     qk_norm: bool = True
     mask_rate_min: float = attrs.field(default=0.5, validator=unit_interval)  # per-sample rate ~ U(min, max)
     mask_rate_max: float = attrs.field(default=1.0, validator=unit_interval)
+    # How a_t reaches frame t + 1: "add" its embedding to every token of the frame (the paper), or "token": prepend
+    # it as one extra token that the frame's spatial attention reads (reported essential on CoinRun by a later
+    # reimplementation).
+    action_conditioning: str = attrs.field(default="add", validator=v.in_(("add", "token")))
 
     def __attrs_post_init__(self):
         check_heads(self)
@@ -41,13 +45,20 @@ class MaskGITDynamics(DynamicsModel):
     def tiny_config(cls):
         return MaskGITDynamicsConfig(dim=32, depth=2, heads=2)
 
+    @classmethod
+    def tiny_variants(cls):
+        return {"action-token": attrs.evolve(cls.tiny_config(), action_conditioning="token")}
+
     def __init__(self, config: MaskGITDynamicsConfig, spec: TokenSpec):
         super().__init__(config, spec)
         d = config.dim
         self.mask_id = spec.vocab_size  # one extra embedding row stands for "hidden"
         self.token_embed = torch.nn.Embedding(spec.vocab_size + 1, d)
-        self.action_embed = torch.nn.Embedding(spec.num_actions, d)  # additive conditioning, as in the paper
-        self.positions = SpaceTimePositions(d, spec.grid[0] * spec.grid[1], spec.num_frames)
+        self.action_embed = torch.nn.Embedding(spec.num_actions, d)
+        self.prepend_action = config.action_conditioning == "token"
+        if self.prepend_action:
+            self.no_action = torch.nn.Parameter(torch.randn(d) * 0.02)  # frame 0's action token: nothing led to it
+        self.positions = SpaceTimePositions(d, spec.grid[0] * spec.grid[1] + self.prepend_action, spec.num_frames)
         self.transformer = STTransformer(d, config.depth, config.heads, qk_norm=config.qk_norm)
         self.head = torch.nn.Linear(d, spec.vocab_size)
 
@@ -56,10 +67,14 @@ class MaskGITDynamics(DynamicsModel):
         if mask is not None:
             tokens = tokens.masked_fill(mask, self.mask_id)
         x = self.token_embed(tokens.reshape(b, t, h * w))  # [B, T, N, D]
-        # Action a_t explains frame t -> t + 1, so it is added to frame t + 1; frame 0 gets none.
+        # Action a_t explains frame t -> t + 1, so it conditions frame t + 1; frame 0 gets none.
         act = self.action_embed(actions)  # [B, T - 1, D]
-        x = x + F.pad(act, (0, 0, 1, 0))[:, :, None]
-        x = self.transformer(self.positions(x))
+        if self.prepend_action:
+            first = self.no_action.expand(b, 1, -1)
+            x = torch.cat([torch.cat([first, act], dim=1)[:, :, None], x], dim=2)  # [B, T, 1 + N, D]
+            x = self.transformer(self.positions(x))[:, :, 1:]
+        else:
+            x = self.transformer(self.positions(x + F.pad(act, (0, 0, 1, 0))[:, :, None]))
         return self.head(x).reshape(b, t, h, w, -1)
 
     def loss(self, tokens, actions, generator=None):

@@ -15,7 +15,7 @@ from attrs import validators as v
 from genie_core import hookimpl
 from genie_core.config import check_heads, check_patch_divides_resolution, positive
 from genie_core.interfaces import ActionModelOutput, LatentActionModel, VideoSpec
-from genie_core.nn import Quantizer, SpaceTimePositions, STTransformer, patchify, unpatchify
+from genie_core.nn import Quantizer, SpaceTimePositions, STTransformer, check_quantizer, patchify, unpatchify
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -32,9 +32,11 @@ class PixelLAMConfig:
     commitment_weight: float = attrs.field(default=0.25, validator=v.ge(0))
     dead_code_threshold: float = attrs.field(default=1.0, validator=v.ge(0))
     qk_norm: bool = True
+    quantizer: str = "vq"  # vq (the paper's), fsq or lfq (|A| a power of two): see genie_core.nn.Quantizer
 
     def __attrs_post_init__(self):
         check_heads(self)
+        check_quantizer(self.quantizer, self.num_actions)
 
 
 class PixelLAM(LatentActionModel):
@@ -44,6 +46,10 @@ class PixelLAM(LatentActionModel):
     @classmethod
     def tiny_config(cls):
         return PixelLAMConfig(num_actions=4, patch_size=4, dim=32, encoder_depth=1, decoder_depth=1, heads=2, code_dim=8)
+
+    @classmethod
+    def tiny_variants(cls):
+        return {kind: attrs.evolve(cls.tiny_config(), quantizer=kind) for kind in ("fsq", "lfq")}
 
     def __init__(self, config: PixelLAMConfig, spec: VideoSpec):
         super().__init__(config, spec)
@@ -57,7 +63,7 @@ class PixelLAM(LatentActionModel):
         self.encoder_positions = SpaceTimePositions(d, num_patches + 1, spec.num_frames)
         self.encoder = STTransformer(d, config.encoder_depth, config.heads, qk_norm=config.qk_norm)
         self.quantizer = Quantizer(d, config.num_actions, config.code_dim, config.commitment_weight,
-                                   config.dead_code_threshold)
+                                   config.dead_code_threshold, kind=config.quantizer)
         # Decoder: frames x_0..x_{T-2}, each plus the action that follows it, predict x_1..x_{T-1}.
         self.decoder_embed = torch.nn.Linear(patch_dim, d)
         self.decoder_positions = SpaceTimePositions(d, num_patches, spec.num_frames)

@@ -14,14 +14,19 @@ TINY_VIDEO = VideoSpec(channels=3, height=16, width=16, num_frames=6)
 
 
 def names(kind: str) -> list[str]:
-    return get_registry().names(kind)
+    """Every registered component of `kind`, and each of its tiny variants as NAME:VARIANT."""
+    registry = get_registry()
+    return [f"{name}{suffix}" for name in registry.names(kind)
+            for suffix in ["", *(f":{v}" for v in registry.get(kind, name).cls.tiny_variants())]]
 
 
 def build(kind: str, name: str, spec=None, seed: int = 0):
-    """The registered component `name` of `kind`, from its tiny config, with weights drawn from `seed`."""
+    """The registered component `name` (or `name:variant`) of `kind`, from its tiny config (or that variant's),
+    with weights drawn from `seed`."""
+    name, _, variant = name.partition(":")
     info = get_registry().get(kind, name)
     torch.manual_seed(seed)
-    config = info.cls.tiny_config()
+    config = info.cls.tiny_variants()[variant] if variant else info.cls.tiny_config()
     return info.cls(config) if spec is None else info.cls(config, spec)
 
 

@@ -11,6 +11,7 @@ import torch
 from conftest import TINY_VIDEO, build, names, token_spec, video
 from genie_core.errors import GenieError
 from genie_core.interfaces import DataSpec
+from genie_core.registry import get_registry
 
 OVERFIT_STEPS = 60
 OVERFIT_FACTOR = 2.0  # the loss on one repeated batch must fall at least this much
@@ -193,12 +194,25 @@ class TestDynamics:
 # ------------------------------------------------------------------------------------------------ samplers
 
 
+def _fits(sampler: str, dynamics: str) -> bool:
+    """What recipe validation allows: a sampler that drives masking needs a dynamics model that supports it."""
+    registry = get_registry()
+    needs = registry.get("sampler", sampler.partition(":")[0]).cls.needs_masking
+    return not needs or registry.get("dynamics", dynamics.partition(":")[0]).cls.supports_masking
+
+
 def sampler_pairs():
-    pairs = []
-    for sampler in names("sampler"):
-        for dynamics in names("dynamics"):
-            pairs.append((sampler, dynamics))
-    return pairs
+    """Every sampler with every dynamics model a recipe may pair it with."""
+    return [(s, d) for s in names("sampler") for d in names("dynamics") if _fits(s, d)]
+
+
+def test_a_sampler_refuses_a_dynamics_model_it_cannot_drive():
+    unfit = [(s, d) for s in names("sampler") for d in names("dynamics") if not _fits(s, d)]
+    for sampler_name, dynamics_name in unfit:
+        sampler, dyn = build("sampler", sampler_name), build("dynamics", dynamics_name, token_spec()).eval()
+        tokens, actions = tokens_and_actions(frames=3)
+        with pytest.raises((TypeError, ValueError), match="masking"):
+            sampler.sample_next(dyn, tokens[:, :2], actions[:, :2], torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize(("sampler_name", "dynamics_name"), sampler_pairs())

@@ -118,3 +118,13 @@ def test_dynamics_windows_must_fit_the_tokenizer_and_eval(tmp_path):
     text = "\n".join(problems)
     assert "seq_len 12 exceeds train.tokenizer.seq_len 8" in text
     assert "dtpsnr_t 12 needs windows of 13 frames" in text
+
+
+def test_quantizer_choice_is_checked(capsys):
+    smoke = str(REPO / "recipes" / "coinrun-smoke.toml")
+    assert main(["validate", smoke, "tokenizer.quantizer=fsq", "action_model.quantizer=lfq"]) == 0
+    assert main(["validate", smoke, "tokenizer.quantizer=lfq", "tokenizer.codebook_size=48",
+                 "action_model.quantizer=pq"]) == 2
+    err = capsys.readouterr().err
+    assert "'quantizer' lfq needs a power-of-two number of codes, got 48" in err
+    assert "'quantizer' is 'pq'; valid choices: vq, fsq, lfq" in err
