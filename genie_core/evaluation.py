@@ -256,8 +256,7 @@ def recipe_eval_settings(run_dir: Path) -> dict:
     """The [eval] settings the run's recipe used for its report, so `genie eval` reproduces the report's numbers."""
     recipe = run_dir / "recipe.json"
     table = json.loads(recipe.read_text()).get("eval", {}) if recipe.is_file() else {}
-    keys = {"windows": "windows", "batch_size": "batch_size", "seed": "seed"}
-    settings = {ours: table[theirs] for theirs, ours in keys.items() if theirs in table}
+    settings = {key: table[key] for key in ("windows", "batch_size", "seed") if key in table}
     if "dtpsnr_t" in table:
         settings["dtpsnr_t"] = (table["dtpsnr_t"],)
     return settings

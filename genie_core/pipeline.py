@@ -196,10 +196,14 @@ class Pipeline:
                                                        "splits": {k: {"episodes": v["episodes"], "frames": v["frames"]} for k, v in manifest["splits"].items()},
             "skipped": manifest["skipped"]})
 
-    def dataset(self, split: str, length: int) -> WindowDataset:
+    @property
+    def index(self) -> EpisodeIndex:
         if getattr(self, "_index", None) is None:
             self._index = EpisodeIndex.open(self.data_root)
-        return WindowDataset(self._index, split, length)
+        return self._index
+
+    def dataset(self, split: str, length: int) -> WindowDataset:
+        return WindowDataset(self.index, split, length)
 
     def _checkpointing(self, stage: str) -> dict:
         return {"checkpoint_dir": self.run_dir / "checkpoints" / stage, "resume": self.resume,
@@ -316,7 +320,7 @@ class Pipeline:
         device = self.accelerator.device
         t = ev.dtpsnr_t  # the recipe checks that t + 1 frames fit the action model's windows
         settings = EvalSettings(windows=ev.windows, batch_size=ev.batch_size, seed=ev.seed, dtpsnr_t=(t,))
-        evaluation = Evaluation(world, EpisodeIndex.open(self.data_root), "val", settings, self.accelerator)
+        evaluation = Evaluation(world, self.index, "val", settings, self.accelerator)
         measured = evaluation.tokenizer() | evaluation.world_model()
         if not self.main:
             return
