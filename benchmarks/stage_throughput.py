@@ -4,9 +4,10 @@
     torchrun --nproc_per_node 2 benchmarks/stage_throughput.py recipes/coinrun-tiny.toml     # several processes
 
 For each training stage: optimizer steps/s and samples/s (all processes together) at the recipe's per-process
-batch, through Accelerate (DDP under torchrun, autocast under bf16), on random video so no data needs building;
-and for play (single process): frames/s of the sampler from a one-frame prompt. Prints a table and saves JSON (with
-the machine, library versions and git commit) to benchmarks/results/throughput-RUNNAME-PRECISION-Nproc.json.
+batch, through Accelerate (DDP under torchrun, autocast under bf16/fp16, fp16 with its gradient scaler), on random
+video so no data needs building; on a GPU also the peak memory of each stage; and for play (single process):
+frames/s of the sampler from a one-frame prompt. Prints a table and saves JSON (with the machine, GPU, library
+versions and git commit) to benchmarks/results/throughput-RUNNAME-PRECISION-Nproc[-cuda].json.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import attrs
 import torch
 from accelerate import Accelerator
 
@@ -34,21 +36,35 @@ def timed_steps(task: torch.nn.Module, batch: torch.Tensor, steps: int, warmup: 
                 accelerator: Accelerator | None = None) -> float:
     """Seconds per optimizer step, after `warmup` untimed steps (k-means codebook init, allocator warm-up)."""
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     model = accelerator.prepare(task)
     optimizer = accelerator.prepare(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
     batch = batch.to(accelerator.device)
     for i in range(warmup + steps):
         if i == warmup:
-            accelerator.wait_for_everyone()
+            synchronize(accelerator)
             start = time.perf_counter()
-        loss, _ = model(batch)
+        loss, _ = model(batch)  # prepare() wrapped forward in autocast under mixed precision
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    accelerator.wait_for_everyone()
+    synchronize(accelerator)
     seconds = (time.perf_counter() - start) / steps
     accelerator.free_memory()
     return seconds
+
+
+def synchronize(accelerator: Accelerator) -> None:
+    """GPU work is asynchronous: wait for it before reading the clock."""
+    if accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
+    accelerator.wait_for_everyone()
+
+
+def peak_memory_gib() -> float | None:
+    """Peak GPU memory since the last reset (None on CPU, where torch keeps no such count)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
 def environment() -> dict:
@@ -58,6 +74,7 @@ def environment() -> dict:
     except OSError:
         commit = ""
     return {"machine": platform.machine(), "processor": platform.processor(), "cpu_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__, "git_commit": commit or "unknown"}
 
 
@@ -67,10 +84,13 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per stage")
     parser.add_argument("--frames", type=int, default=8, help="frames sampled for the play measurement")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="fp16 (with a gradient scaler) needs a GPU")
     args = parser.parse_args(argv)
+    if args.precision == "fp16" and not torch.cuda.is_available():
+        parser.error("--precision fp16: needs a GPU (fp16 training runs with a gradient scaler on CUDA); use bf16 on CPU")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if args.precision == "bf16" else "no")
+                              mixed_precision="no" if args.precision == "fp32" else args.precision)
     procs = accelerator.num_processes
     recipe = load_recipe(args.recipe, args.overrides)
     torch.manual_seed(0)
@@ -83,12 +103,15 @@ def main(argv=None) -> int:
     batch = torch.rand(tok_cfg.batch_size, tok_cfg.seq_len, 3, res, res)
     seconds = timed_steps(TokenizerTask(tokenizer), batch, args.steps, accelerator=accelerator)
     rows.append({"stage": "tokenizer", "batch": list(batch.shape[:2]), "steps_per_s": 1 / seconds,
-                 "samples_per_s": procs * tok_cfg.batch_size / seconds,
+                 "samples_per_s": procs * tok_cfg.batch_size / seconds, "peak_memory_gib": peak_memory_gib(),
                  "parameters": sum(p.numel() for p in tokenizer.parameters())})
 
     dyn_cfg = recipe.train["dynamics"]
     spec = VideoSpec(height=res, width=res, num_frames=dyn_cfg.seq_len)
+    if c["action_model"].info.cls.needs_tokenizer:
+        spec = attrs.evolve(spec, token_vocab=tokenizer.codebook_size, token_grid=tuple(tokenizer.grid))
     action_model = c["action_model"].info.cls(c["action_model"].config, spec)
+    action_model.use_tokenizer(tokenizer.to(accelerator.device))
     dynamics = c["dynamics"].info.cls(c["dynamics"].config, TokenSpec(
         vocab_size=tokenizer.codebook_size, grid=tokenizer.grid, num_frames=dyn_cfg.seq_len,
         num_actions=action_model.num_actions))
@@ -96,27 +119,39 @@ def main(argv=None) -> int:
     seconds = timed_steps(WorldModelTask(action_model, dynamics, tokenizer.to(accelerator.device)), batch, args.steps,
                           accelerator=accelerator)
     rows.append({"stage": "lam+dynamics", "batch": list(batch.shape[:2]), "steps_per_s": 1 / seconds,
-                 "samples_per_s": procs * dyn_cfg.batch_size / seconds,
+                 "samples_per_s": procs * dyn_cfg.batch_size / seconds, "peak_memory_gib": peak_memory_gib(),
                  "parameters": sum(p.numel() for p in action_model.parameters()) + sum(p.numel() for p in dynamics.parameters())})
 
     if not accelerator.is_main_process:
         return 0
+    device = accelerator.device
     world = World(tokenizer.eval(), action_model.eval(), dynamics.eval(), c["sampler"].info.cls(c["sampler"].config))
-    prompt = torch.rand(1, 3, res, res)
-    actions = torch.zeros(1, args.frames, dtype=torch.long)
-    world.rollout(prompt, actions[:, :1])  # warm-up
-    start = time.perf_counter()
-    world.rollout(prompt, actions, torch.Generator().manual_seed(0))
+    world.to(device)
+    prompt = torch.rand(1, 3, res, res, device=device)
+    actions = torch.zeros(1, args.frames, dtype=torch.long, device=device)
+    generator = torch.Generator(device).manual_seed(0)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with accelerator.autocast():
+        world.rollout(prompt, actions[:, :1], generator)  # warm-up
+        synchronize(accelerator)
+        start = time.perf_counter()
+        world.rollout(prompt, actions, generator)
+        synchronize(accelerator)
     seconds = time.perf_counter() - start
-    rows.append({"stage": f"play ({c['sampler'].name}, {args.frames} frames)", "batch": [1, 1],
-                 "steps_per_s": args.frames / seconds, "samples_per_s": args.frames / seconds, "parameters": 0})
+    steps = getattr(c["sampler"].config, "steps", None)
+    rows.append({"stage": f"play ({c['sampler'].name}" + (f", {steps} steps" if steps else "") + f", {args.frames} frames)",
+                 "batch": [1, 1], "steps_per_s": args.frames / seconds, "samples_per_s": args.frames / seconds,
+                 "peak_memory_gib": peak_memory_gib(), "parameters": 0})
 
-    print(f"{'stage':<32} {'batch':>8} {'steps/s':>9} {'samples/s':>10} {'params':>10}")
+    print(f"{'stage':<40} {'batch':>8} {'steps/s':>9} {'samples/s':>10} {'peak GiB':>9} {'params':>12}")
     for row in rows:
-        print(f"{row['stage']:<32} {'x'.join(map(str, row['batch'])):>8} {row['steps_per_s']:>9.2f} "
-              f"{row['samples_per_s']:>10.1f} {row['parameters']:>10,}")
+        memory = f"{row['peak_memory_gib']:.2f}" if row["peak_memory_gib"] is not None else "-"
+        print(f"{row['stage']:<40} {'x'.join(map(str, row['batch'])):>8} {row['steps_per_s']:>9.2f} "
+              f"{row['samples_per_s']:>10.1f} {memory:>9} {row['parameters']:>12,}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"throughput-{recipe.run.name}-{args.precision}-{procs}proc.json"
+    suffix = "-cuda" if device.type == "cuda" else ""
+    out = RESULTS / f"throughput-{recipe.run.name}-{args.precision}-{procs}proc{suffix}.json"
     out.write_text(json.dumps({"recipe": str(args.recipe), "overrides": args.overrides, "precision": args.precision,
                                "processes": procs, "environment": environment(), "rows": rows}, indent=2))
     print(f"saved {out}")

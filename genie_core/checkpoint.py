@@ -50,8 +50,9 @@ def load_components(folder: Path, registry: Registry | None = None) -> dict[str,
         if entry["spec"] is not None:
             spec = dict(entry["spec"])
             spec_cls = SPECS[spec.pop("type")]
-            if "grid" in spec:
-                spec["grid"] = tuple(spec["grid"])
+            for key in ("grid", "token_grid"):  # JSON gives lists
+                if key in spec:
+                    spec[key] = tuple(spec[key])
             args.append(spec_cls(**spec))
         module = info.cls(*args)
         if module.state_dict():

@@ -37,6 +37,9 @@ class VideoSpec:
     height: int
     width: int
     num_frames: int  # the longest window the component is trained on (temporal positions)
+    # For components that read the tokenizer's tokens of this video (`needs_tokenizer`): its vocabulary and grid.
+    token_vocab: int = 0
+    token_grid: tuple[int, int] = (0, 0)
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -153,6 +156,14 @@ class LatentActionModel(Component, abc.ABC):
     def __init__(self, config: Any, spec: VideoSpec):
         super().__init__(config)
         self.spec = spec
+
+    # True when the model reads the tokenizer's tokens rather than pixels: it is then built with a VideoSpec that
+    # names them (token_vocab, token_grid) and handed the frozen tokenizer through `use_tokenizer`.
+    needs_tokenizer: ClassVar[bool] = False
+
+    def use_tokenizer(self, tokenizer: VideoTokenizer) -> None:
+        """Receives the trained, frozen tokenizer (the pipeline and `World` call this on every action model). Only
+        a model with `needs_tokenizer` keeps it, outside its own weights; the default ignores it."""
 
     @property
     @abc.abstractmethod

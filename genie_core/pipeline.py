@@ -28,6 +28,7 @@ import attrs
 import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.state import AcceleratorState
+from torch.distributed.fsdp import MixedPrecision
 
 from genie_core.atomic import atomic_dir
 from genie_core.checkpoint import load_components, save_components
@@ -38,7 +39,7 @@ from genie_core.interfaces import DataSpec, TokenSpec, VideoSpec
 from genie_core.media import save_gif, save_strip, tile
 from genie_core.metrics import psnr
 from genie_core.recipe import Recipe
-from genie_core.training import LatentActionTask, TokenizerTask, WorldModelTask, train
+from genie_core.training import LatentActionTask, TokenizerTask, WorldModelTask, rebuilt, train
 from genie_core.world import World, load_stages
 
 STAGES = ("data", "tokenizer", "dynamics", "report")
@@ -138,7 +139,12 @@ class Pipeline:
         # Accelerate keeps one mixed-precision setting per process; a new run in the same process (a notebook, the
         # tests) may ask for another. The distributed state (PartialState) is kept.
         AcceleratorState._reset_state()
-        fsdp = FullyShardedDataParallelPlugin() if run_cfg.distributed == "fsdp" else None
+        fsdp = None
+        if run_cfg.distributed == "fsdp":
+            # Precision by autocast, as under DDP: FSDP's own policy would cast every parameter to bf16/fp16, the
+            # quantizers' too, which must assign codes in float32.
+            full = MixedPrecision(param_dtype=torch.float32, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
+            fsdp = FullyShardedDataParallelPlugin(mixed_precision_policy=full)
         # Built before any model: vector-quantize-pytorch decides codebook syncing when a model is constructed.
         self.accelerator = Accelerator(cpu=run_cfg.cpu, mixed_precision=run_cfg.mixed_precision, fsdp_plugin=fsdp,
                                        log_with=trackers or None, project_dir=str(self.run_dir / "logs"))
@@ -154,6 +160,10 @@ class Pipeline:
             # Accelerate shards with FSDP only on GPUs; on CPU processes it falls back to DDP without a word.
             self.log(f"run.distributed = 'fsdp': Accelerate runs FSDP on GPUs only; these "
                      f"{self.accelerator.num_processes} {self.accelerator.device.type} processes use DDP")
+        if run_cfg.mixed_precision == "fp16" and not self.accelerator.native_amp:
+            # Accelerate runs fp16 (autocast + gradient scaler) on GPUs only; elsewhere it trains in float32 silently.
+            self.log(f"run.mixed_precision = 'fp16': needs a GPU; on {self.accelerator.device.type} this run trains in "
+                     f"float32 (bf16 works on CPUs)")
         redo = False
         for stage in STAGES:
             redo = redo or stage == redo_from
@@ -209,9 +219,11 @@ class Pipeline:
         return {"checkpoint_dir": self.run_dir / "checkpoints" / stage, "resume": self.resume,
                 "fingerprint": fingerprint(stage_settings(self.recipe, stage))}
 
-    def video_spec(self, stage: str) -> VideoSpec:
+    def video_spec(self, stage: str, tokenizer=None) -> VideoSpec:
+        """The video a stage's models see; with the trained tokenizer, also its tokens (for token-input models)."""
         res = self.recipe.data.resolution
-        return VideoSpec(channels=3, height=res, width=res, num_frames=self.recipe.train[stage].seq_len)
+        tokens = {"token_vocab": tokenizer.codebook_size, "token_grid": tuple(tokenizer.grid)} if tokenizer else {}
+        return VideoSpec(channels=3, height=res, width=res, num_frames=self.recipe.train[stage].seq_len, **tokens)
 
     def stage_tokenizer(self) -> None:
         choice = self.recipe.components["tokenizer"]
@@ -228,11 +240,13 @@ class Pipeline:
         summary = train(self.accelerator, TokenizerTask(tokenizer), self.dataset("train", cfg.seq_len), cfg,
                         self.recipe.run.seed, self.run_dir / "logs" / "tokenizer.jsonl", "tokenizer",
                         validate=validate, **self._checkpointing("tokenizer"))
-        summary["parameters"] = sum(p.numel() for p in tokenizer.parameters())
+        weights = summary.pop("weights")
         if not self.main:
             return
+        tokenizer = rebuilt(tokenizer, weights, "tokenizer.")
+        summary["parameters"] = sum(p.numel() for p in tokenizer.parameters())
         with atomic_dir(self.stage_dir("tokenizer")) as folder:
-            save_components(folder, {"tokenizer": (choice.name, tokenizer.cpu())})
+            save_components(folder, {"tokenizer": (choice.name, tokenizer)})
             self._finish(folder, "tokenizer", summary)
 
     def stage_dynamics(self) -> None:
@@ -241,27 +255,32 @@ class Pipeline:
         tokenizer = load_stages(self.run_dir, ("tokenizer",))["tokenizer"].to(self.accelerator.device)
         torch.manual_seed(self.recipe.run.seed + 1)
         lam_choice, dyn_choice = components["action_model"], components["dynamics"]
-        action_model = lam_choice.info.cls(lam_choice.config, self.video_spec("dynamics"))
+        reads_tokens = lam_choice.info.cls.needs_tokenizer
+        action_model = lam_choice.info.cls(lam_choice.config, self.video_spec("dynamics", reads_tokens and tokenizer))
+        action_model.use_tokenizer(tokenizer)
         token_spec = TokenSpec(vocab_size=tokenizer.codebook_size, grid=tokenizer.grid, num_frames=cfg.seq_len,
                                num_actions=action_model.num_actions)
         dynamics = dyn_choice.info.cls(dyn_choice.config, token_spec)
         data = self.dataset("train", cfg.seq_len)
         seed, logs, ckpt = self.recipe.run.seed + 1, self.run_dir / "logs", self._checkpointing("dynamics")
-        ckpt["validate"] = self._world_validator(tokenizer, action_model, dynamics, cfg.seq_len)
         if cfg.lam_steps:  # the LAM alone first, then dynamics on it, frozen
-            self._train_action_model_alone(lam_choice.name, action_model, data, cfg, seed, ckpt)
-            summary = train(self.accelerator, WorldModelTask(action_model, dynamics, tokenizer, train_action_model=False),
-                            data, cfg, seed, logs / "dynamics.jsonl", "dynamics", **ckpt)
-        else:
-            summary = train(self.accelerator, WorldModelTask(action_model, dynamics, tokenizer), data, cfg, seed,
-                            logs / "dynamics.jsonl", "lam+dynamics", **ckpt)
-        summary["parameters"] = {"action_model": sum(p.numel() for p in action_model.parameters()),
-                                 "dynamics": sum(p.numel() for p in dynamics.parameters())}
+            action_model = self._train_action_model_alone(lam_choice.name, action_model, tokenizer, data, cfg, seed,
+                                                          ckpt)
+        ckpt["validate"] = self._world_validator(tokenizer, action_model, dynamics, cfg.seq_len)
+        task = WorldModelTask(action_model, dynamics, tokenizer, train_action_model=not cfg.lam_steps)
+        summary = train(self.accelerator, task, data, cfg, seed, logs / "dynamics.jsonl",
+                        "dynamics" if cfg.lam_steps else "lam+dynamics", **ckpt)
+        weights = summary.pop("weights")
         if not self.main:
             return
+        if not cfg.lam_steps:
+            action_model = rebuilt(action_model, weights, "action_model.")
+        action_model, dynamics = action_model.cpu(), rebuilt(dynamics, weights, "dynamics.")
+        summary["parameters"] = {"action_model": sum(p.numel() for p in action_model.parameters()),
+                                 "dynamics": sum(p.numel() for p in dynamics.parameters())}
         with atomic_dir(self.stage_dir("dynamics")) as folder:
-            save_components(folder, {"action_model": (lam_choice.name, action_model.cpu()),
-                                     "dynamics": (dyn_choice.name, dynamics.cpu())})
+            save_components(folder, {"action_model": (lam_choice.name, action_model),
+                                     "dynamics": (dyn_choice.name, dynamics)})
             self._finish(folder, "dynamics", summary)
         shutil.rmtree(self.run_dir / "checkpoints" / "dynamics-lam-done", ignore_errors=True)
 
@@ -294,22 +313,25 @@ class Pipeline:
 
         return validate
 
-    def _train_action_model_alone(self, name: str, action_model, data, cfg, seed: int, ckpt: dict) -> None:
-        """First phase of a separate LAM/dynamics stage. Its result is kept beside the stage's checkpoints, so a
-        resumed stage does not train the LAM again."""
+    def _train_action_model_alone(self, name: str, action_model, tokenizer, data, cfg, seed: int, ckpt: dict):
+        """First phase of a separate LAM/dynamics stage; returns the trained LAM, whole on every process. Its result
+        is kept beside the stage's checkpoints, so a resumed stage does not train the LAM again."""
         done = ckpt["checkpoint_dir"].parent / "dynamics-lam-done"
         if self.resume and (done / "components.json").is_file():
-            action_model.load_state_dict(load_components(done)["action_model"].state_dict())
             self.log(f"dynamics: the latent action model was trained before the interruption ({done}); reusing it")
-            return
-        lam_cfg = attrs.evolve(cfg, steps=cfg.lam_steps, warmup_steps=min(cfg.warmup_steps, cfg.lam_steps))
-        train(self.accelerator, LatentActionTask(action_model), data, lam_cfg, seed, self.run_dir / "logs" / "lam.jsonl",
-              "lam", checkpoint_dir=ckpt["checkpoint_dir"].parent / "dynamics-lam", resume=self.resume,
-              fingerprint=ckpt["fingerprint"])
-        if self.main:
-            with atomic_dir(done) as folder:
-                save_components(folder, {"action_model": (name, action_model)})
-        self.accelerator.wait_for_everyone()
+        else:
+            lam_cfg = attrs.evolve(cfg, steps=cfg.lam_steps, warmup_steps=min(cfg.warmup_steps, cfg.lam_steps))
+            summary = train(self.accelerator, LatentActionTask(action_model), data, lam_cfg, seed,
+                            self.run_dir / "logs" / "lam.jsonl", "lam", resume=self.resume,
+                            checkpoint_dir=ckpt["checkpoint_dir"].parent / "dynamics-lam", fingerprint=ckpt["fingerprint"])
+            if self.main:
+                with atomic_dir(done) as folder:
+                    save_components(folder, {"action_model": (name, rebuilt(action_model, summary["weights"],
+                                                                            "action_model."))})
+            self.accelerator.wait_for_everyone()
+        action_model = load_components(done)["action_model"].to(self.accelerator.device)
+        action_model.use_tokenizer(tokenizer)
+        return action_model
 
     @torch.no_grad()
     def stage_report(self) -> None:

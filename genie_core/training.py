@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -278,21 +279,44 @@ def train(
                 bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
             bar.update(1)
             if validate is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                if main:
-                    model.eval()
-                    with torch.no_grad():
-                        scores = {"step": step, **validate(step + 1)}
-                    model.train()
-                    log.write(json.dumps(scores) + "\n")
-                    accelerator.log({f"{desc}/{k}": v for k, v in scores.items() if k != "step"}, step=step)
-                    bar.write(f"{desc} step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
-                                                                      if k != "step"))
+                with gathered_weights(accelerator, model):  # validation calls the modules outside the wrapper
+                    if main:
+                        model.eval()
+                        with torch.no_grad():
+                            scores = {"step": step, **validate(step + 1)}
+                        model.train()
+                        log.write(json.dumps(scores) + "\n")
+                        accelerator.log({f"{desc}/{k}": v for k, v in scores.items() if k != "step"}, step=step)
+                        bar.write(f"{desc} step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
+                                                                          if k != "step"))
                 accelerator.wait_for_everyone()
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 checkpoints.save(step + 1, position)
     seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()
+    # Every process takes part: under FSDP this gathers the shards. The main process gets the whole state.
+    weights = accelerator.get_state_dict(model)
     checkpoints.clear()  # the stage's result is saved by the pipeline; its checkpoints are no longer needed
     accelerator.free_memory()  # drop Accelerate's references to this stage's optimizer and wrapped model
     steps = cfg.steps - first_step
-    return {"final": last, "seconds": seconds, "steps_per_second": steps / seconds if steps else float("nan")}
+    return {"final": last, "seconds": seconds, "steps_per_second": steps / seconds if steps else float("nan"),
+            "weights": weights}
+
+
+def gathered_weights(accelerator: Accelerator, model: nn.Module):
+    """Under FSDP each process holds a shard of every weight and the wrapped modules are only whole inside the
+    wrapper's forward: gather them (every process) for work that calls the modules directly, such as validation."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(model, writeback=False)
+    return contextlib.nullcontext()
+
+
+def rebuilt(module: nn.Module, weights: dict, prefix: str) -> nn.Module:
+    """A fresh copy of a trained component holding `weights[prefix...]` (the gathered state of the task that trained
+    it). What a stage saves comes from here, not from the live module, which a sharded run leaves in pieces."""
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the global generator alone
+        fresh = type(module)(module.config, module.spec)
+    fresh.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    return fresh

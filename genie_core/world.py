@@ -24,6 +24,9 @@ class World:
     dynamics: DynamicsModel
     sampler: Sampler
 
+    def __attrs_post_init__(self):
+        self.action_model.use_tokenizer(self.tokenizer)  # a token-input action model reads through it
+
     @property
     def num_actions(self) -> int:
         return self.action_model.num_actions

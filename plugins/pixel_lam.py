@@ -1,8 +1,12 @@
-"""Latent action model on pixels (the paper's LAM): a VQ-VAE whose latent is one of |A| codes per transition.
+"""Latent action models: a VQ-VAE whose latent is one of |A| codes per transition.
 
 The encoder sees frames x_0..x_{t+1} (causal ST-transformer) and emits one latent for the transition t -> t+1; the
 decoder sees x_0..x_t plus that quantized latent and must reconstruct x_{t+1}. The tiny codebook leaves room for
 little more than what changed, which is what makes the codes controllable. Only the code ids are used at play time.
+
+- "pixel-lam" (the paper's): the encoder reads pixel patches.
+- "token-lam" (the paper's Table 2 alternative): the encoder reads the frozen tokenizer's tokens instead; the decoder
+  still reconstructs pixels, so both are trained and scored on the same target.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from attrs import validators as v
 
 from genie_core import hookimpl
 from genie_core.config import check_heads, check_patch_divides_resolution, positive
-from genie_core.interfaces import ActionModelOutput, LatentActionModel, VideoSpec
+from genie_core.errors import GenieError
+from genie_core.interfaces import ActionModelOutput, LatentActionModel, VideoSpec, VideoTokenizer
 from genie_core.nn import Quantizer, SpaceTimePositions, STTransformer, check_quantizer, patchify, unpatchify
 
 
@@ -57,10 +62,10 @@ class PixelLAM(LatentActionModel):
         self.grid = (spec.height // p, spec.width // p)
         num_patches = self.grid[0] * self.grid[1]
         patch_dim = spec.channels * p * p
-        # Encoder: every frame's patches plus one "action slot" whose output becomes the latent action.
-        self.encoder_embed = torch.nn.Linear(patch_dim, d)
+        # Encoder: every frame's inputs plus one "action slot" whose output becomes the latent action.
+        self.encoder_embed, inputs_per_frame = self._encoder_embedding()
         self.action_slot = torch.nn.Parameter(torch.randn(d) * 0.02)
-        self.encoder_positions = SpaceTimePositions(d, num_patches + 1, spec.num_frames)
+        self.encoder_positions = SpaceTimePositions(d, inputs_per_frame + 1, spec.num_frames)
         self.encoder = STTransformer(d, config.encoder_depth, config.heads, qk_norm=config.qk_norm)
         self.quantizer = Quantizer(d, config.num_actions, config.code_dim, config.commitment_weight,
                                    config.dead_code_threshold, kind=config.quantizer)
@@ -70,12 +75,20 @@ class PixelLAM(LatentActionModel):
         self.decoder = STTransformer(d, config.decoder_depth, config.heads, qk_norm=config.qk_norm)
         self.to_pixels = torch.nn.Linear(d, patch_dim)
 
+    def _encoder_embedding(self) -> tuple[torch.nn.Module, int]:
+        """What embeds the encoder's input, and how many inputs each frame has: here its pixel patches."""
+        p = self.config.patch_size
+        return torch.nn.Linear(self.spec.channels * p * p, self.config.dim), self.grid[0] * self.grid[1]
+
+    def _encoder_input(self, video: torch.Tensor) -> torch.Tensor:
+        return self.encoder_embed(patchify(video * 2 - 1, self.config.patch_size))  # [B, T, N, D]
+
     @property
     def num_actions(self) -> int:
         return self.config.num_actions
 
     def _latent_actions(self, video: torch.Tensor):
-        x = self.encoder_embed(patchify(video * 2 - 1, self.config.patch_size))  # [B, T, N, D]
+        x = self._encoder_input(video)  # [B, T, N, D]
         slot = self.action_slot.expand(x.shape[0], x.shape[1], 1, -1)
         x = self.encoder(self.encoder_positions(torch.cat([slot, x], dim=2)))  # [B, T, N + 1, D]
         # The slot of frame t + 1 has seen x_0..x_{t+1}: it explains the transition t -> t + 1.
@@ -94,6 +107,44 @@ class PixelLAM(LatentActionModel):
         return ActionModelOutput(loss=mse + q.aux_loss, actions=q.indices, recon=recon, metrics=metrics)
 
 
+class TokenLAM(PixelLAM):
+    """The encoder reads the tokenizer's token ids of each frame (embedded, one input per token) instead of pixels.
+    Built with a spec that names the tokens (`VideoSpec.token_vocab`, `token_grid`); the frozen tokenizer is handed
+    over by `use_tokenizer` (the pipeline and `World` do it) and is not part of this model's weights."""
+
+    needs_tokenizer = True
+
+    @classmethod
+    def tiny_variants(cls):
+        return {}  # the quantizer options are pixel-lam's, tested there
+
+    def __init__(self, config: PixelLAMConfig, spec: VideoSpec):
+        if not spec.token_vocab:
+            raise GenieError("action model token-lam reads tokenizer tokens: build it with a spec that gives their "
+                             "vocabulary and grid (VideoSpec.token_vocab, token_grid), as the pipeline does")
+        super().__init__(config, spec)
+        self._tokenizer: list[VideoTokenizer] = []  # a plain list: not a submodule, so not trained or saved
+
+    def _encoder_embedding(self):
+        h, w = self.spec.token_grid
+        return torch.nn.Embedding(self.spec.token_vocab, self.config.dim), h * w
+
+    def use_tokenizer(self, tokenizer: VideoTokenizer) -> None:
+        expected = (self.spec.token_vocab, tuple(self.spec.token_grid))
+        if (tokenizer.codebook_size, tuple(tokenizer.grid)) != expected:
+            raise GenieError(f"action model token-lam was built for {expected[0]} codes on a {expected[1]} grid; the "
+                             f"tokenizer has {tokenizer.codebook_size} codes on a {tuple(tokenizer.grid)} grid")
+        self._tokenizer = [tokenizer]
+
+    def _encoder_input(self, video: torch.Tensor) -> torch.Tensor:
+        if not self._tokenizer:
+            raise GenieError("action model token-lam has no tokenizer: call use_tokenizer(tokenizer) first")
+        with torch.no_grad():
+            tokens = self._tokenizer[0].encode(video)  # [B, T, h, w]
+        return self.encoder_embed(tokens.flatten(2))  # [B, T, h * w, D]
+
+
 @hookimpl
 def genie_register_components(registrar):
     registrar.add_action_model("pixel-lam", PixelLAM)
+    registrar.add_action_model("token-lam", TokenLAM)

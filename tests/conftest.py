@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import torch
 
 from genie_core.interfaces import TokenSpec, VideoSpec
@@ -27,6 +28,12 @@ def build(kind: str, name: str, spec=None, seed: int = 0):
     info = get_registry().get(kind, name)
     torch.manual_seed(seed)
     config = info.cls.tiny_variants()[variant] if variant else info.cls.tiny_config()
+    if getattr(info.cls, "needs_tokenizer", False):  # a token-input action model reads a tiny tokenizer's tokens
+        tokenizer = build("tokenizer", "st-vivit", spec, seed).eval()
+        torch.manual_seed(seed)
+        model = info.cls(config, attrs.evolve(spec, token_vocab=tokenizer.codebook_size, token_grid=tokenizer.grid))
+        model.use_tokenizer(tokenizer)
+        return model
     return info.cls(config) if spec is None else info.cls(config, spec)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import REPO
 from genie_core.cli import main
@@ -146,6 +147,22 @@ def test_other_quantizers_and_action_tokens_run_end_to_end(tmp_path):
                  "dynamics.action_conditioning=token", "run.trackers=none", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["num_actions"] == 4 and report["tokenizer_psnr_db"]["mean"] > 0
+
+
+def test_token_input_action_model_trains_saves_and_plays(tmp_path):
+    """token-lam reads the frozen tokenizer's tokens: trained co-trained and alone (lam_steps), saved without the
+    tokenizer's weights, and handed the tokenizer again when the world is loaded for evaluation and play."""
+    out = tmp_path / "token-lam"
+    assert main(["run", SMOKE, "action_model.name=token-lam", "train.dynamics.lam_steps=3", "run.trackers=none",
+                 "--out", str(out)]) == 0
+    manifest = json.loads((out / "dynamics" / "components.json").read_text())["action_model"]
+    assert manifest["name"] == "token-lam" and manifest["spec"]["token_vocab"] == 32
+    assert all(not k.startswith("_tokenizer") for k in load_file(out / "dynamics" / "action_model.safetensors"))
+    assert main(["eval", str(out), "--windows", "4"]) == 0
+    assert json.loads((out / "eval" / "eval.json").read_text())["actions_vs_true"]["nmi"] >= 0
+    prompt = tmp_path / "prompt.png"
+    Image.new("RGB", (64, 64)).save(prompt)
+    assert main(["sample", str(out), "--prompt", str(prompt), "--actions", "0,1,2", "--out", str(tmp_path / "t.gif")]) == 0
 
 
 def test_every_tokenizer_and_the_autoregressive_pair_run_end_to_end(tmp_path):

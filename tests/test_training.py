@@ -19,7 +19,7 @@ from conftest import REPO, TINY_VIDEO, build
 from genie_core.cli import main
 from genie_core.config import TrainConfig
 from genie_core.errors import TrainingDiverged
-from genie_core.training import TokenizerTask, train
+from genie_core.training import TokenizerTask, rebuilt, train
 
 SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
 LONGER = ["train.dynamics.steps=40", "train.dynamics.checkpoint_every=5", "train.dynamics.log_every=1",
@@ -102,6 +102,25 @@ def test_nan_stops_training_naming_step_and_term(tmp_path):
               checkpoint_dir=tmp_path / "ckpt", fingerprint="x")
 
 
+def test_stage_result_is_a_fresh_copy_of_the_gathered_weights(tmp_path):
+    """train() hands back the task's whole state (under FSDP, gathered from the shards); what a stage saves is a
+    fresh component loaded from it, equal to the trained one, built without touching the global generator."""
+    tokenizer = build("tokenizer", "st-vivit", TINY_VIDEO)
+    dataset = [torch.rand(TINY_VIDEO.num_frames, 3, 16, 16) for _ in range(4)]
+    cfg = TrainConfig(steps=3, batch_size=2, seq_len=6, warmup_steps=1, checkpoint_every=0)
+    before = {k: v.clone() for k, v in tokenizer.state_dict().items()}
+    summary = train(Accelerator(cpu=True), TokenizerTask(tokenizer), dataset, cfg, 0, tmp_path / "log.jsonl", "tok",
+                    checkpoint_dir=tmp_path / "ckpt", fingerprint="x")
+    rng = torch.get_rng_state()
+    copy = rebuilt(tokenizer, summary["weights"], "tokenizer.")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert copy is not tokenizer and type(copy) is type(tokenizer)
+    trained = tokenizer.state_dict()
+    assert copy.state_dict().keys() == trained.keys()
+    assert all(torch.equal(copy.state_dict()[k], trained[k]) for k in trained)
+    assert any(not torch.equal(before[k], trained[k]) for k in trained)  # it did train
+
+
 TWO_RANKS = """
 import json, sys
 from pathlib import Path
@@ -150,6 +169,13 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
                  "--out", str(tmp_path / "bf16")]) == 0
     report = json.loads((tmp_path / "bf16" / "report.json").read_text())
     assert report["tokenizer_psnr_db"]["mean"] > 0
+
+
+def test_fp16_on_cpu_says_it_trains_in_float32(tmp_path, capsys):
+    """Accelerate runs fp16 (autocast + gradient scaler) on GPUs only; on a CPU the run says so instead of pretending."""
+    assert main(["run", SMOKE, "run.mixed_precision=fp16", "run.cpu=true", "run.trackers=none",
+                 "train.tokenizer.steps=2", "train.dynamics.steps=2", "--out", str(tmp_path / "fp16")]) == 0
+    assert "run.mixed_precision = 'fp16': needs a GPU; on cpu this run trains in float32" in capsys.readouterr().out
 
 
 def test_lam_alone_then_dynamics_on_the_frozen_lam(tmp_path):

@@ -1,0 +1,258 @@
+"""Comparative ablations: one base recipe, a list of variants (each a set of overrides), one flat row per variant.
+
+    python benchmarks/ablate.py benchmarks/ablations/table3-tokenizers.toml [--out DIR] [KEY=VALUE ...]
+
+The ablation file names the base recipe, overrides shared by every variant, and the variants:
+
+    base = "recipes/coinrun-tiny.toml"
+    overrides = ["train.dynamics.steps=600"]          # optional, for every variant
+    [[variant]]
+    name = "vit"
+    overrides = ["tokenizer.name=vit"]
+
+Every variant is a full `genie run` (data, tokenizer, LAM + dynamics, report) in its own process, so a crash or an
+out-of-memory keeps its row with the error and the next variant goes on. Variants with the same data settings read
+one data set, built once, and all are scored by the same evaluation (the report stage: the same windows and seeds).
+Run folders live under --runs (shared by every ablation): a variant whose tokenizer settings match a run finished
+there, in this ablation or another, reuses that trained tokenizer (and its later stages if those match too), so
+variants differ only in what they change; the row says what was reused.
+
+Row: parameters of each component, peak memory of the variant's process (resident set on CPU, allocated on a GPU),
+training steps/s and samples/s of both stages, tokenizer PSNR, dynamics PSNR and dtPSNR at the recipe's t, and
+latent-vs-true action NMI. Writes OUT/ablation.json, .csv, .md and .png, with the machine, library versions and git
+commit. Default OUT: benchmarks/results/ablations/NAME (NAME: the ablation file's stem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.metadata
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stage_throughput import RESULTS, environment  # noqa: E402
+
+STAGES = ("tokenizer", "dynamics", "report")
+LIBRARIES = ("torch", "timm", "vector-quantize-pytorch", "accelerate", "torchmetrics")
+COLUMNS = ("variant", "status", "reused", "tokenizer_params", "action_model_params", "dynamics_params",
+           "peak_memory_mib", "tokenizer_steps_per_s", "tokenizer_samples_per_s", "dynamics_steps_per_s",
+           "dynamics_samples_per_s", "tokenizer_psnr_db", "dynamics_psnr_db", "dtpsnr_db", "actions_nmi",
+           "seconds", "error")
+
+
+def read_ablation(path: Path) -> dict:
+    try:
+        spec = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        sys.exit(f"error: {path}: {error}")
+    variants = spec.get("variant", [])
+    names = [v.get("name") for v in variants]
+    if "base" not in spec or not variants or not all(names) or len(set(names)) != len(names):
+        sys.exit(f"error: {path}: needs `base = RECIPE` and [[variant]] tables, each with a unique `name` "
+                 f"(and `overrides = [...]`)")
+    return spec
+
+
+def reuse_finished_stages(run_dir: Path, runs_root: Path, recipe) -> list[str]:
+    """Copies into a new variant's run folder the stages an earlier run under `runs_root` finished with the same
+    settings on the same input (a chain from the tokenizer on); the pipeline then skips them. Returns their names."""
+    from genie_core.pipeline import STAGE_FILE, fingerprint, stage_settings
+
+    wanted = {stage: fingerprint(stage_settings(recipe, stage)) for stage in STAGES}
+    for other in sorted(p for p in runs_root.iterdir() if p.is_dir() and p != run_dir):
+        chain, parent = [], None
+        for stage in STAGES:
+            record_path = other / stage / STAGE_FILE
+            if not record_path.is_file():
+                break
+            record = json.loads(record_path.read_text())
+            if record["fingerprint"] != wanted[stage] or (parent and record["input"] != parent):
+                break
+            chain.append(stage)
+            parent = record["id"]
+        if chain:
+            for stage in chain:
+                shutil.copytree(other / stage, run_dir / stage, dirs_exist_ok=True)
+            return chain
+    return []
+
+
+def run_variant(recipe_path: str, overrides: list[str], run_dir: Path, runs_root: Path) -> dict:
+    """One variant, in this (child) process: the pipeline end to end, then its numbers."""
+    import torch
+
+    from genie_core.pipeline import Pipeline
+    from genie_core.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    reused = reuse_finished_stages(run_dir, runs_root, recipe)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    report = Pipeline(recipe, run_dir).run()
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summaries = {stage: json.loads((run_dir / stage / "stage.json").read_text())["summary"]
+                 for stage in ("tokenizer", "dynamics")}
+    t = recipe.eval.dtpsnr_t
+    dyn_params = summaries["dynamics"]["parameters"]
+    procs = 1  # the harness runs each variant as one process
+
+    def samples(stage):
+        return summaries[stage]["steps_per_second"] * recipe.train[stage].batch_size * procs
+
+    return {
+        "reused": ",".join(reused), "tokenizer_params": summaries["tokenizer"]["parameters"],
+        "action_model_params": dyn_params["action_model"], "dynamics_params": dyn_params["dynamics"],
+        "peak_memory_mib": peak, "tokenizer_steps_per_s": summaries["tokenizer"]["steps_per_second"],
+        "tokenizer_samples_per_s": samples("tokenizer"), "dynamics_steps_per_s": summaries["dynamics"]["steps_per_second"],
+        "dynamics_samples_per_s": samples("dynamics"),
+        "tokenizer_psnr_db": report["tokenizer_psnr_db"], "dynamics_psnr_db": report[f"dynamics_psnr_t{t}_db"],
+        "dtpsnr_db": report[f"dtpsnr_t{t}_db"], "actions_nmi": report.get("actions_vs_true_nmi"),
+    }
+
+
+def mean(value):
+    return value["mean"] if isinstance(value, dict) else value
+
+
+def cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, dict):  # a mean with its 95% interval
+        return f"{value['mean']:.2f} ± {value['ci95']:.2f}"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def write_outputs(out: Path, meta: dict, rows: list[dict], t: int) -> None:
+    (out / "ablation.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    with open(out / "ablation.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: mean(row.get(k)) for k in COLUMNS} for row in rows)
+    shown = [("variant", "variant"), ("status", "status"), ("tokenizer_params", "tokenizer params"),
+             ("peak_memory_mib", "peak memory (MiB)"), ("tokenizer_steps_per_s", "tokenizer steps/s"),
+             ("dynamics_steps_per_s", "LAM+dyn steps/s"), ("tokenizer_psnr_db", "tokenizer PSNR (dB)"),
+             ("dynamics_psnr_db", f"dynamics PSNR t={t} (dB)"), ("dtpsnr_db", f"dtPSNR t={t} (dB)"),
+             ("actions_nmi", "actions NMI"), ("reused", "reused stages")]
+    lines = [f"# Ablation {meta['name']}", "", f"Base recipe `{meta['base']}`, shared overrides "
+             f"`{' '.join(meta['overrides']) or 'none'}`; {meta['environment']['machine']}, "
+             f"{meta['environment']['gpu'] or 'CPU'}, commit {meta['environment']['git_commit']}.", "",
+             "| " + " | ".join(title for _, title in shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(cell(row, key) for key, _ in shown) + " |" for row in rows]
+    lines += ["", "Variants: " + "; ".join(f"**{r['variant']}** `{' '.join(r['overrides'])}`" for r in rows)]
+    failed = [r for r in rows if r["status"] != "ok"]
+    lines += [f"- {r['variant']} failed: {r['error']}" for r in failed]
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / "ablation.png", meta["name"], t)
+
+
+def plot(rows: list[dict], path: Path, title: str, t: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("tokenizer_psnr_db", "tokenizer PSNR (dB)"), ("dtpsnr_db", f"dtPSNR t={t} (dB)"),
+              ("actions_nmi", "latent vs true actions NMI"), ("peak_memory_mib", "peak memory (MiB)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    names = [r["variant"] for r in rows]
+    for ax, (key, label) in zip(axes, panels):
+        values = [mean(r.get(key)) if r.get(key) is not None else 0.0 for r in rows]
+        errors = [r[key]["ci95"] if isinstance(r.get(key), dict) else 0.0 for r in rows]
+        ax.bar(names, values, yerr=errors, capsize=3, color="#4c72b0")
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.axhline(0, color="black", linewidth=0.5)
+    fig.suptitle(f"ablation {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ablation", type=Path)
+    parser.add_argument("overrides", nargs="*", help="more overrides for every variant")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--runs", type=Path, default=RESULTS / "ablations" / "runs",
+                        help="run folders of every ablation (trained stages are reused across them)")
+    parser.add_argument("--only", help="comma-separated variant names to run (the others keep their earlier rows)")
+    parser.add_argument("--variant-child", nargs=2, metavar=("NAME", "RUN_DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    spec = read_ablation(args.ablation)
+    shared = [*spec.get("overrides", []), *args.overrides]
+    out = args.out or RESULTS / "ablations" / args.ablation.stem
+    runs_root = args.runs
+
+    if args.variant_child:  # inside the child process of one variant: print its numbers as the last line
+        name, run_dir = args.variant_child
+        variant = next(v for v in spec["variant"] if v["name"] == name)
+        print(json.dumps(run_variant(spec["base"], [*shared, *variant.get("overrides", [])], Path(run_dir), runs_root)))
+        return 0
+
+    from genie_core.recipe import load_recipe
+
+    from genie_core.pipeline import fingerprint, stage_settings
+
+    out.mkdir(parents=True, exist_ok=True)
+    runs_root.mkdir(parents=True, exist_ok=True)
+    base = load_recipe(spec["base"], shared)  # a broken base or shared override stops here, before any training
+    data = runs_root / f"data-{fingerprint(stage_settings(base, 'data'))}"
+    if not (data / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "genie_core.cli", "data", "build", spec["base"], *shared,
+                        "--out", str(data)], check=True)
+    shared.append(f"data.path={data}")
+
+    previous = {}
+    if (out / "ablation.json").is_file():
+        previous = {r["variant"]: r for r in json.loads((out / "ablation.json").read_text())["rows"]}
+    only = set(args.only.split(",")) if args.only else None
+    rows = []
+    for variant in spec["variant"]:
+        name, overrides = variant["name"], variant.get("overrides", [])
+        if only is not None and name not in only and name in previous:
+            rows.append(previous[name])
+            continue
+        print(f"== variant {name}: {' '.join(overrides) or '(the base recipe)'}", flush=True)
+        run_dir = runs_root / f"{args.ablation.stem}-{name}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        start = time.perf_counter()
+        cmd = [sys.executable, __file__, str(args.ablation), *args.overrides, "--out", str(out),
+               "--runs", str(runs_root), "--variant-child", name, str(run_dir)]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        row = {"variant": name, "overrides": overrides, "seconds": time.perf_counter() - start}
+        if done.returncode == 0:
+            row |= {"status": "ok", "error": None, **json.loads(done.stdout.strip().splitlines()[-1])}
+        else:
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            row |= {"status": "failed", "error": lines[-1] if lines else f"exit status {done.returncode}"}
+        print(f"   {row['status']} in {row['seconds']:.0f} s" + (f": {row['error']}" if row["error"] else ""), flush=True)
+        rows.append(row)
+
+    versions = {name: importlib.metadata.version(name) for name in LIBRARIES}
+    meta = {"name": args.ablation.stem, "ablation_file": str(args.ablation), "base": spec["base"],
+            "overrides": shared, "environment": environment() | {"libraries": versions}}
+    write_outputs(out, meta, rows, base.eval.dtpsnr_t)
+    print((out / "ablation.md").read_text())
+    print(f"saved {out}/ablation.{{json,csv,md,png}}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The ablation harness (benchmarks/ablate.py): one row per variant from full runs, trained stages reused across
+variants that share them, a failed variant kept with its error, and every output file written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+ABLATE = REPO / "benchmarks" / "ablate.py"
+
+
+def test_rows_reuse_and_failures(tmp_path):
+    ablation = tmp_path / "mini.toml"
+    ablation.write_text(f'''
+base = "{REPO / "recipes" / "coinrun-smoke.toml"}"
+overrides = ["run.trackers=none", "eval.windows=4"]
+[[variant]]
+name = "base"
+[[variant]]
+name = "token-lam"
+overrides = ["action_model.name=token-lam"]
+[[variant]]
+name = "broken"
+overrides = ["dynamics.depth=0"]
+''')
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    done = subprocess.run([sys.executable, str(ABLATE), str(ablation), "--out", str(out), "--runs", str(runs)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr[-2000:]  # one variant failed
+    rows = {r["variant"]: r for r in json.loads((out / "ablation.json").read_text())["rows"]}
+    assert list(rows) == ["base", "token-lam", "broken"]
+    base, token, broken = rows["base"], rows["token-lam"], rows["broken"]
+    assert base["status"] == token["status"] == "ok" and broken["status"] == "failed"
+    assert "dynamics" in broken["error"] and "depth" in broken["error"]  # the recipe's own one-line complaint
+    assert base["reused"] == "" and token["reused"] == "tokenizer"  # same tokenizer settings: trained once
+    assert token["tokenizer_psnr_db"] == base["tokenizer_psnr_db"]  # ... so the same tokenizer scores
+    for row in (base, token):
+        assert row["tokenizer_params"] > 0 and row["dynamics_params"] > 0 and row["peak_memory_mib"] > 0
+        assert row["tokenizer_steps_per_s"] > 0 and row["dynamics_samples_per_s"] > 0
+        assert set(row["dtpsnr_db"]) >= {"mean", "ci95", "n"} and 0 <= row["actions_nmi"] <= 1
+    meta = json.loads((out / "ablation.json").read_text())
+    assert meta["environment"]["git_commit"] and "vector-quantize-pytorch" in meta["environment"]["libraries"]
+    with open(out / "ablation.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["variant"] for r in table] == ["base", "token-lam", "broken"] and table[2]["error"]
+    assert "| base | ok |" in (out / "ablation.md").read_text() and (out / "ablation.png").stat().st_size > 0
+
+    # --only reruns just that variant (the others keep their rows); it reuses the tokenizer the token-lam run kept,
+    # and the same seeds give the same scores
+    again = subprocess.run([sys.executable, str(ABLATE), str(ablation), "--out", str(out), "--runs", str(runs),
+                            "--only", "base"], capture_output=True, text=True, cwd=tmp_path)
+    rerun = {r["variant"]: r for r in json.loads((out / "ablation.json").read_text())["rows"]}
+    assert again.returncode == 1 and list(rerun) == ["base", "token-lam", "broken"]
+    assert rerun["base"]["reused"] == "tokenizer" and rerun["base"]["dtpsnr_db"] == base["dtpsnr_db"]
+    assert rerun["token-lam"] == token
