@@ -61,28 +61,30 @@ def read_ablation(path: Path) -> dict:
     return spec
 
 
-def reuse_finished_stages(run_dir: Path, runs_root: Path, recipe) -> list[str]:
+def reuse_finished_stages(run_dir: Path, runs_root: Path, recipe) -> dict[str, str]:
     """Copies into a new variant's run folder the stages an earlier run under `runs_root` finished with the same
-    settings on the same input (a chain from the tokenizer on); the pipeline then skips them. Returns their names."""
+    settings on the same input (a chain from the data record on: every variant reads the one data set through
+    data.path); the pipeline then skips them. Returns {stage: its record id} of what was copied."""
     from genie_core.pipeline import STAGE_FILE, fingerprint, stage_settings
 
-    wanted = {stage: fingerprint(stage_settings(recipe, stage)) for stage in STAGES}
+    wanted = {stage: fingerprint(stage_settings(recipe, stage)) for stage in ("data", *STAGES)}
     for other in sorted(p for p in runs_root.iterdir() if p.is_dir() and p != run_dir):
-        chain, parent = [], None
-        for stage in STAGES:
+        chain, parent = {}, None
+        for stage in wanted:
             record_path = other / stage / STAGE_FILE
             if not record_path.is_file():
                 break
             record = json.loads(record_path.read_text())
             if record["fingerprint"] != wanted[stage] or (parent and record["input"] != parent):
                 break
-            chain.append(stage)
-            parent = record["id"]
-        if chain:
-            for stage in chain:
+            chain[stage] = parent = record["id"]
+        if len(chain) > 1:  # a trained stage to reuse, not just the same data
+            (run_dir / "data").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(other / "data" / STAGE_FILE, run_dir / "data" / STAGE_FILE)  # the record; the data stays put
+            for stage in list(chain)[1:]:
                 shutil.copytree(other / stage, run_dir / stage, dirs_exist_ok=True)
             return chain
-    return []
+    return {}
 
 
 def run_variant(recipe_path: str, overrides: list[str], run_dir: Path, runs_root: Path) -> dict:
@@ -92,9 +94,11 @@ def run_variant(recipe_path: str, overrides: list[str], run_dir: Path, runs_root
     from genie_core.pipeline import Pipeline
     from genie_core.recipe import load_recipe
 
+    from genie_core.pipeline import STAGE_FILE
+
     recipe = load_recipe(recipe_path, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
-    reused = reuse_finished_stages(run_dir, runs_root, recipe)
+    copied = reuse_finished_stages(run_dir, runs_root, recipe)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     report = Pipeline(recipe, run_dir).run()
@@ -102,8 +106,10 @@ def run_variant(recipe_path: str, overrides: list[str], run_dir: Path, runs_root
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    summaries = {stage: json.loads((run_dir / stage / "stage.json").read_text())["summary"]
-                 for stage in ("tokenizer", "dynamics")}
+    records = {stage: json.loads((run_dir / stage / STAGE_FILE).read_text()) for stage in STAGES}
+    summaries = {stage: records[stage]["summary"] for stage in ("tokenizer", "dynamics")}
+    # what the pipeline really skipped: a copied stage it redid has a new id
+    reused = [stage for stage in STAGES if stage in copied and records[stage]["id"] == copied[stage]]
     t = recipe.eval.dtpsnr_t
     dyn_params = summaries["dynamics"]["parameters"]
     procs = 1  # the harness runs each variant as one process
@@ -155,7 +161,8 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], t: int) -> None:
              f"{meta['environment']['gpu'] or 'CPU'}, commit {meta['environment']['git_commit']}.", "",
              "| " + " | ".join(title for _, title in shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(cell(row, key) for key, _ in shown) + " |" for row in rows]
-    lines += ["", "Variants: " + "; ".join(f"**{r['variant']}** `{' '.join(r['overrides'])}`" for r in rows)]
+    lines += ["", "Variants: " + "; ".join(f"**{r['variant']}** " + (f"`{' '.join(r['overrides'])}`" if r["overrides"]
+                                                                     else "(the base recipe)") for r in rows)]
     failed = [r for r in rows if r["status"] != "ok"]
     lines += [f"- {r['variant']} failed: {r['error']}" for r in failed]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
@@ -163,10 +170,7 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], t: int) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str, t: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from genie_core.plots import plt, save
 
     panels = [("tokenizer_psnr_db", "tokenizer PSNR (dB)"), ("dtpsnr_db", f"dtPSNR t={t} (dB)"),
               ("actions_nmi", "latent vs true actions NMI"), ("peak_memory_mib", "peak memory (MiB)")]
@@ -179,10 +183,7 @@ def plot(rows: list[dict], path: Path, title: str, t: int) -> None:
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.axhline(0, color="black", linewidth=0.5)
-    fig.suptitle(f"ablation {title}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, f"ablation {title}", dpi=120)
 
 
 def main(argv=None) -> int:
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
         run_dir = runs_root / f"{args.ablation.stem}-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         start = time.perf_counter()
-        cmd = [sys.executable, __file__, str(args.ablation), *args.overrides, "--out", str(out),
+        cmd = [sys.executable, __file__, str(args.ablation), *args.overrides, f"data.path={data}", "--out", str(out),
                "--runs", str(runs_root), "--variant-child", name, str(run_dir)]
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         row = {"variant": name, "overrides": overrides, "seconds": time.perf_counter() - start}
@@ -246,8 +247,9 @@ def main(argv=None) -> int:
         rows.append(row)
 
     versions = {name: importlib.metadata.version(name) for name in LIBRARIES}
+    shown = [o.replace(str(Path.cwd()) + "/", "") for o in shared]  # paths as the user typed them, not absolute
     meta = {"name": args.ablation.stem, "ablation_file": str(args.ablation), "base": spec["base"],
-            "overrides": shared, "environment": environment() | {"libraries": versions}}
+            "overrides": shown, "environment": environment() | {"libraries": versions}}
     write_outputs(out, meta, rows, base.eval.dtpsnr_t)
     print((out / "ablation.md").read_text())
     print(f"saved {out}/ablation.{{json,csv,md,png}}")

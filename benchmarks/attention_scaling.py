@@ -85,10 +85,7 @@ def run_point(kind: str, frames: int, argv: list[str]) -> dict:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from genie_core.plots import loglog, plt, save
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for kind, label in KINDS.items():
@@ -97,16 +94,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         axes[0].plot(frames, [r["seconds"] * 1000 for r in points], "o-", label=label)
         axes[1].plot(frames, [r["peak_memory_mib"] for r in points], "o-", label=label)
     for ax, ylabel in zip(axes, ("ms per training step", "peak memory (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("frames T")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
+        loglog(ax, "frames T", ylabel)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, title, dpi=120)
 
 
 def main(argv=None) -> int:

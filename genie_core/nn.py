@@ -3,6 +3,8 @@
 - `STTransformer`: the paper's spatiotemporal transformer. Each block runs spatial attention inside every frame,
   then causal temporal attention across frames at every token position, then an MLP. Cost is linear in T for the
   dominant spatial part. Attention and MLP layers come from timm (fused SDPA attention, optional QK-norm).
+  Past frames never see later ones, so their temporal keys and values can be kept: `prefill` runs the history once
+  and returns them (`FrameCache`), `next_frame` runs one more frame against them (cached sampling).
 - `FullSTTransformer`: full spatiotemporal attention over all T*N tokens, causal in time (C-ViViT's); quadratic in
   T*N. `AttentionBlock` is its block, also used with plain causal order by the autoregressive dynamics model.
 - `Quantizer`: the one adapter over vector-quantize-pytorch that every tokenizer and action model uses; the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import attrs
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import Attention, Mlp
 from torch import nn
@@ -56,6 +59,47 @@ class STBlock(nn.Module):
             x = x + y.reshape(b, n, t, d).transpose(1, 2)
         return x + self.mlp(self.norm_mlp(x))
 
+    def run(self, x: torch.Tensor, cache: FrameCache | None = None, past=None) -> torch.Tensor:
+        """`forward` with the temporal attention written out, for cached sampling: with `cache`, append this block's
+        keys and values of x to it; with `past` (keys, values of earlier frames), x is the frame(s) that follow them."""
+        b, t, n, d = x.shape
+        x = x + self.spatial(self.norm_spatial(x).reshape(b * t, n, d)).reshape(b, t, n, d)
+        if self.temporal is not None:
+            q, k, v = _heads(self.temporal, self.norm_temporal(x).transpose(1, 2).reshape(b * n, t, d))
+            if cache is not None:
+                cache.keys.append(k)
+                cache.values.append(v)
+            if past is not None:  # the new frame sees every earlier frame and itself: nothing to mask
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            y = _attend(self.temporal, q, k, v, is_causal=past is None)
+            x = x + y.reshape(b, n, t, d).transpose(1, 2)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+def _heads(attention: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm Attention's queries, keys and values for [L, S, D]: each [L, heads, S, head_dim], keys and queries normed."""
+    qkv = attention.qkv(x).reshape(x.shape[0], x.shape[1], 3, attention.num_heads, attention.head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return attention.q_norm(q), attention.k_norm(k), v
+
+
+def _attend(attention: Attention, q, k, v, is_causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention and timm Attention's output projection: [L, heads, S, hd] -> [L, S, D]."""
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    return attention.proj(attention.norm(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], attention.attn_dim)))
+
+
+@attrs.define
+class FrameCache:
+    """Per block, the temporal keys and values of the frames run so far ([B*N, heads, T, hd] each)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def frames(self) -> int:
+        return self.keys[0].shape[2]
+
 
 class STTransformer(nn.Module):
     """A stack of STBlocks with a final LayerNorm. Input and output [B, T, N, D]."""
@@ -70,6 +114,22 @@ class STTransformer(nn.Module):
             x = block(x)
         return self.norm(x)
 
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, FrameCache]:
+        """`forward` of frames [B, T, N, D] that also returns every block's temporal keys and values."""
+        cache = FrameCache([], [])
+        for block in self.blocks:
+            x = block.run(x, cache)
+        return self.norm(x), cache
+
+    def next_frame(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+        """One more frame [B, 1, N, D] after the frames in `cache`: the same output `forward` would give for it as
+        the last frame of the whole sequence, at the cost of one frame. `cache` is left as it was."""
+        if x.shape[1] != 1:
+            raise ValueError(f"next_frame takes one frame, got {x.shape[1]}")
+        for i, block in enumerate(self.blocks):
+            x = block.run(x, None, (cache.keys[i], cache.values[i]))
+        return self.norm(x)
+
 
 class SpaceTimePositions(nn.Module):
     """Learned spatial and temporal position embeddings, added to [B, T, N, D]."""
@@ -79,11 +139,12 @@ class SpaceTimePositions(nn.Module):
         self.spatial = nn.Parameter(torch.randn(num_positions, dim) * 0.02)
         self.temporal = nn.Parameter(torch.randn(max_frames, dim) * 0.02)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[1]
-        if t > self.temporal.shape[0]:
-            raise ValueError(f"sequence of {t} frames is longer than the {self.temporal.shape[0]} this model was built for")
-        return x + self.spatial[None, None] + self.temporal[None, :t, None]
+    def forward(self, x: torch.Tensor, first_frame: int = 0) -> torch.Tensor:
+        """x holds frames first_frame, first_frame + 1, ... of a sequence."""
+        end = first_frame + x.shape[1]
+        if end > self.temporal.shape[0]:
+            raise ValueError(f"sequence of {end} frames is longer than the {self.temporal.shape[0]} this model was built for")
+        return x + self.spatial[None, None] + self.temporal[None, first_frame:end, None]
 
 
 @attrs.define(frozen=True)

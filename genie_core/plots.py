@@ -1,4 +1,4 @@
-"""Charts of evaluation results (PNG, matplotlib without a display)."""
+"""Charts of evaluation and benchmark results (PNG, matplotlib without a display)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,23 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on training machines; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def save(fig, path: Path, title: str, dpi: int = 100) -> None:
+    """Title, tight layout, PNG, and the figure's memory released."""
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def loglog(ax, xlabel: str, ylabel: str) -> None:
+    """Axes for scaling curves: x in powers of two, y logarithmic, both labelled, light grid."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def _by_step(ax, series: dict[str, list[dict]], ylabel: str) -> None:
@@ -29,10 +46,7 @@ def fidelity_by_step(psnr: dict[str, list[dict]], ssim: dict[str, list[dict]], p
     _by_step(right, ssim, "SSIM")
     if len(psnr) > 1:
         left.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path, title)
 
 
 def action_usage(usage: list[int], contingency: list[list[int]] | None, path: Path, title: str) -> None:
@@ -55,7 +69,4 @@ def action_usage(usage: list[int], contingency: list[list[int]] | None, path: Pa
         heat.set_yticks(range(len(rows)))
         heat.set_title("P(true action | latent action)")
         fig.colorbar(image, ax=heat)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path, title)

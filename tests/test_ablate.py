@@ -37,7 +37,11 @@ overrides = ["dynamics.depth=0"]
     assert base["status"] == token["status"] == "ok" and broken["status"] == "failed"
     assert "dynamics" in broken["error"] and "depth" in broken["error"]  # the recipe's own one-line complaint
     assert base["reused"] == "" and token["reused"] == "tokenizer"  # same tokenizer settings: trained once
-    assert token["tokenizer_psnr_db"] == base["tokenizer_psnr_db"]  # ... so the same tokenizer scores
+    tokenizer_id = [json.loads((runs / f"mini-{v}" / "tokenizer" / "stage.json").read_text())["id"]
+                    for v in ("base", "token-lam")]
+    assert tokenizer_id[0] == tokenizer_id[1] and token["tokenizer_psnr_db"] == base["tokenizer_psnr_db"]
+    built = [p.parent.name for p in runs.rglob("manifest.json")]
+    assert len(built) == 1 and built[0].startswith("data-")  # the footage was built once, beside the runs, and shared
     for row in (base, token):
         assert row["tokenizer_params"] > 0 and row["dynamics_params"] > 0 and row["peak_memory_mib"] > 0
         assert row["tokenizer_steps_per_s"] > 0 and row["dynamics_samples_per_s"] > 0

@@ -245,21 +245,33 @@ def test_maskgit_single_greedy_step_is_argmax():
     assert torch.equal(sampled, expected)
 
 
-def test_maskgit_schedule_reveals_every_token_and_keeps_revealed_ones():
-    """Each step reveals tokens following the cosine schedule; a revealed token is never resampled."""
+@pytest.mark.parametrize("cache", [False, True])
+def test_maskgit_schedule_reveals_every_token_and_keeps_revealed_ones(cache):
+    """Each step reveals tokens following the cosine schedule; a revealed token is never resampled (with the
+    key/value cache, where each step runs only the new frame, and without, where it runs the whole sequence)."""
     from genie_plugins.maskgit import MaskGITSampler, MaskGITSamplerConfig
 
     dyn = build("dynamics", "maskgit", token_spec()).eval()
     seen = []
-    original = dyn.forward
+    if cache:
+        original = dyn.next_frame_logits
 
-    def spy(tokens, actions, mask=None):
-        seen.append((tokens[:, -1].clone(), mask[:, -1].clone()))
-        return original(tokens, actions, mask)
+        def spy(kv, frame, action, mask=None):
+            seen.append((frame.clone(), mask.clone()))
+            return original(kv, frame, action, mask)
 
-    dyn.forward = spy
+        dyn.next_frame_logits = spy
+    else:
+        original = dyn.forward
+
+        def spy(tokens, actions, mask=None):
+            seen.append((tokens[:, -1].clone(), mask[:, -1].clone()))
+            return original(tokens, actions, mask)
+
+        dyn.forward = spy
     tokens, actions = tokens_and_actions(frames=3)
-    result = MaskGITSampler(MaskGITSamplerConfig(steps=4)).sample_next(dyn, tokens[:, :2], actions, torch.Generator().manual_seed(0))
+    config = MaskGITSamplerConfig(steps=4, cache=cache)
+    result = MaskGITSampler(config).sample_next(dyn, tokens[:, :2], actions, torch.Generator().manual_seed(0))
     hidden_counts = [int(mask[0].sum()) for _, mask in seen]
     assert hidden_counts == [16, 14, 11, 6]  # 16 * cos(pi/2 * s/4) for s = 0..3, floored
     for (frame, mask), (next_frame, _) in zip(seen, seen[1:] + [(result, None)]):
