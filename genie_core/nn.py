@@ -51,17 +51,11 @@ class STBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, n, d = x.shape  # [B, T, N, D]
-        x = x + self.spatial(self.norm_spatial(x).reshape(b * t, n, d)).reshape(b, t, n, d)
-        if self.temporal is not None:
-            y = self.norm_temporal(x).transpose(1, 2).reshape(b * n, t, d)  # [B*N, T, D]
-            y = self.temporal(y, is_causal=True)
-            x = x + y.reshape(b, n, t, d).transpose(1, 2)
-        return x + self.mlp(self.norm_mlp(x))
+        return self.run(x)  # [B, T, N, D]
 
     def run(self, x: torch.Tensor, cache: FrameCache | None = None, past=None) -> torch.Tensor:
-        """`forward` with the temporal attention written out, for cached sampling: with `cache`, append this block's
-        keys and values of x to it; with `past` (keys, values of earlier frames), x is the frame(s) that follow them."""
+        """The block, with its temporal attention written out for cached sampling: with `cache`, append this block's
+        keys and values of x to it; with `past` (keys, values of earlier frames), x is the frame that follows them."""
         b, t, n, d = x.shape
         x = x + self.spatial(self.norm_spatial(x).reshape(b * t, n, d)).reshape(b, t, n, d)
         if self.temporal is not None:

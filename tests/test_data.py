@@ -220,6 +220,7 @@ loader = accelerator.prepare(torch.utils.data.DataLoader(ds, batch_size=2, shuff
 firsts = [ids_of(video[:, :1]) for video in loader]
 with open({out!r} + f"/rank{{accelerator.process_index}}.json", "w") as f:
     json.dump({{"world": accelerator.num_processes, "firsts": sum(firsts, [])}}, f)
+accelerator.end_training()  # close the process group before exit: gloo threads alive at exit can abort a rank
 """
 
 
