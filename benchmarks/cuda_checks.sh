@@ -11,7 +11,8 @@
 #     (Accelerate applies FSDP only to GPU processes), and in bf16 in one plain process;
 #   - training and play throughput at the medium, paper (Appendix F) and tiny sizes, fp32 / bf16 / fp16;
 #   - kill -9 mid-stage and --resume against an uninterrupted run, in fp16 (scaler state in the checkpoint);
-#   - ST vs full spatiotemporal attention, time and memory against T at the paper tokenizer's width.
+#   - ST vs full spatiotemporal attention, time and memory against T at the paper tokenizer's width;
+#   - play speed (frames/s against history, cached vs uncached) at the paper's and the tiny sizes.
 # A step that would end past DEADLINE is cut short (its log says so), so the summary is always written.
 # ONLY="NAME NAME" runs just those steps.
 # JSON results land in benchmarks/results/ (names end in -cuda); OUT holds the logs and the runs' reports.
@@ -66,6 +67,20 @@ done
 step resume-fp16 120 $PY benchmarks/resume_equivalence.py recipes/coinrun-smoke.toml data.path="$SMOKE_DATA" \
     run.mixed_precision=fp16 train.dynamics.steps=40 train.dynamics.checkpoint_every=5 train.dynamics.log_every=1 \
     train.dynamics.eval_every=10 run.trackers=none
+
+# The same with deterministic kernels: two plain CUDA runs already differ in the last bits from step 1 (atomics
+# in some backward kernels), so only run.deterministic=true can show bitwise equality on a GPU.
+step resume-fp16-deterministic 150 $PY benchmarks/resume_equivalence.py recipes/coinrun-smoke.toml \
+    data.path="$SMOKE_DATA" run.mixed_precision=fp16 run.deterministic=true train.dynamics.steps=40 \
+    train.dynamics.checkpoint_every=5 train.dynamics.log_every=1 train.dynamics.eval_every=10 run.trackers=none
+
+# Play speed (`genie play`'s path: a session extending its cache, each frame decoded) at the paper's dynamics size
+# with its 25 MaskGIT steps, and at the tiny size.
+for precision in bf16 fp32; do
+    step "play-speed-paper-$precision" 150 $PY benchmarks/play_speed.py recipes/coinrun-paper.toml data.path="$TINY_DATA" \
+        --history 1,2,4,8,16 --repeats 3 --precision $precision
+done
+step play-speed-tiny 60 $PY benchmarks/play_speed.py recipes/coinrun-tiny.toml data.path="$TINY_DATA" --repeats 5
 
 step attention-scaling 120 $PY benchmarks/attention_scaling.py --dim 512 --heads 8 --depth 2 --tokens 256 \
     --batch 4 --precision bf16 --repeats 5

@@ -91,7 +91,8 @@ def main(argv=None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps({k: v for k, v in result.items() if k not in ("environment", "rows")}, indent=2))
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"resume-equivalence-{result['device']}.json"
+    deterministic = any(o.replace(" ", "") == "run.deterministic=true" for o in args.overrides)
+    out = RESULTS / f"resume-equivalence{'-deterministic' if deterministic else ''}-{result['device']}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"saved {out}")
     return 0 if result["steps_match"] else 1

@@ -97,7 +97,70 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, help="sampler steps (overrides the saved sampler's)")
     sample.add_argument("--temperature", type=float, help="sampling temperature (overrides the saved sampler's)")
     sample.add_argument("--scale", type=positive_int, default=4, help="nearest-neighbour upscaling of the output")
+
+    play = sub.add_parser("play", help="play a trained world: a page in the browser (local web server) or --terminal")
+    play.add_argument("run_dir", type=Path, help="a run folder whose tokenizer, dynamics and report stages are complete")
+    play.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    play.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    play.add_argument("--terminal", action="store_true", help="play in the terminal instead of the browser")
+    play.add_argument("--prompt", type=Path, help="terminal: a PNG or JPG to start from (default: a validation frame)")
+    play.add_argument("--prompt-index", type=int, default=0, help="terminal: which validation frame to start from")
+    play.add_argument("--frames-dir", type=Path, help="terminal: also save every frame as PNG and the session as GIF")
+    play.add_argument("--no-blocks", action="store_true", help="terminal: do not draw frames (with --frames-dir)")
+    play.add_argument("--width", type=positive_int, default=64, help="terminal: characters per drawn frame row")
+    play.add_argument("--seed", type=int, default=0)
+    play.add_argument("--steps", type=positive_int, help="sampler steps (default: the run's)")
+    play.add_argument("--temperature", type=float, help="sampling temperature (default: the run's)")
+    play.add_argument("--max-sessions", type=positive_int, default=16, help="sessions played at once (default 16)")
+    play.add_argument("--idle-minutes", type=float, default=10.0, help="a session left alone this long ends")
+    play.add_argument("--max-upload-mb", type=float, default=5.0, help="largest prompt image accepted (default 5)")
+    play.add_argument("--cpu", action="store_true", help="play on the CPU even if a GPU is present")
     return parser
+
+
+def cmd_play(args) -> int:
+    import torch
+
+    from genie_core.media import load_image
+    from genie_core.play.session import PlayWorld
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    play = PlayWorld.load(args.run_dir, device)
+    options = {k: v for k, v in (("steps", args.steps), ("temperature", args.temperature)) if v is not None}
+    play.world.sampler = play.sampler(options)  # checks the values too
+    if args.terminal:
+        from genie_core.play.terminal import play_in_terminal
+
+        if args.prompt is not None:
+            prompt = load_image(args.prompt, play.resolution)
+        elif not play.prompts:
+            raise GenieError(f"{args.run_dir}: its data set is not here, so there is no validation frame to start "
+                             f"from; give --prompt IMAGE")
+        elif not 0 <= args.prompt_index < len(play.prompts):
+            raise GenieError(f"--prompt-index {args.prompt_index}: this run has validation frames "
+                             f"0..{len(play.prompts) - 1}")
+        else:
+            prompt = play.prompts[args.prompt_index]
+        play_in_terminal(play, prompt, args.seed, {}, sys.stdin, sys.stdout, args.frames_dir,
+                         blocks=not args.no_blocks, width=args.width)
+        return 0
+    from genie_core.play.server import Limits, PlayServer
+
+    limits = Limits(max_sessions=args.max_sessions, idle_seconds=args.idle_minutes * 60,
+                    max_upload_bytes=int(args.max_upload_mb * 1_000_000))
+    try:
+        server = PlayServer(play, args.host, args.port, limits)
+    except OSError as error:
+        raise GenieError(f"cannot serve on {args.host}:{args.port} ({error.strerror}); choose another --port") from None
+    print(f"playing {play.name} ({play.world.num_actions} actions, {device}) at {server.url}  (Ctrl+C stops)",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
 
 
 def cmd_plugins(args) -> int:
@@ -241,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides += extra
     handler = {"plugins": cmd_plugins, "validate": cmd_validate, "run": cmd_run, "data": cmd_data,
-               "eval": cmd_eval, "sample": cmd_sample}[args.command]
+               "eval": cmd_eval, "sample": cmd_sample, "play": cmd_play}[args.command]
     try:
         return handler(args)
     except TrainingDiverged as error:  # not bad input: the run itself failed

@@ -101,6 +101,9 @@ class RunConfig:
     cpu: bool = False  # force CPU even when a GPU is present
     distributed: str = attrs.field(default="ddp", validator=v.in_(("ddp", "fsdp")))  # under several processes
     trackers: str = "tensorboard"  # Accelerate trackers, comma-separated (tensorboard, wandb, ...); "none" for none
+    # Deterministic kernels (torch.use_deterministic_algorithms): a rerun, or a kill and --resume, repeats a GPU run
+    # bit for bit, at some cost in speed. CPU runs are repeatable without it.
+    deterministic: bool = False
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -152,6 +155,25 @@ class DynamicsTrainConfig(TrainConfig):
     # 0: the paper's co-training. N > 0: train the latent action model alone for N steps first, then the dynamics
     # model alone for `steps` steps on the frozen LAM (an ablation, and a way to reuse one LAM).
     lam_steps: int = attrs.field(default=0, validator=non_negative)
+
+
+WINDOWS = ("slide", "block")
+
+
+@attrs.define(frozen=True, kw_only=True)
+class WorldConfig:
+    """How a trained world rolls out past the number of frames it was trained on ([world] in a recipe): it keeps a
+    rolling context of the most recent frames.
+
+    - window "slide": every new frame sees the `context` - 1 frames before it, the training windows' shape; once the
+      context is full, the window moves one frame per step, so the dynamics model's cache is rebuilt every step.
+    - window "block": when the context is full, the oldest half of it is dropped at once; between drops every new
+      frame extends the cache, so a long session costs about one frame per MaskGIT step. The history then varies
+      between half and all of the context.
+    """
+
+    context: int = attrs.field(default=0, validator=v.ge(0))  # frames seen per new frame; 0: as many as trained on
+    window: str = attrs.field(default="slide", validator=v.in_(WINDOWS))
 
 
 @attrs.define(frozen=True, kw_only=True)

@@ -209,7 +209,8 @@ def build_dataset(source: VideoSource, identity: dict, cfg: DataConfig, out: Pat
     done = [json.loads(line) for line in journal_path.read_text().splitlines()]
     manifest = {**header, **_assemble(done, units),
                 "skipped": [bad for entry in done for bad in entry.get("skipped", [])],
-                "dropped_short_episodes": sum(entry.get("dropped_short_episodes", 0) for entry in done)}
+                "dropped_short_episodes": sum(entry.get("dropped_short_episodes", 0) for entry in done),
+                "action_names": source.action_names()}
     if manifest["frames"] == 0:
         raise GenieError(f"{out}: the source gave no episode of at least data.min_episode_frames="
                          f"{cfg.min_episode_frames} frames")

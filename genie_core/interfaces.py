@@ -214,6 +214,19 @@ class Sampler(Component, abc.ABC):
     ) -> torch.Tensor:
         """history tokens [B, t, h, w] and actions [B, t] (the last one leads to the new frame) -> tokens [B, h, w]."""
 
+    # Cached sampling, optional. A dynamics model that keeps its history offers prefill(history [B, t, h, w],
+    # actions [B, t - 1]) -> cache and extend(cache, frame [B, h, w], action [B]) (MaskGIT's does); a sampler that
+    # can continue from such a cache says so here and implements sample_cached. `Rollout` then extends the cache by
+    # one frame per step instead of running the whole history again.
+    def can_use_cache(self, dynamics: DynamicsModel) -> bool:
+        return False
+
+    def sample_cached(self, dynamics: DynamicsModel, cache: Any, action: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """The next frame's tokens [B, h, w] after the frames in `cache`, reached by `action` [B]: the same tokens
+        sample_next gives for that history. Leaves the cache as it was."""
+        raise NotImplementedError(f"{type(self).__name__} does not sample from a cache")
+
 
 class VideoSource(Component, abc.ABC):
     """Where footage comes from: a game played by a policy, a folder of videos, ...
@@ -231,6 +244,11 @@ class VideoSource(Component, abc.ABC):
     @abc.abstractmethod
     def units(self) -> dict[str, list[str]]:
         """Split name ("train", "val") -> the unit keys of that split, in a fixed order."""
+
+    def action_names(self) -> list[str] | None:
+        """The names of the ground-truth actions (index -> name, e.g. LEFT, UP), if the source has actions: kept in
+        the data set's manifest, so `genie play` can put arrow keys on the latent actions that match them."""
+        return None
 
     @abc.abstractmethod
     def record(self, unit: str) -> Iterator[Episode]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from genie_core.errors import GenieError
 
@@ -30,9 +30,10 @@ def _images(frames: torch.Tensor, scale: int) -> list[Image.Image]:
     return [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in to_uint8(frames)]
 
 
-def save_gif(frames: torch.Tensor, path: Path, scale: int = 3, fps: int = 4) -> None:
+def save_gif(frames: torch.Tensor, path, scale: int = 3, fps: int = 4) -> None:
+    """[T, C, H, W] in [0, 1] -> an endlessly looping GIF; `path` may also be a binary file object."""
     images = _images(frames, scale)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
 
 
 def save_strip(frames: torch.Tensor, path: Path, scale: int = 3) -> None:
@@ -40,9 +41,9 @@ def save_strip(frames: torch.Tensor, path: Path, scale: int = 3) -> None:
     save_png(tile(list(frames[:, None])).squeeze(0), path, scale)
 
 
-def save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:
-    """[C, H, W] in [0, 1] -> PNG."""
-    _images(image[None], scale)[0].save(path)
+def save_png(image: torch.Tensor, path, scale: int = 1) -> None:
+    """[C, H, W] in [0, 1] -> PNG; `path` may also be a binary file object."""
+    _images(image[None], scale)[0].save(path, format="PNG")
 
 
 def load_image(path: Path, size: tuple[int, int], max_bytes: int = 20_000_000) -> torch.Tensor:
@@ -52,11 +53,27 @@ def load_image(path: Path, size: tuple[int, int], max_bytes: int = 20_000_000) -
         raise GenieError(f"{path}: image file not found")
     if path.stat().st_size > max_bytes:
         raise GenieError(f"{path}: image is larger than {max_bytes} bytes")
+    with open(path, "rb") as file:
+        return decode_image(file, size, str(path))
+
+
+def decode_image(file, size: tuple[int, int], name: str, formats: tuple[str, ...] | None = None,
+                 max_pixels: int = 50_000_000) -> torch.Tensor:
+    """An image in a binary file object -> [C, H, W] float in [0, 1], resized to (height, width). `name` names it
+    in errors; `formats` (PIL's names, e.g. PNG, JPEG) limits what is accepted."""
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
+            if formats and image.format not in formats:
+                raise GenieError(f"{name}: a {image.format} image; accepted: {', '.join(formats)}")
+            if image.width * image.height > max_pixels:  # checked before decoding: no decompression bombs
+                raise GenieError(f"{name}: {image.width}x{image.height} pixels is more than the {max_pixels} allowed")
             rgb = image.convert("RGB")
+    except GenieError:
+        raise
+    except UnidentifiedImageError:
+        raise GenieError(f"{name}: not an image (no image format recognised)") from None
     except Exception as error:  # noqa: BLE001 - PIL raises many kinds for broken files
-        raise GenieError(f"{path}: not a readable image ({error})") from None
+        raise GenieError(f"{name}: not a readable image ({error})") from None
     if rgb.size != (size[1], size[0]):
         rgb = rgb.resize((size[1], size[0]), Image.BILINEAR)
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255

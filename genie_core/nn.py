@@ -51,23 +51,23 @@ class STBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x)  # [B, T, N, D]
+        return self.run(x)[0]  # [B, T, N, D]
 
-    def run(self, x: torch.Tensor, cache: FrameCache | None = None, past=None) -> torch.Tensor:
-        """The block, with its temporal attention written out for cached sampling: with `cache`, append this block's
-        keys and values of x to it; with `past` (keys, values of earlier frames), x is the frame that follows them."""
+    def run(self, x: torch.Tensor, with_past=None):
+        """The block, with its temporal attention written out for cached sampling. Returns the output and this
+        block's temporal keys and values of x's frames (None without temporal attention). With `with_past`, x is
+        one frame that follows earlier ones: with_past(k, v) gives the keys and values of those and of x."""
         b, t, n, d = x.shape
         x = x + self.spatial(self.norm_spatial(x).reshape(b * t, n, d)).reshape(b, t, n, d)
+        kv = None
         if self.temporal is not None:
             q, k, v = _heads(self.temporal, self.norm_temporal(x).transpose(1, 2).reshape(b * n, t, d))
-            if cache is not None:
-                cache.keys.append(k)
-                cache.values.append(v)
-            if past is not None:  # the new frame sees every earlier frame and itself: nothing to mask
-                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-            y = _attend(self.temporal, q, k, v, is_causal=past is None)
+            kv = (k, v)
+            if with_past is not None:  # the new frame sees every earlier frame and itself: nothing to mask
+                k, v = with_past(k, v)
+            y = _attend(self.temporal, q, k, v, is_causal=with_past is None)
             x = x + y.reshape(b, n, t, d).transpose(1, 2)
-        return x + self.mlp(self.norm_mlp(x))
+        return x + self.mlp(self.norm_mlp(x)), kv
 
 
 def _heads(attention: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,16 +83,36 @@ def _attend(attention: Attention, q, k, v, is_causal: bool) -> torch.Tensor:
     return attention.proj(attention.norm(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], attention.attn_dim)))
 
 
-@attrs.define
 class FrameCache:
-    """Per block, the temporal keys and values of the frames run so far ([B*N, heads, T, hd] each)."""
+    """Per block, the temporal keys and values of the frames run so far, in buffers with room for more
+    ([B*N, heads, capacity, hd] each), so that a new frame is written in place instead of concatenated at every
+    MaskGIT step."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], spare: int = 8):
+        """keys and values [B*N, heads, T, hd] per block."""
+        self.frames = keys[0].shape[2]
+        self.keys = [self._room(k, self.frames + spare) for k in keys]
+        self.values = [self._room(v, self.frames + spare) for v in values]
 
-    @property
-    def frames(self) -> int:
-        return self.keys[0].shape[2]
+    @staticmethod
+    def _room(x: torch.Tensor, capacity: int) -> torch.Tensor:
+        buffer = x.new_empty(*x.shape[:2], capacity, x.shape[3])
+        buffer[:, :, : x.shape[2]] = x
+        return buffer
+
+    def with_next(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's keys and values of the cached frames followed by one more frame's (k, v [B*N, heads, 1, hd]),
+        written into the slot after the cached frames (overwritten by the next call until `commit`)."""
+        if self.frames == self.keys[block].shape[2]:  # full: double the room of every block
+            self.keys = [self._room(x[:, :, : self.frames], 2 * self.frames) for x in self.keys]
+            self.values = [self._room(x[:, :, : self.frames], 2 * self.frames) for x in self.values]
+        self.keys[block][:, :, self.frames] = k[:, :, 0]
+        self.values[block][:, :, self.frames] = v[:, :, 0]
+        return self.keys[block][:, :, : self.frames + 1], self.values[block][:, :, : self.frames + 1]
+
+    def commit(self) -> None:
+        """The frame last written by `with_next` joins the cached frames."""
+        self.frames += 1
 
 
 class STTransformer(nn.Module):
@@ -110,18 +130,23 @@ class STTransformer(nn.Module):
 
     def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, FrameCache]:
         """`forward` of frames [B, T, N, D] that also returns every block's temporal keys and values."""
-        cache = FrameCache([], [])
+        keys, values = [], []
         for block in self.blocks:
-            x = block.run(x, cache)
-        return self.norm(x), cache
+            x, (k, v) = block.run(x)
+            keys.append(k)
+            values.append(v)
+        return self.norm(x), FrameCache(keys, values)
 
-    def next_frame(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+    def next_frame(self, x: torch.Tensor, cache: FrameCache, extend: bool = False) -> torch.Tensor:
         """One more frame [B, 1, N, D] after the frames in `cache`: the same output `forward` would give for it as
-        the last frame of the whole sequence, at the cost of one frame. `cache` is left as it was."""
+        the last frame of the whole sequence, at the cost of one frame. With `extend`, the frame's keys and values
+        join the cache (a finished frame that later frames will see); without, the cached frames stay as they were."""
         if x.shape[1] != 1:
             raise ValueError(f"next_frame takes one frame, got {x.shape[1]}")
         for i, block in enumerate(self.blocks):
-            x = block.run(x, None, (cache.keys[i], cache.values[i]))
+            x, _ = block.run(x, lambda k, v, i=i: cache.with_next(i, k, v))
+        if extend:
+            cache.commit()
         return self.norm(x)
 
 

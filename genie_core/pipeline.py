@@ -17,8 +17,10 @@ main one writes files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import time
 import uuid
@@ -61,7 +63,7 @@ def stage_settings(recipe: Recipe, stage: str) -> dict:
     if stage in ("dynamics", "report"):
         settings |= {"action_model": d["action_model"], "dynamics": d["dynamics"], "train.dynamics": d["train"]["dynamics"]}
     if stage == "report":
-        settings |= {"sampler": d["sampler"], "eval": d["eval"]}
+        settings |= {"sampler": d["sampler"], "eval": d["eval"], "world": d["world"]}
     # the plugin versions that produced it: the source's for the data, every component's after that
     settings["versions"] = {"source": d["versions"]["source"]} if stage == "data" else d["versions"]
     return settings
@@ -82,6 +84,23 @@ def _drop_cosmetic(value):
     if isinstance(value, dict):
         return {k: _drop_cosmetic(v) for k, v in value.items() if k not in COSMETIC}
     return value
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    """Deterministic kernels for the stages of a run.deterministic run, the process's setting restored after."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for repeatable results
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
 
 
 def _upstream(stage: str) -> str | None:
@@ -164,6 +183,12 @@ class Pipeline:
             # Accelerate runs fp16 (autocast + gradient scaler) on GPUs only; elsewhere it trains in float32 silently.
             self.log(f"run.mixed_precision = 'fp16': needs a GPU; on {self.accelerator.device.type} this run trains in "
                      f"float32 (bf16 works on CPUs)")
+        with _deterministic(run_cfg.deterministic):
+            self._run_stages(redo_from)
+        self.accelerator.end_training()
+        return json.loads((self.run_dir / "report.json").read_text())
+
+    def _run_stages(self, redo_from: str | None) -> None:
         redo = False
         for stage in STAGES:
             redo = redo or stage == redo_from
@@ -178,8 +203,6 @@ class Pipeline:
             getattr(self, f"stage_{stage}")()
             self.accelerator.wait_for_everyone()  # no process reads a stage before the main one has written it
             self.log(f"stage {stage}: finished in {time.perf_counter() - start:.1f} s")
-        self.accelerator.end_training()
-        return json.loads((self.run_dir / "report.json").read_text())
 
     # ------------------------------------------------------------------------------------------ stages
 
@@ -298,7 +321,7 @@ class Pipeline:
         truth next to a rollout from its first frame. Uses its own random generator, not the global ones."""
         val = self._validation_batch(length)
         choice = self.recipe.components["sampler"]
-        world = World(tokenizer, action_model, dynamics, choice.info.cls(choice.config))
+        world = World(tokenizer, action_model, dynamics, choice.info.cls(choice.config), self.recipe.world)
 
         def validate(step: int) -> dict:
             generator = torch.Generator(device=val.device).manual_seed(0)
@@ -337,7 +360,8 @@ class Pipeline:
     def stage_report(self) -> None:
         choice = self.recipe.components["sampler"]
         sampler = choice.info.cls(choice.config)
-        world = World(**load_stages(self.run_dir, ("tokenizer", "dynamics")), sampler=sampler).to(self.accelerator.device)
+        world = World(**load_stages(self.run_dir, ("tokenizer", "dynamics")), sampler=sampler,
+                      config=self.recipe.world).to(self.accelerator.device)
         ev = self.recipe.eval
         device = self.accelerator.device
         t = ev.dtpsnr_t  # the recipe checks that t + 1 frames fit the action model's windows

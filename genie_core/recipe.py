@@ -18,13 +18,13 @@ from typing import Any
 
 import attrs
 
-from genie_core.config import (DataConfig, DynamicsTrainConfig, EvalConfig, RunConfig, TrainConfig, build_config,
-                               config_to_dict)
+from genie_core.config import (DataConfig, DynamicsTrainConfig, EvalConfig, RunConfig, TrainConfig, WorldConfig,
+                               build_config, config_to_dict)
 from genie_core.errors import PluginError, RecipeError
 from genie_core.interfaces import KINDS
 from genie_core.registry import ComponentInfo, Registry, get_registry
 
-CORE_SECTIONS = {"run": RunConfig, "data": DataConfig, "eval": EvalConfig}
+CORE_SECTIONS = {"run": RunConfig, "data": DataConfig, "eval": EvalConfig, "world": WorldConfig}
 TRAIN_TABLES = {"tokenizer": TrainConfig, "dynamics": DynamicsTrainConfig}  # [train.STAGE] -> its config class
 
 
@@ -48,12 +48,14 @@ class Recipe:
     eval: EvalConfig
     components: dict[str, ComponentChoice]  # kind -> choice
     train: dict[str, TrainConfig]  # stage -> config
+    world: WorldConfig = WorldConfig()
 
     def describe(self) -> dict[str, Any]:
         return {
             "run": config_to_dict(self.run),
             "data": config_to_dict(self.data),
             "eval": config_to_dict(self.eval),
+            "world": config_to_dict(self.world),
             **{kind: {"name": c.name, **config_to_dict(c.config)} for kind, c in self.components.items()},
             "train": {stage: config_to_dict(cfg) for stage, cfg in self.train.items()},
         }
@@ -156,9 +158,13 @@ def recipe_from_table(table: dict[str, Any], source: str, registry: Registry | N
     if core["data"] is not None:
         problems += check_compatibility(components, core["data"], train, source)
     problems += check_lengths(train, core["eval"], source)
+    world, dynamics_train = core["world"], train.get("dynamics")
+    if world is not None and dynamics_train is not None and world.context > dynamics_train.seq_len:
+        problems.append(f"{source} [world]: context {world.context} exceeds train.dynamics.seq_len "
+                        f"{dynamics_train.seq_len}, the longest window the dynamics model is trained on")
     if problems:
         raise RecipeError(problems)
-    return Recipe(source, table, core["run"], core["data"], core["eval"], components, train)
+    return Recipe(source, table, core["run"], core["data"], core["eval"], components, train, core["world"])
 
 
 def check_lengths(train: dict, eval_cfg: EvalConfig | None, source: str) -> list[str]:

@@ -1,20 +1,31 @@
 """A trained world: tokenizer + latent action model + dynamics model + sampler, and how to roll it out.
 
 The dynamics model and the tokenizer were trained on windows of a fixed number of frames; a rollout longer than that
-keeps a rolling context of the most recent `context` frames, so any number of steps can be played.
+keeps a rolling context of the most recent frames (`WorldConfig`: how many, and whether the window slides one frame
+at a time or moves in blocks), so any number of steps can be played. `Rollout` plays one action at a time and keeps
+the dynamics model's cache of the history from step to step.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import attrs
 import torch
 
 from genie_core.checkpoint import MANIFEST, load_components
+from genie_core.config import WorldConfig, build_config
 from genie_core.errors import GenieError
 from genie_core.interfaces import DynamicsModel, LatentActionModel, Sampler, VideoTokenizer
 from genie_core.registry import Registry, get_registry
+
+
+def history_start(frames: int, keep: int, stride: int) -> int:
+    """The first frame of the history the next frame is generated from, when `frames` frames exist: the most recent
+    `keep` at most, the window's start moving in multiples of `stride` (1: sliding)."""
+    over = frames - keep
+    return 0 if over <= 0 else -(-over // stride) * stride
 
 
 @attrs.define
@@ -23,17 +34,26 @@ class World:
     action_model: LatentActionModel
     dynamics: DynamicsModel
     sampler: Sampler
+    config: WorldConfig = WorldConfig()
 
     def __attrs_post_init__(self):
         self.action_model.use_tokenizer(self.tokenizer)  # a token-input action model reads through it
+        if self.config.context > self.trained_context:
+            raise GenieError(f"[world] context {self.config.context} is longer than the {self.trained_context} frames "
+                             f"this world was trained on")
 
     @property
     def num_actions(self) -> int:
         return self.action_model.num_actions
 
     @property
+    def trained_context(self) -> int:
+        return self.dynamics.spec.num_frames  # (the tokenizer decodes with its own window: `decode_last`)
+
+    @property
     def context(self) -> int:
-        return min(self.dynamics.spec.num_frames, self.tokenizer.spec.num_frames)
+        """Frames the dynamics model sees per generated frame: the history and the new one."""
+        return self.config.context or self.trained_context
 
     @property
     def device(self) -> torch.device:
@@ -49,14 +69,10 @@ class World:
                         generator: torch.Generator | None = None) -> torch.Tensor:
         """prompt tokens [B, 1, h, w] and actions [B, S] -> tokens [B, S + 1, h, w] (the prompt first)."""
         self.check_actions(actions)
-        tokens = prompt_tokens
-        keep = self.context - 1  # history frames next to the one being generated
+        rollout = Rollout(self, prompt_tokens)
         for step in range(actions.shape[1]):
-            history = tokens[:, -keep:]
-            history_actions = actions[:, step + 1 - history.shape[1] : step + 1]
-            nxt = self.sampler.sample_next(self.dynamics, history, history_actions, generator)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        return tokens
+            rollout.step(actions[:, step], generator)
+        return rollout.tokens
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -66,20 +82,89 @@ class World:
             return self.tokenizer.decode(tokens)
         window = self.tokenizer.spec.num_frames
         head = self.tokenizer.decode(tokens[:, :window])
-        tail = [self.tokenizer.decode(tokens[:, i - window + 1 : i + 1])[:, -1:] for i in range(window, t)]
+        tail = [self.decode_last(tokens[:, : i + 1]) for i in range(window, t)]
         return torch.cat([head, *tail], dim=1)
+
+    @torch.no_grad()
+    def decode_last(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The last frame of tokens [B, T, h, w] as pixels [B, 1, C, H, W], decoded with the frames before it that
+        fit the tokenizer's window."""
+        return self.tokenizer.decode(tokens[:, -self.tokenizer.spec.num_frames:])[:, -1:]
 
     @torch.no_grad()
     def rollout(self, prompt: torch.Tensor, actions: torch.Tensor,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """prompt frames [B, C, H, W] and actions [B, S] -> video [B, S + 1, C, H, W]; frame 0 is the decoded prompt."""
-        prompt_tokens = self.tokenizer.encode(prompt[:, None].to(self.device))
-        return self.decode(self.generate_tokens(prompt_tokens, actions.to(self.device), generator))
+        return self.decode(self.generate_tokens(self.encode_prompt(prompt), actions.to(self.device), generator))
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: torch.Tensor) -> torch.Tensor:
+        """prompt frames [B, C, H, W] in [0, 1] -> tokens [B, 1, h, w]."""
+        return self.tokenizer.encode(prompt[:, None].to(self.device))
 
     def to(self, device) -> "World":
         for module in (self.tokenizer, self.action_model, self.dynamics, self.sampler):
             module.to(device)
         return self
+
+
+class Rollout:
+    """A world played one action at a time: the tokens [B, T, h, w] and actions [B, T - 1] so far, and, when the
+    sampler and the dynamics model support it, the dynamics model's cache of the current history. Each step extends
+    the cache by the frame generated before it; the cache is rebuilt only when the window's start moves (every step
+    once a sliding window is full, every half window with "block"). The tokens are those of the uncached path."""
+
+    def __init__(self, world: World, prompt_tokens: torch.Tensor, actions: torch.Tensor | None = None):
+        """prompt_tokens [B, T, h, w]: one frame, or a history to go on from with its actions [B, T - 1]."""
+        self.world = world
+        self.tokens = prompt_tokens
+        self.actions = prompt_tokens.new_zeros(prompt_tokens.shape[0], 0) if actions is None else actions
+        self._cache = None
+        self._cache_span = (0, 0)  # the frames [start, end) the cache holds
+        self.prefills = 0  # how often the cache was rebuilt (for tests and benchmarks)
+
+    @property
+    def frames(self) -> int:
+        return self.tokens.shape[1]
+
+    @torch.no_grad()
+    def step(self, action: torch.Tensor, generator: torch.Generator | None = None,
+             sampler: Sampler | None = None) -> torch.Tensor:
+        """action [B] -> the new frame's tokens [B, h, w], appended to the rollout. `sampler`: another one than the
+        world's for this step (other steps or temperature); the cache does not depend on it."""
+        world = self.world
+        sampler = sampler or world.sampler
+        world.check_actions(action)
+        keep = world.context - 1
+        stride = 1 if world.config.window == "slide" else max(1, keep // 2)
+        t = self.frames
+        start = history_start(t, keep, stride)
+        actions = torch.cat([self.actions, action[:, None].to(self.actions)], dim=1)
+        if sampler.can_use_cache(world.dynamics):
+            frame = sampler.sample_cached(world.dynamics, self._history_cache(start), action, generator)
+        else:
+            frame = sampler.sample_next(world.dynamics, self.tokens[:, start:], actions[:, start:], generator)
+        self.tokens = torch.cat([self.tokens, frame[:, None]], dim=1)
+        self.actions = actions
+        return frame
+
+    def _history_cache(self, start: int):
+        t, dynamics = self.frames, self.world.dynamics
+        cached_start, cached_end = self._cache_span
+        if self._cache is not None and cached_start == start and cached_end == t - 1:
+            dynamics.extend(self._cache, self.tokens[:, t - 1], self.actions[:, t - 2])  # the frame made last step
+        elif self._cache is None or self._cache_span != (start, t):
+            self._cache = dynamics.prefill(self.tokens[:, start:], self.actions[:, start:])
+            self.prefills += 1
+        self._cache_span = (start, t)
+        return self._cache
+
+    def truncate(self, frames: int) -> None:
+        """Keeps the first `frames` frames (at least the prompt): undo and reset."""
+        frames = max(1, frames)
+        self.tokens, self.actions = self.tokens[:, :frames], self.actions[:, : frames - 1]
+        if self._cache_span[1] > frames:
+            self._cache = None
 
 
 def load_stages(run_dir: Path, stages: tuple[str, ...], registry: Registry | None = None) -> dict:
@@ -96,6 +181,44 @@ def load_stages(run_dir: Path, stages: tuple[str, ...], registry: Registry | Non
 
 
 def load_world(run_dir: Path, registry: Registry | None = None) -> World:
-    """Loads the world of a finished run: its tokenizer, action and dynamics models, and the sampler it was
-    evaluated with (saved by the report stage)."""
-    return World(**load_stages(run_dir, ("tokenizer", "dynamics", "report"), registry))
+    """Loads the world of a run whose tokenizer and dynamics stages are done: its tokenizer, action and dynamics
+    models, the sampler it was evaluated with (saved by the report stage; the recipe's when that stage has not run)
+    and its recipe's [world] settings."""
+    registry = registry or get_registry()
+    run_dir = Path(run_dir)
+    if (run_dir / "report" / MANIFEST).is_file():
+        parts = load_stages(run_dir, ("tokenizer", "dynamics", "report"), registry)
+    else:
+        parts = load_stages(run_dir, ("tokenizer", "dynamics"), registry) | {"sampler": recipe_sampler(run_dir, registry)}
+    return World(**parts, config=world_config(run_dir))
+
+
+def _recipe_table(run_dir: Path, name: str) -> tuple[dict, str]:
+    """One table of the recipe a run was made with (empty for runs older than it), and where it came from."""
+    path = Path(run_dir) / "recipe.json"
+    return (json.loads(path.read_text()).get(name, {}) if path.is_file() else {}), f"{path} [{name}]"
+
+
+def recipe_sampler(run_dir: Path, registry: Registry) -> Sampler:
+    """The sampler the run's recipe names, built from its [sampler] table."""
+    table, where = _recipe_table(run_dir, "sampler")
+    options = dict(table)
+    name = options.pop("name", None)
+    if not isinstance(name, str):
+        raise GenieError(f"{where}: no sampler name; finish the run's report stage (`genie run`) or fix its recipe")
+    info = registry.get("sampler", name)
+    problems: list[str] = []
+    config = build_config(info.cls.config_class, options, where, problems)
+    if problems:
+        raise GenieError("; ".join(problems))
+    return info.cls(config)
+
+
+def world_config(run_dir: Path) -> WorldConfig:
+    """The [world] table of the recipe a run was made with (defaults for runs older than it)."""
+    table, where = _recipe_table(run_dir, "world")
+    problems: list[str] = []
+    config = build_config(WorldConfig, table, where, problems)
+    if problems:
+        raise GenieError("; ".join(problems))
+    return config

@@ -115,6 +115,9 @@ class AtariSource(VideoSource):
             self.__dict__["_env"] = env
         return env
 
+    def action_names(self):
+        return list(self.make_env().unwrapped.get_action_meanings())  # NOOP, FIRE, UP, RIGHT, LEFT, DOWN, ...
+
     def record(self, unit):
         seed = int(unit.removeprefix("episode-"))
         c = self.config

@@ -89,18 +89,24 @@ class MaskGITDynamics(DynamicsModel):
             x = x[:, :, 1:]  # the action token is read, never predicted
         return self.head(x).reshape(x.shape[0], x.shape[1], *grid, -1)
 
-    # Cached sampling: the history runs once per generated frame instead of once per MaskGIT step.
+    # Cached sampling: the history runs once, then every MaskGIT step and every finished frame costs one frame.
     def prefill(self, history: torch.Tensor, actions: torch.Tensor) -> FrameCache:
         """history [B, t, h, w] and the actions between its frames [B, t - 1] -> their temporal keys and values."""
         return self.transformer.prefill(self._frames(history, None, self._incoming(actions)))[1]
 
     def next_frame_logits(self, cache: FrameCache, frame: torch.Tensor, action: torch.Tensor,
-                          mask: torch.Tensor | None = None) -> torch.Tensor:
+                          mask: torch.Tensor | None = None, extend: bool = False) -> torch.Tensor:
         """Logits [B, h, w, V] of the frame after the cached history, given its tokens [B, h, w] (hidden where
-        `mask`) and the action leading to it [B]: what forward() gives for the last frame, at one frame's cost."""
+        `mask`) and the action leading to it [B]: what forward() gives for the last frame, at one frame's cost.
+        With `extend` the frame (then complete, no mask) joins the cache."""
         incoming = self.action_embed(action)[:, None]
         x = self._frames(frame[:, None], None if mask is None else mask[:, None], incoming, first_frame=cache.frames)
-        return self._logits(self.transformer.next_frame(x, cache), frame.shape[1:])[:, 0]
+        return self._logits(self.transformer.next_frame(x, cache, extend), frame.shape[1:])[:, 0]
+
+    def extend(self, cache: FrameCache, frame: torch.Tensor, action: torch.Tensor) -> None:
+        """Adds a finished frame [B, h, w], reached by `action` [B], to the cache: what prefill of the longer
+        history would give, at one frame's cost."""
+        self.next_frame_logits(cache, frame, action, extend=True)
 
     def loss(self, tokens, actions, generator=None):
         b = tokens.shape[0]
@@ -140,26 +146,45 @@ class MaskGITSampler(Sampler):
 
     @torch.no_grad()
     def sample_next(self, dynamics, history, actions, generator=None):
+        if self.can_use_cache(dynamics):
+            return self.sample_cached(dynamics, dynamics.prefill(history, actions[:, :-1]), actions[:, -1], generator)
+        self._check(dynamics)
+        b, t, h, w = history.shape
+        given = torch.zeros_like(history, dtype=torch.bool)
+
+        def frame_logits(frame, hidden):
+            tokens = torch.cat([history, frame[:, None]], dim=1)
+            return dynamics(tokens, actions, torch.cat([given, hidden[:, None]], dim=1))[:, -1]
+        return self._decode(frame_logits, (b, h, w), history.device, generator)
+
+    def can_use_cache(self, dynamics) -> bool:
+        """Whether to sample from the dynamics model's cache of past frames: when it has one and `cache` is on."""
+        return self.config.cache and all(hasattr(dynamics, name) for name in ("prefill", "extend", "next_frame_logits"))
+
+    @torch.no_grad()
+    def sample_cached(self, dynamics, cache, action, generator=None):
+        self._check(dynamics)
+        grid = dynamics.spec.grid
+
+        def frame_logits(frame, hidden):
+            return dynamics.next_frame_logits(cache, frame, action, hidden)
+        return self._decode(frame_logits, (action.shape[0], *grid), action.device, generator)
+
+    @staticmethod
+    def _check(dynamics) -> None:
         if not dynamics.supports_masking:
             raise TypeError(f"the maskgit sampler needs a dynamics model that supports masking; "
                             f"{type(dynamics).__name__} does not")
-        b, t, h, w = history.shape
+
+    def _decode(self, frame_logits, shape, device, generator) -> torch.Tensor:
+        """The MaskGIT loop: frame_logits(tokens [B, h, w], hidden [B, h, w]) -> logits [B, h, w, V]."""
+        b, h, w = shape
         n = h * w
         steps, temperature = self.config.steps, self.config.temperature
-        frame = history.new_zeros(b, n)
-        hidden = torch.ones(b, n, dtype=torch.bool, device=history.device)
-        if self.config.cache and hasattr(dynamics, "prefill"):
-            cache = dynamics.prefill(history, actions[:, :-1])
-
-            def frame_logits():
-                return dynamics.next_frame_logits(cache, frame.reshape(b, h, w), actions[:, -1], hidden.reshape(b, h, w))
-        else:
-            def frame_logits():
-                tokens = torch.cat([history, frame.reshape(b, 1, h, w)], dim=1)
-                mask = torch.cat([torch.zeros_like(history, dtype=torch.bool), hidden.reshape(b, 1, h, w)], dim=1)
-                return dynamics(tokens, actions, mask)[:, -1]
+        frame = torch.zeros(b, n, dtype=torch.long, device=device)
+        hidden = torch.ones(b, n, dtype=torch.bool, device=device)
         for step in range(steps):
-            logits = frame_logits().reshape(b, n, -1).float()
+            logits = frame_logits(frame.reshape(b, h, w), hidden.reshape(b, h, w)).reshape(b, n, -1).float()
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
                 sampled = torch.multinomial(probs.reshape(b * n, -1), 1, generator=generator).reshape(b, n)

@@ -66,6 +66,9 @@ class ProcgenSource(VideoSource):
         return {"train": [f"level-{i}" for i in range(c.first_level, first_val)],
                 "val": [f"level-{i}" for i in range(first_val, first_val + c.val_levels)]}
 
+    def action_names(self):
+        return list(ACTION_NAMES)
+
     def make_env(self, level: int, num: int):
         c = self.config
         module = procgen()
@@ -100,6 +103,11 @@ class ProcgenSource(VideoSource):
                 episodes.append(Episode(frames=resize_frames(frames[start:end, i], self.spec.resolution),
                                         actions=acts, meta={"level": level, "env": i}))
         return episodes
+
+
+# procgen's 15 button combinations, in the order of its discrete actions (the same for every game)
+ACTION_NAMES = ("LEFT+DOWN", "LEFT", "LEFT+UP", "DOWN", "NOOP", "UP", "RIGHT+DOWN", "RIGHT", "RIGHT+UP",
+                "D", "A", "W", "S", "Q", "E")
 
 
 @hookimpl

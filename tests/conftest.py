@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
+import pytest
 import torch
 
 from genie_core.interfaces import TokenSpec, VideoSpec
@@ -48,3 +49,13 @@ def video(batch: int = 2, frames: int = TINY_VIDEO.num_frames, seed: int = 0) ->
 
 def token_spec(num_actions: int = 4) -> TokenSpec:
     return TokenSpec(vocab_size=32, grid=(4, 4), num_frames=TINY_VIDEO.num_frames, num_actions=num_actions)
+
+
+@pytest.fixture(scope="session")
+def played_run(tmp_path_factory):
+    """A finished smoke-recipe run, for the tests that only read it (play): trained once per test session."""
+    from genie_core.cli import main
+
+    out = tmp_path_factory.mktemp("played") / "smoke"
+    assert main(["run", str(REPO / "recipes" / "coinrun-smoke.toml"), "--out", str(out)]) == 0
+    return out

@@ -34,6 +34,22 @@ def test_prefill_and_next_frame_match_forward():
         model.next_frame(x[:, 3:], cache)
 
 
+def test_a_cache_extended_frame_by_frame_matches_forward_past_its_room():
+    """Frames appended one at a time (past the buffers' first room, which then grows) see the same keys and values
+    as the whole sequence run at once."""
+    torch.manual_seed(0)
+    model = STTransformer(dim=32, depth=2, heads=2).eval()
+    x = torch.randn(2, 14, 6, 32)
+    full = model(x)
+    _, cache = model.prefill(x[:, :1])
+    for t in range(1, 14):
+        assert torch.allclose(model.next_frame(x[:, t : t + 1], cache), full[:, t : t + 1], atol=1e-5)  # a peek
+        assert cache.frames == t
+        assert torch.allclose(model.next_frame(x[:, t : t + 1], cache, extend=True), full[:, t : t + 1], atol=1e-5)
+        assert cache.frames == t + 1
+    assert cache.keys[0].shape[2] >= 14
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("frames", [1, 3, 5])
 def test_cached_logits_equal_full_sequence_logits(name, frames):
@@ -63,21 +79,76 @@ def test_cached_sampler_gives_identical_tokens(name, temperature):
         assert torch.equal(a, b)
 
 
-def test_world_rollout_past_its_context_is_the_same_cached():
-    """A rollout longer than the dynamics model's window slides the window every frame; the cached sampler prefills
-    the window it is given, so the frames are the same."""
+def tiny_world(cache: bool, window: str = "slide", context: int = 0, dynamics_name: str = "maskgit"):
     from conftest import TINY_VIDEO
+    from genie_core.config import WorldConfig
     from genie_core.world import World
 
+    torch.manual_seed(0)
     tokenizer = build("tokenizer", "st-vivit", TINY_VIDEO).eval()
     lam = build("action_model", "pixel-lam", TINY_VIDEO).eval()
     spec = attrs.evolve(token_spec(), vocab_size=tokenizer.codebook_size, grid=tokenizer.grid)
-    dynamics = build("dynamics", "maskgit", spec).eval()
-    prompt = torch.rand(2, 3, 16, 16)
-    actions = torch.randint(0, lam.num_actions, (2, 2 * TINY_VIDEO.num_frames))
+    dynamics = build("dynamics", dynamics_name, spec).eval()
+    sampler = MaskGITSampler(MaskGITSamplerConfig(steps=3, cache=cache))
+    return World(tokenizer, lam, dynamics, sampler, WorldConfig(context=context, window=window))
+
+
+@pytest.mark.parametrize("window", ["slide", "block"])
+@pytest.mark.parametrize("dynamics_name", VARIANTS)
+def test_world_rollout_past_its_context_is_the_same_cached(window, dynamics_name):
+    """Three windows' worth of frames: the cache is extended frame by frame and rebuilt when the window moves; the
+    frames equal those of the uncached sampler, which re-runs the history at every MaskGIT step."""
     videos = []
     for cache in (False, True):
-        world = World(tokenizer, lam, dynamics, MaskGITSampler(MaskGITSamplerConfig(steps=3, cache=cache)))
+        world = tiny_world(cache, window, dynamics_name=dynamics_name)
+        prompt = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+        actions = torch.randint(0, world.num_actions, (2, 3 * world.context), generator=torch.Generator().manual_seed(4))
         videos.append(world.rollout(prompt, actions, torch.Generator().manual_seed(1)))
-    assert videos[0].shape[1] == 2 * TINY_VIDEO.num_frames + 1
+    assert videos[0].shape[1] == 3 * world.context + 1
     assert torch.equal(videos[0], videos[1])
+
+
+@pytest.mark.parametrize("window, context, expected_prefills", [
+    ("slide", 0, 1 + 12),  # context 6: the first 5 new frames extend one cache; then the window moves every step
+    ("block", 0, 1 + 6),  # keep 5, stride 2: the window's start moves at frames 6, 8, 10, ... (every other step)
+    ("slide", 3, 1 + 15),
+])
+def test_rollout_extends_its_cache_until_the_window_moves(window, context, expected_prefills):
+    from genie_core.world import Rollout, history_start
+
+    world = tiny_world(True, window, context)
+    keep = world.context - 1
+    rollout = Rollout(world, torch.randint(0, 32, (1, 1, 4, 4)))
+    starts, history = [], []
+    for step in range(17):
+        starts.append(history_start(rollout.frames, keep, 1 if window == "slide" else max(1, keep // 2)))
+        history.append(rollout.frames - starts[-1])
+        rollout.step(torch.tensor([step % world.num_actions]))
+    assert rollout.frames == 18 and rollout.actions.shape == (1, 17)
+    assert rollout.prefills == expected_prefills == 1 + sum(a != b for a, b in zip(starts, starts[1:]))
+    assert max(history) == keep and min(history[keep:]) == (keep if window == "slide" else keep - keep // 2 + 1)
+
+
+def test_rollout_undo_then_replay_gives_the_same_frames():
+    from genie_core.world import Rollout
+
+    world = tiny_world(True)
+    prompt = torch.randint(0, 32, (1, 1, 4, 4))
+    first = Rollout(world, prompt)
+    for action in (0, 1, 2, 3):
+        first.step(torch.tensor([action]), torch.Generator().manual_seed(action))
+    kept = first.tokens.clone()
+    first.truncate(3)  # undo two frames
+    assert first.frames == 3 and first.actions.tolist() == [[0, 1]]
+    for action in (2, 3):
+        first.step(torch.tensor([action]), torch.Generator().manual_seed(action))
+    assert torch.equal(first.tokens, kept)
+    first.truncate(0)  # reset keeps the prompt
+    assert torch.equal(first.tokens, prompt) and first.actions.shape == (1, 0)
+
+
+def test_world_context_longer_than_trained_is_refused():
+    from genie_core.errors import GenieError
+
+    with pytest.raises(GenieError, match="context 7 is longer than the 6 frames"):
+        tiny_world(True, context=7)

@@ -91,7 +91,7 @@ def test_sample_broken_image_and_unfinished_run(run_dir, tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG not really")
     assert main(["sample", str(run_dir), "--prompt", str(broken), "--actions", "0"]) == 2
-    assert "not a readable image" in capsys.readouterr().err
+    assert "broken.png: not an image (no image format recognised)" in capsys.readouterr().err
     assert main(["sample", str(tmp_path), "--prompt", str(broken), "--actions", "0"]) == 2
     assert "the tokenizer stage has not finished" in capsys.readouterr().err
 

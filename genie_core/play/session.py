@@ -1,0 +1,172 @@
+"""A world played by a person, one action at a time: a `PlaySession` holds the rollout (with the dynamics model's
+cache kept from frame to frame), the decoded frames, undo and reset, and the session as a GIF. `PlayWorld` is what
+every session of one loaded world shares: the world, its keys, the prompts of its validation data."""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import attrs
+import numpy as np
+import torch
+
+from genie_core.errors import GenieError
+from genie_core.interfaces import Sampler
+from genie_core.media import save_gif, to_uint8
+from genie_core.world import Rollout, World, load_world
+
+ARROWS = {"ArrowLeft": "LEFT", "ArrowRight": "RIGHT", "ArrowUp": "UP", "ArrowDown": "DOWN"}
+SAMPLER_KNOBS = ("steps", "temperature")  # what the page's sliders set, where the sampler has them
+MAX_PROMPTS = 12
+
+
+def arrow_keys(run_dir: Path) -> dict[str, int]:
+    """Arrow key -> latent action, through the latent <-> true action mapping that `genie eval` fits
+    (RUN/eval/eval.json) and the true actions' names in the run's data set. Empty when either is missing."""
+    from genie_core.evaluation import run_data
+
+    eval_json, manifest = run_dir / "eval" / "eval.json", run_data(run_dir) / "manifest.json"
+    if not (eval_json.is_file() and manifest.is_file()):
+        return {}
+    mapping = (json.loads(eval_json.read_text()).get("actions_vs_true") or {}).get("real_to_latent", {})
+    names = json.loads(manifest.read_text()).get("action_names") or []
+    keys = {}
+    for key, wanted in ARROWS.items():
+        real = next((i for i, name in enumerate(names) if name == wanted), None)
+        if real is not None and str(real) in mapping:
+            keys[key] = int(mapping[str(real)])
+    return keys
+
+
+def validation_prompts(run_dir: Path, resolution: int, count: int = MAX_PROMPTS) -> list[torch.Tensor]:
+    """First frames [C, H, W] of up to `count` evenly spaced validation episodes of the run's data set (none when
+    the data set is not there)."""
+    from genie_core.data import EpisodeIndex
+    from genie_core.evaluation import run_data
+
+    try:
+        index = EpisodeIndex.open(run_data(run_dir))
+    except GenieError:
+        return []
+    split = "val" if "val" in index.manifest["splits"] else "train"
+    episodes = index.episodes(split)
+    n = min(count, len(episodes))
+    prompts = []
+    for episode in (episodes[round(i * (len(episodes) - 1) / max(1, n - 1))] for i in range(n)):
+        frames = np.load(index.shard_path(episode["shard"], "frames"), mmap_mode="r")
+        frame = torch.from_numpy(np.array(frames[episode["start"]])).permute(2, 0, 1).float() / 255
+        if frame.shape[-1] != resolution:
+            frame = torch.nn.functional.interpolate(frame[None], size=(resolution, resolution), mode="area")[0]
+        prompts.append(frame)
+    return prompts
+
+
+@attrs.define
+class PlayWorld:
+    """A loaded world and what its players share."""
+
+    world: World
+    name: str
+    keys: dict[str, int] = attrs.field(factory=dict)  # arrow key -> latent action
+    prompts: list[torch.Tensor] = attrs.field(factory=list)  # [C, H, W] each
+    # One frame is generated at a time, whoever asks: sessions share the model and the device.
+    compute: threading.Lock = attrs.field(factory=threading.Lock)
+
+    @classmethod
+    def load(cls, run_dir: Path, device: str | torch.device = "cpu") -> "PlayWorld":
+        """The world of a run folder (or of a folder inside one, such as RUN/dynamics)."""
+        from genie_core.evaluation import resolve_run
+
+        run_dir = resolve_run(Path(run_dir))
+        world = load_world(run_dir).to(device)
+        for module in (world.tokenizer, world.action_model, world.dynamics):
+            module.eval()
+        spec = world.tokenizer.spec
+        return cls(world, run_dir.resolve().name, arrow_keys(run_dir), validation_prompts(run_dir, spec.height))
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return self.world.tokenizer.spec.height, self.world.tokenizer.spec.width
+
+    def sampler_options(self) -> dict:
+        """The sampler's knobs the page offers, with the run's values."""
+        fields = attrs.fields_dict(type(self.world.sampler.config))
+        return {k: getattr(self.world.sampler.config, k) for k in SAMPLER_KNOBS if k in fields}
+
+    def sampler(self, options: dict) -> Sampler:
+        """The world's sampler with some knobs changed (a fresh one: the world's stays as it is)."""
+        unknown = set(options) - set(self.sampler_options())
+        if unknown:
+            raise GenieError(f"sampler option {', '.join(sorted(unknown))} is not one of this sampler's: "
+                             f"{', '.join(self.sampler_options()) or '(none)'}")
+        if not options:
+            return self.world.sampler
+        try:
+            config = attrs.evolve(self.world.sampler.config, **options)
+        except (TypeError, ValueError) as error:
+            raise GenieError(f"sampler option: {error.args[0] if error.args else error}") from None
+        return type(self.world.sampler)(config)
+
+
+class PlaySession:
+    """One player's session: the prompt, every frame since, and the actions that led to them."""
+
+    def __init__(self, play: PlayWorld, prompt: torch.Tensor, seed: int = 0):
+        """prompt [C, H, W] in [0, 1], at the world's resolution."""
+        self.id = secrets.token_urlsafe(12)
+        self.play = play
+        world = play.world
+        with play.compute, torch.no_grad():
+            tokens = world.encode_prompt(prompt[None])
+            first = world.decode(tokens)[0]  # the prompt as the world sees it, after its tokenizer
+        self.rollout = Rollout(world, tokens)
+        self.frames = [to_uint8(first)[0]]  # [H, W, 3] each
+        self.generator = torch.Generator(world.device).manual_seed(seed)
+        self.lock = threading.Lock()  # one change at a time per session
+        self.last_used = time.monotonic()
+        self.seconds: list[float] = []  # time per generated frame, recent ones
+
+    @property
+    def actions(self) -> list[int]:
+        return self.rollout.actions[0].tolist()
+
+    def fps(self) -> float | None:
+        recent = self.seconds[-10:]
+        return len(recent) / sum(recent) if recent else None
+
+    def step(self, action: int, options: dict | None = None) -> np.ndarray:
+        """Generates and returns the next frame [H, W, 3] uint8."""
+        if not isinstance(action, int) or isinstance(action, bool) or not 0 <= action < self.play.world.num_actions:
+            raise GenieError(f"action {action!r} is out of range; this world has actions "
+                             f"0..{self.play.world.num_actions - 1}")
+        sampler = self.play.sampler(options or {})
+        world = self.play.world
+        start = time.perf_counter()
+        with self.play.compute, torch.no_grad():
+            self.rollout.step(torch.tensor([action], device=world.device), self.generator, sampler)
+            frame = world.decode_last(self.rollout.tokens)[0]
+        self.seconds = self.seconds[-9:] + [time.perf_counter() - start]
+        self.frames.append(to_uint8(frame)[0])
+        return self.frames[-1]
+
+    def undo(self) -> None:
+        """Takes the last frame back (the prompt stays)."""
+        if len(self.frames) > 1:
+            self.rollout.truncate(len(self.frames) - 1)
+            self.frames.pop()
+
+    def reset(self) -> None:
+        """Back to the prompt."""
+        self.rollout.truncate(1)
+        del self.frames[1:]
+
+    def gif(self, scale: int = 4, fps: int = 8) -> bytes:
+        video = torch.from_numpy(np.stack(self.frames)).permute(0, 3, 1, 2).float() / 255
+        buffer = io.BytesIO()
+        save_gif(video, buffer, scale=scale, fps=fps)
+        return buffer.getvalue()

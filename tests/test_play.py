@@ -1,0 +1,268 @@
+"""`genie play`: the web server's API (sessions, steps, undo, reset, uploads, errors, concurrent players, expiry),
+the terminal player and the arrow keys. The browser test is in test_play_browser.py."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from genie_core.cli import main
+from genie_core.play.server import Limits, PlayServer
+from genie_core.play.session import PlaySession, PlayWorld, arrow_keys
+
+
+@pytest.fixture(scope="module")
+def play(played_run):
+    return PlayWorld.load(played_run)
+
+
+@pytest.fixture()
+def server(play):
+    with PlayServer(play) as running:
+        yield running
+
+
+def request(server, method, path, body=None, content_type="application/json", raw=False):
+    host, port = server.httpd.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=60)
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    connection.request(method, path, body=data, headers={"Content-Type": content_type} if data is not None else {})
+    response = connection.getresponse()
+    payload = response.read()
+    connection.close()
+    return response.status, (payload if raw else json.loads(payload))
+
+
+def png(frame_url: str) -> np.ndarray:
+    data = base64.b64decode(frame_url.removeprefix("data:image/png;base64,"))
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def image_bytes(fmt: str, size=(40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_info_describes_the_world(server):
+    status, info = request(server, "GET", "/api/info")
+    assert status == 200
+    assert info["num_actions"] == 4 and info["resolution"] == [64, 64] and info["prompts"] >= 1
+    assert info["sampler"]["steps"] == 2 and "temperature" in info["sampler"]
+    status, page = request(server, "GET", "/", raw=True)
+    assert status == 200 and b"genie play" in page and b"EventSource" in page
+    status, prompt = request(server, "GET", "/api/prompts/0.png", raw=True)
+    assert status == 200 and Image.open(io.BytesIO(prompt)).size == (64, 64)
+
+
+def test_step_undo_reset(server):
+    status, state = request(server, "POST", "/api/sessions", {"prompt": 0})
+    assert status == 201 and state["frames"] == 1 and state["actions"] == []
+    sid, prompt_frame = state["session"], png(state["frame"])
+    assert prompt_frame.shape == (64, 64, 3)
+    frames = []
+    for action in (1, 3, 0):
+        status, state = request(server, "POST", f"/api/sessions/{sid}/step", {"action": action})
+        assert status == 200
+        frames.append(png(state["frame"]))
+    assert state["frames"] == 4 and state["actions"] == [1, 3, 0] and state["fps"] > 0
+    status, state = request(server, "POST", f"/api/sessions/{sid}/undo", {})
+    assert state["frames"] == 3 and state["actions"] == [1, 3] and np.array_equal(png(state["frame"]), frames[1])
+    status, state = request(server, "POST", f"/api/sessions/{sid}/reset")
+    assert state["frames"] == 1 and np.array_equal(png(state["frame"]), prompt_frame)
+    status, state = request(server, "POST", f"/api/sessions/{sid}/undo")  # nothing left to take back: the prompt stays
+    assert status == 200 and state["frames"] == 1
+    status, gif = request(server, "GET", f"/api/sessions/{sid}/session.gif", raw=True)
+    assert status == 200 and Image.open(io.BytesIO(gif)).n_frames == 1
+    assert request(server, "DELETE", f"/api/sessions/{sid}")[0] == 200
+    assert request(server, "GET", f"/api/sessions/{sid}")[0] == 404
+
+
+def test_a_session_plays_the_worlds_own_rollout(server, play):
+    """Same prompt, seed and actions: the session's tokens are those of World.generate_tokens, and the GIF holds
+    every frame."""
+    status, state = request(server, "POST", "/api/sessions", {"prompt": 1, "seed": 5})
+    sid = state["session"]
+    actions = [2, 2, 1, 0, 3, 3, 1, 2, 0, 1]  # longer than the world's context: the window moves
+    for action in actions:
+        request(server, "POST", f"/api/sessions/{sid}/step", {"action": action})
+    session = server.sessions[sid]
+    world = play.world
+    expected = world.generate_tokens(world.encode_prompt(play.prompts[1][None]), torch.tensor([actions]),
+                                     torch.Generator().manual_seed(5))
+    assert torch.equal(session.rollout.tokens, expected)
+    status, gif = request(server, "GET", f"/api/sessions/{sid}/session.gif", raw=True)
+    assert Image.open(io.BytesIO(gif)).n_frames == len(actions) + 1
+
+
+def test_frames_stream_as_server_sent_events(server):
+    sid = request(server, "POST", "/api/sessions", {"prompt": 0})[1]["session"]
+    host, port = server.httpd.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=60)
+    connection.request("GET", f"/api/sessions/{sid}/events")
+    stream = connection.getresponse()
+    assert stream.status == 200 and stream.getheader("Content-Type") == "text/event-stream"
+    events = []
+
+    def read():
+        while len(events) < 4:
+            line = stream.fp.readline().decode()
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    answers = [request(server, "POST", f"/api/sessions/{sid}/step", {"action": a})[1] for a in (0, 1)]
+    answers.append(request(server, "POST", f"/api/sessions/{sid}/undo")[1])
+    reader.join(timeout=60)
+    connection.close()
+    assert [e["event"] for e in events] == ["describe", "step", "step", "undo"]
+    assert [e["frame"] for e in events[1:]] == [a["frame"] for a in answers]
+
+
+def test_uploaded_prompts(server):
+    for fmt, content_type in (("PNG", "image/png"), ("JPEG", "image/jpeg")):
+        status, state = request(server, "POST", "/api/sessions", image_bytes(fmt), content_type)
+        assert status == 201 and png(state["frame"]).shape == (64, 64, 3)
+    status, answer = request(server, "POST", "/api/sessions", b"not an image at all", "image/png")
+    assert status == 400 and answer["error"] == "uploaded image: not an image (no image format recognised)"
+    status, answer = request(server, "POST", "/api/sessions", image_bytes("GIF"), "image/png")
+    assert status == 400 and "a GIF image; accepted: PNG, JPEG" in answer["error"]
+    status, answer = request(server, "POST", "/api/sessions", image_bytes("PNG"), "text/plain")
+    assert status == 415 and "send JSON" in answer["error"]
+
+
+def test_upload_limits(play):
+    limits = Limits(max_upload_bytes=2_000, max_upload_pixels=100 * 100)
+    with PlayServer(play, limits=limits) as small:
+        status, answer = request(small, "POST", "/api/sessions", image_bytes("PNG", (200, 200)), "image/png")
+        assert status == 413 and "larger than the 2000 allowed" in answer["error"]
+        status, answer = request(small, "POST", "/api/sessions", _flat_png(101, 100), "image/png")
+        assert status == 400 and "101x100 pixels is more than the 10000 allowed" in answer["error"]
+        assert request(small, "POST", "/api/sessions", {"prompt": 0})[0] == 201  # still serving
+
+
+def _flat_png(width, height) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, "PNG")  # compresses to a few hundred bytes
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"action": 4}, "action 4 is out of range; this world has actions 0..3"),
+    ({"action": "left"}, "action 'left' is out of range"),
+    ({}, "step needs an 'action'"),
+    ({"action": 0, "steps": 0}, "sampler option: 'steps' must be > 0"),
+    ({"action": 0, "top_k": 3}, "sampler option top_k is not one of this sampler's: steps, temperature"),
+])
+def test_bad_steps_are_refused_and_the_session_goes_on(server, body, message):
+    sid = request(server, "POST", "/api/sessions", {"prompt": 0})[1]["session"]
+    status, answer = request(server, "POST", f"/api/sessions/{sid}/step", body)
+    assert status == 400 and answer["error"].startswith(message)
+    status, state = request(server, "POST", f"/api/sessions/{sid}/step", {"action": 1})
+    assert status == 200 and state["frames"] == 2
+
+
+def test_bad_requests(server):
+    assert request(server, "POST", "/api/sessions/nope/step", {"action": 0}) == (
+        404, {"error": "no session 'nope' (it may have expired after 600 s idle); start a new one"})
+    status, answer = request(server, "POST", "/api/sessions", b"{not json", "application/json")
+    assert status == 400 and answer["error"].startswith("request body is not valid JSON")
+    status, answer = request(server, "POST", "/api/sessions", {"prompt": "../../etc/passwd"})
+    assert status == 400 and "is not one of this run's prompts" in answer["error"]  # never a path
+    status, answer = request(server, "POST", "/api/sessions", {"path": "/etc/passwd"})
+    assert status == 400 and answer["error"] == "unknown field path; fields: prompt, seed"
+    assert request(server, "GET", "/api/prompts/999.png")[0] == 404
+    assert request(server, "GET", "/etc/passwd")[0] == 404
+    assert request(server, "GET", "/api/sessions")[0] == 405
+    assert request(server, "GET", "/api/info")[0] == 200
+
+
+def test_concurrent_sessions_are_independent(server):
+    """Four players at once, each its own actions: each session's frames equal those it gives when played alone."""
+    plans = {seed: [(seed + k) % 4 for k in range(5)] for seed in range(4)}
+
+    def play_alone(seed):
+        sid = request(server, "POST", "/api/sessions", {"prompt": 0, "seed": seed})[1]["session"]
+        for action in plans[seed]:
+            state = request(server, "POST", f"/api/sessions/{sid}/step", {"action": action})[1]
+        return state
+
+    alone = {seed: play_alone(seed) for seed in plans}
+    together = {}
+    threads = [threading.Thread(target=lambda s=seed: together.__setitem__(s, play_alone(s))) for seed in plans]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for seed in plans:
+        assert together[seed]["actions"] == plans[seed]
+        assert together[seed]["frame"] == alone[seed]["frame"]
+        assert together[seed]["session"] != alone[seed]["session"]
+
+
+def test_sessions_expire_and_are_limited(play):
+    with PlayServer(play, limits=Limits(max_sessions=2, idle_seconds=0.3)) as short:
+        first = request(short, "POST", "/api/sessions", {"prompt": 0})[1]["session"]
+        request(short, "POST", "/api/sessions", {"prompt": 0})
+        status, answer = request(short, "POST", "/api/sessions", {"prompt": 0})
+        assert status == 503 and "2 sessions are playing, the most this server allows" in answer["error"]
+        time.sleep(0.5)
+        assert request(short, "POST", f"/api/sessions/{first}/step", {"action": 0})[0] == 404
+        assert request(short, "POST", "/api/sessions", {"prompt": 0})[0] == 201  # room again
+
+
+def test_arrow_keys_follow_the_latent_to_true_mapping(tmp_path):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "data").mkdir()
+    (run / "eval" / "eval.json").write_text(json.dumps({"actions_vs_true": {"real_to_latent": {"1": 3, "7": 0, "5": 2}}}))
+    names = ["LEFT+DOWN", "LEFT", "LEFT+UP", "DOWN", "NOOP", "UP", "RIGHT+DOWN", "RIGHT", "RIGHT+UP"]
+    (run / "data" / "manifest.json").write_text(json.dumps({"action_names": names}))
+    assert arrow_keys(run) == {"ArrowLeft": 3, "ArrowRight": 0, "ArrowUp": 2}  # DOWN was never seen
+    (run / "eval" / "eval.json").write_text(json.dumps({"actions_vs_true": None}))
+    assert arrow_keys(run) == {}
+
+
+def test_terminal_play(played_run, tmp_path, monkeypatch, capsys):
+    frames = tmp_path / "frames"
+    monkeypatch.setattr("sys.stdin", io.StringIO("0 1\nu\n2 9 jump\n3\nq\n1\n"))
+    assert main(["play", str(played_run), "--terminal", "--frames-dir", str(frames), "--width", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b[38;2;" in out and "▀" in out  # frames drawn as coloured half-blocks
+    assert "action 9 is out of range; this world has actions 0..3" in out
+    assert "'jump' is not a command" in out
+    # prompt, 0, 1, undo, 2, 3; the 1 after q is never played
+    assert sorted(p.name for p in frames.glob("frame-*.png")) == [f"frame-{i:04d}.png" for i in range(4)]
+    assert Image.open(frames / "session.gif").n_frames == 4
+    drawn = [line for line in out.splitlines() if "▀" in line]
+    assert len(drawn) == 6 * 16  # six frames shown, 32 characters wide -> 16 rows of two pixels each
+
+
+def test_a_run_without_its_report_plays_with_its_recipes_sampler(played_run, tmp_path):
+    run = tmp_path / "unreported"
+    shutil.copytree(played_run, run)
+    shutil.rmtree(run / "report")
+    play = PlayWorld.load(run / "dynamics")  # a folder inside the run is fine too
+    assert play.name == "unreported" and play.sampler_options() == {"steps": 2, "temperature": 1.0}
+    session = PlaySession(play, play.prompts[0])
+    assert session.step(1).shape == (64, 64, 3)
+
+
+def test_play_command_errors(played_run, tmp_path, capsys):
+    assert main(["play", str(tmp_path / "nothing")]) == 2
+    assert "not a finished run (no dynamics/components.json in it or above it)" in capsys.readouterr().err
+    assert main(["play", str(played_run), "--terminal", "--prompt-index", "99"]) == 2
+    assert "--prompt-index 99: this run has validation frames 0.." in capsys.readouterr().err
+    assert main(["play", str(played_run), "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err
