@@ -187,7 +187,10 @@ class MaskGITSampler(Sampler):
             logits = frame_logits(frame.reshape(b, h, w), hidden.reshape(b, h, w)).reshape(b, n, -1).float()
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
-                sampled = torch.multinomial(probs.reshape(b * n, -1), 1, generator=generator).reshape(b, n)
+                # One draw per token: argmax(p / Exp(1)), exactly what torch.multinomial(probs, 1) computes, the same
+                # numbers from the same generator, without its input checks (two device syncs per step on a GPU).
+                race = torch.empty_like(probs).exponential_(generator=generator)
+                sampled = (probs / race).argmax(-1)
             else:
                 probs = torch.softmax(logits, dim=-1)
                 sampled = probs.argmax(-1)
