@@ -185,6 +185,15 @@ def test_bad_requests(server):
     assert request(server, "GET", "/api/prompts/999.png")[0] == 404
     assert request(server, "GET", "/etc/passwd")[0] == 404
     assert request(server, "GET", "/api/sessions")[0] == 405
+    host, port = server.httpd.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=60)
+    connection.putrequest("POST", "/api/sessions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", "lots")
+    connection.endheaders()
+    response = connection.getresponse()
+    assert (response.status, json.loads(response.read())) == (400, {"error": "Content-Length is not a number"})
+    connection.close()
     assert request(server, "GET", "/api/info")[0] == 200
 
 

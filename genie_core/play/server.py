@@ -130,15 +130,18 @@ class PlayServer:
 
     def create(self, prompt, seed: int) -> PlaySession:
         self.expire()
+        self._check_room()
+        session = PlaySession(self.play, prompt, seed)  # encodes the prompt: outside the lock
         with self.lock:
-            if len(self.sessions) >= self.limits.max_sessions:
-                raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"{len(self.sessions)} sessions are playing, the "
-                                                               f"most this server allows; try again later")
-        session = PlaySession(self.play, prompt, seed)
-        with self.lock:
+            self._check_room()  # another request may have taken the last place meanwhile
             self.sessions[session.id] = session
             self.listeners[session.id] = []
         return session
+
+    def _check_room(self) -> None:
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"{len(self.sessions)} sessions are playing, the most "
+                                                           f"this server allows; try again later")
 
     def state(self, session: PlaySession, event: str) -> dict:
         """What the page shows after a change: the frame, where the session is, how fast frames come."""
@@ -244,7 +247,11 @@ def _handler(server: PlayServer):
             self._send(json.dumps(value).encode(), "application/json", status)
 
         def _body(self, limit: int) -> bytes:
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                self.close_connection = True
+                raise ApiError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
             if length > limit:
                 self.close_connection = True  # the body stays unread
                 raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
