@@ -162,7 +162,9 @@ def _flat_png(width, height) -> bytes:
     ({"action": 4}, "action 4 is out of range; this world has actions 0..3"),
     ({"action": "left"}, "action 'left' is out of range"),
     ({}, "step needs an 'action'"),
-    ({"action": 0, "steps": 0}, "sampler option: 'steps' must be > 0"),
+    ({"action": 0, "steps": 0}, "sampler option: key 'steps': 'steps' must be > 0"),
+    ({"action": 0, "steps": 2.5}, "sampler option: key 'steps': expected int, got float 2.5"),
+    ({"action": 0, "temperature": "hot"}, "sampler option: key 'temperature': expected float, got str 'hot'"),
     ({"action": 0, "top_k": 3}, "sampler option top_k is not one of this sampler's: steps, temperature"),
 ])
 def test_bad_steps_are_refused_and_the_session_goes_on(server, body, message):

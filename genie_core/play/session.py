@@ -15,6 +15,7 @@ import attrs
 import numpy as np
 import torch
 
+from genie_core.config import build_config, config_to_dict
 from genie_core.errors import GenieError
 from genie_core.interfaces import Sampler
 from genie_core.media import save_gif, to_uint8
@@ -106,10 +107,11 @@ class PlayWorld:
                              f"{', '.join(self.sampler_options()) or '(none)'}")
         if not options:
             return self.world.sampler
-        try:
-            config = attrs.evolve(self.world.sampler.config, **options)
-        except (TypeError, ValueError) as error:
-            raise GenieError(f"sampler option: {error.args[0] if error.args else error}") from None
+        current = self.world.sampler.config
+        problems: list[str] = []  # the recipe checks: types (2.5 steps is not a number of steps) and ranges
+        config = build_config(type(current), {**config_to_dict(current), **options}, "sampler option", problems)
+        if problems:
+            raise GenieError("; ".join(problems))
         return type(self.world.sampler)(config)
 
 
