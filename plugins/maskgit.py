@@ -95,18 +95,20 @@ class MaskGITDynamics(DynamicsModel):
         return self.transformer.prefill(self._frames(history, None, self._incoming(actions)))[1]
 
     def next_frame_logits(self, cache: FrameCache, frame: torch.Tensor, action: torch.Tensor,
-                          mask: torch.Tensor | None = None, extend: bool = False) -> torch.Tensor:
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, h, w, V] of the frame after the cached history, given its tokens [B, h, w] (hidden where
-        `mask`) and the action leading to it [B]: what forward() gives for the last frame, at one frame's cost.
-        With `extend` the frame (then complete, no mask) joins the cache."""
-        incoming = self.action_embed(action)[:, None]
-        x = self._frames(frame[:, None], None if mask is None else mask[:, None], incoming, first_frame=cache.frames)
-        return self._logits(self.transformer.next_frame(x, cache, extend), frame.shape[1:])[:, 0]
+        `mask`) and the action leading to it [B]: what forward() gives for the last frame, at one frame's cost."""
+        return self._logits(self._next_frame(cache, frame, action, mask, extend=False), frame.shape[1:])[:, 0]
 
     def extend(self, cache: FrameCache, frame: torch.Tensor, action: torch.Tensor) -> None:
         """Adds a finished frame [B, h, w], reached by `action` [B], to the cache: what prefill of the longer
-        history would give, at one frame's cost."""
-        self.next_frame_logits(cache, frame, action, extend=True)
+        history would give, at one frame's cost (no logits: nothing is predicted)."""
+        self._next_frame(cache, frame, action, None, extend=True)
+
+    def _next_frame(self, cache, frame, action, mask, extend: bool) -> torch.Tensor:
+        incoming = self.action_embed(action)[:, None]
+        x = self._frames(frame[:, None], None if mask is None else mask[:, None], incoming, first_frame=cache.frames)
+        return self.transformer.next_frame(x, cache, extend)
 
     def loss(self, tokens, actions, generator=None):
         b = tokens.shape[0]
