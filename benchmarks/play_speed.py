@@ -30,14 +30,19 @@ from genie_core.recipe import load_recipe  # noqa: E402
 from genie_core.world import Rollout, World  # noqa: E402
 
 
-def frame_seconds(world: World, history_len: int, repeats: int, device) -> tuple[float, float]:
-    """Median seconds per frame of a session that holds `history_len` frames: sampling it, and decoding it to
-    pixels."""
+def session(world: World, history_len: int, steps: int, device) -> tuple[Rollout, torch.Tensor]:
+    """A play session holding `history_len` random frames, and the actions of those and of `steps` more frames."""
     spec = world.dynamics.spec
     g = torch.Generator().manual_seed(history_len)
     history = torch.randint(0, spec.vocab_size, (1, history_len, *spec.grid), generator=g).to(device)
-    actions = torch.randint(0, spec.num_actions, (1, history_len + repeats + 1), generator=g).to(device)
-    rollout = Rollout(world, history, actions[:, : history_len - 1])
+    actions = torch.randint(0, spec.num_actions, (1, history_len - 1 + steps), generator=g).to(device)
+    return Rollout(world, history, actions[:, : history_len - 1]), actions
+
+
+def frame_seconds(world: World, history_len: int, repeats: int, device) -> tuple[float, float]:
+    """Median seconds per frame of a session that holds `history_len` frames: sampling it, and decoding it to
+    pixels."""
+    rollout, actions = session(world, history_len, repeats + 1, device)
     generator = torch.Generator(device).manual_seed(0)
 
     def timed(work) -> float:
@@ -59,10 +64,7 @@ def profile(world: World, history_len: int, device) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    spec = world.dynamics.spec
-    history = torch.zeros(1, history_len, *spec.grid, dtype=torch.long, device=device)
-    actions = torch.zeros(1, history_len + 2, dtype=torch.long, device=device)
-    rollout = Rollout(world, history, actions[:, : history_len - 1])
+    rollout, actions = session(world, history_len, 2, device)
     rollout.step(actions[:, history_len - 1])  # warm-up
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:

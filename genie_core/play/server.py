@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from genie_core.errors import GenieError
-from genie_core.media import decode_image
+from genie_core.media import decode_image, save_png
 from genie_core.play.session import PlaySession, PlayWorld
 
 UPLOAD_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG"}
@@ -282,9 +282,8 @@ def _handler(server: PlayServer):
             if i >= len(prompts):
                 raise ApiError(HTTPStatus.NOT_FOUND, f"no prompt {i}; this run has prompts 0..{len(prompts) - 1}"
                                if prompts else "this run has no validation prompts; upload an image")
-            frame = (prompts[i].permute(1, 2, 0) * 255).round().byte().numpy()
             buffer = io.BytesIO()
-            Image.fromarray(frame).save(buffer, format="PNG")
+            save_png(prompts[i], buffer)
             self._send(buffer.getvalue(), "image/png")
 
         def create(self):

@@ -18,7 +18,7 @@ import torch
 from genie_core.config import build_config, config_to_dict
 from genie_core.errors import GenieError
 from genie_core.interfaces import Sampler
-from genie_core.media import save_gif, to_uint8
+from genie_core.media import resize_frames, save_gif, to_uint8
 from genie_core.world import Rollout, World, load_world
 
 ARROWS = {"ArrowLeft": "LEFT", "ArrowRight": "RIGHT", "ArrowUp": "UP", "ArrowDown": "DOWN"}
@@ -60,10 +60,8 @@ def validation_prompts(run_dir: Path, resolution: int, count: int = MAX_PROMPTS)
     prompts = []
     for episode in (episodes[round(i * (len(episodes) - 1) / max(1, n - 1))] for i in range(n)):
         frames = np.load(index.shard_path(episode["shard"], "frames"), mmap_mode="r")
-        frame = torch.from_numpy(np.array(frames[episode["start"]])).permute(2, 0, 1).float() / 255
-        if frame.shape[-1] != resolution:
-            frame = torch.nn.functional.interpolate(frame[None], size=(resolution, resolution), mode="area")[0]
-        prompts.append(frame)
+        first = resize_frames(np.array(frames[episode["start"] : episode["start"] + 1]), resolution)[0]
+        prompts.append(torch.from_numpy(first).permute(2, 0, 1).float() / 255)
     return prompts
 
 
