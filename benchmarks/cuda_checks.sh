@@ -12,7 +12,8 @@
 #   - training and play throughput at the medium, paper (Appendix F) and tiny sizes, fp32 / bf16 / fp16;
 #   - kill -9 mid-stage and --resume against an uninterrupted run, in fp16 (scaler state in the checkpoint);
 #   - ST vs full spatiotemporal attention, time and memory against T at the paper tokenizer's width;
-#   - play speed (frames/s against history, cached vs uncached) at the paper's and the tiny sizes.
+#   - play speed (frames/s against history, cached vs uncached) at the paper's and the tiny sizes, and with the
+#     cached step compiled (torch.compile, then with CUDA graphs).
 # A step that would end past DEADLINE is cut short (its log says so), so the summary is always written.
 # ONLY="NAME NAME" runs just those steps.
 # JSON results land in benchmarks/results/ (names end in -cuda); OUT holds the logs and the runs' reports.
@@ -81,6 +82,13 @@ for precision in bf16 fp32; do
         --history 1,2,4,8,16 --repeats 3 --precision $precision
 done
 step play-speed-tiny 60 $PY benchmarks/play_speed.py recipes/coinrun-tiny.toml data.path="$TINY_DATA" --repeats 5
+# The cached step compiled: fused kernels (inductor, Triton), then also CUDA graphs (mode reduce-overhead).
+step play-speed-paper-compiled 240 $PY benchmarks/play_speed.py recipes/coinrun-paper.toml data.path="$TINY_DATA" \
+    --history 1,16 --repeats 3 --precision bf16 --compile
+step play-speed-paper-cudagraphs 240 $PY benchmarks/play_speed.py recipes/coinrun-paper.toml data.path="$TINY_DATA" \
+    --history 16 --repeats 3 --precision bf16 --compile --compile-mode reduce-overhead
+step play-speed-tiny-cudagraphs 120 $PY benchmarks/play_speed.py recipes/coinrun-tiny.toml data.path="$TINY_DATA" \
+    --history 1,16 --repeats 5 --compile --compile-mode reduce-overhead
 
 step attention-scaling 120 $PY benchmarks/attention_scaling.py --dim 512 --heads 8 --depth 2 --tokens 256 \
     --batch 4 --precision bf16 --repeats 5

@@ -1,18 +1,22 @@
 """Play speed against history length: frames per second of the MaskGIT sampler with and without the key/value cache.
 
-    python benchmarks/play_speed.py recipes/coinrun-tiny.toml [KEY=VALUE ...] [--history 1,2,4,8,16,32]
+    python benchmarks/play_speed.py recipes/coinrun-tiny.toml [KEY=VALUE ...] [--history 1,2,4,8,16,32] [--compile]
 
 For each history length h: a play session (`genie_core.world.Rollout`) that already holds h frames generates the
 next frames one action at a time (the sampler's steps from the recipe), each decoded to pixels through the
 tokenizer's window, as `genie play` does; frames/s is the inverse of the median time per frame. Weights are random
-(speed does not depend on them) and the dynamics model is built with room for the longest history, so the window
-never moves. Uncached, every MaskGIT step re-runs the whole history; cached, each frame extends the cache by the
-frame before it and every step costs one frame. Prints a table, saves JSON and a PNG to benchmarks/results/play-speed-RUNNAME[-cuda].{json,png}.
+(speed does not depend on them); the dynamics model is built for h + repeats + 2 frames, so its window never moves
+and its cache has the room it has in play. Uncached, every MaskGIT step re-runs the whole history; cached, each
+frame extends the cache by the frame before it and every step costs one frame; `--compile` adds the cached sampler
+with its per-step work compiled by torch.compile (compile time reported apart). The speed-ups compare sampling
+alone and whole frames (sampling + decoding). Prints a table, saves JSON and a PNG to
+benchmarks/results/play-speed-RUNNAME[-PRECISION][-compiled[-MODE]][-cuda].{json,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -39,11 +43,12 @@ def session(world: World, history_len: int, steps: int, device) -> tuple[Rollout
     return Rollout(world, history, actions[:, : history_len - 1]), actions
 
 
-def frame_seconds(world: World, history_len: int, repeats: int, device) -> tuple[float, float]:
-    """Median seconds per frame of a session that holds `history_len` frames: sampling it, and decoding it to
-    pixels."""
-    rollout, actions = session(world, history_len, repeats + 1, device)
+def frame_timer(world: World, history_len: int, frames: int, device):
+    """A play session that holds `history_len` frames, and a function that plays its next frame (up to `frames`)
+    and returns the seconds it took to sample it and to decode it to pixels."""
+    rollout, actions = session(world, history_len, frames, device)
     generator = torch.Generator(device).manual_seed(0)
+    played = 0
 
     def timed(work) -> float:
         start = time.perf_counter()
@@ -52,11 +57,12 @@ def frame_seconds(world: World, history_len: int, repeats: int, device) -> tuple
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    sample, decode = [], []
-    for i in range(repeats + 1):  # the first is a warm-up (and builds the cache)
-        sample.append(timed(lambda: rollout.step(actions[:, history_len - 1 + i], generator)))
-        decode.append(timed(lambda: world.decode_last(rollout.tokens)))
-    return statistics.median(sample[1:]), statistics.median(decode[1:])
+    def next_frame() -> tuple[float, float]:
+        nonlocal played
+        action = actions[:, history_len - 1 + played]
+        played += 1
+        return timed(lambda: rollout.step(action, generator)), timed(lambda: world.decode_last(rollout.tokens))
+    return next_frame
 
 
 def profile(world: World, history_len: int, device) -> None:
@@ -77,13 +83,17 @@ def profile(world: World, history_len: int, device) -> None:
     print(f"kernel launches in one frame: {sum(e.count for e in prof.key_averages() if e.key == 'cudaLaunchKernel')}")
 
 
+MODES = ("uncached", "cached", "cached+compiled")
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     from genie_core.plots import loglog, plt, save
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for cached, label in ((False, "uncached"), (True, "cached")):
-        points = [r for r in rows if r["cached"] == cached]
-        ax.plot([r["history"] for r in points], [r["frames_per_s"] for r in points], "o-", label=label)
+    for mode in MODES:
+        points = [r for r in rows if r["mode"] == mode]
+        if points:
+            ax.plot([r["history"] for r in points], [r["frames_per_s"] for r in points], "o-", label=mode)
     loglog(ax, "history (frames)", "frames per second")
     ax.legend()
     save(fig, path, title, dpi=120)
@@ -97,6 +107,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpu", action="store_true", help="measure on the CPU even if a GPU is there")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table of one frame")
+    parser.add_argument("--compile", action="store_true", help="also measure the cached sampler with compiled steps")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile's mode for --compile (e.g. reduce-overhead: CUDA graphs on a GPU)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="autocast dtype of the models' matrix products (quantizers stay float32)")
     args = parser.parse_args(argv)
@@ -107,42 +120,68 @@ def main(argv=None) -> int:
     c, res = recipe.components, recipe.data.resolution
     tok_frames = recipe.train["tokenizer"].seq_len
     tokenizer = c["tokenizer"].info.cls(c["tokenizer"].config, VideoSpec(height=res, width=res, num_frames=tok_frames))
-    spec = TokenSpec(vocab_size=tokenizer.codebook_size, grid=tokenizer.grid, num_frames=max(lengths) + args.repeats + 2,
-                     num_actions=c["action_model"].config.num_actions)
-    dynamics = c["dynamics"].info.cls(c["dynamics"].config, spec)
     lam_spec = VideoSpec(height=res, width=res, num_frames=recipe.train["dynamics"].seq_len,
                          token_vocab=tokenizer.codebook_size, token_grid=tuple(tokenizer.grid))
     action_model = c["action_model"].info.cls(c["action_model"].config, lam_spec).eval()  # not run: actions are given
-    tokenizer, dynamics = tokenizer.eval().to(device), dynamics.eval().to(device)
+    tokenizer = tokenizer.eval().to(device)
     sampler_cls, sampler_cfg = c["sampler"].info.cls, c["sampler"].config
     if "cache" not in attrs.fields_dict(type(sampler_cfg)):
         sys.exit(f"error: sampler {c['sampler'].name} has no 'cache' option to compare")
+    modes = MODES if args.compile else MODES[:2]
     rows = []
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for h in lengths:
-            for cached in (False, True):
-                world = World(tokenizer, action_model, dynamics, sampler_cls(attrs.evolve(sampler_cfg, cache=cached)))
-                sample, decode = frame_seconds(world, h, args.repeats, device)
-                rows.append({"history": h, "cached": cached, "seconds": sample + decode, "sample_seconds": sample,
-                             "decode_seconds": decode, "frames_per_s": 1 / (sample + decode)})
+            spec = TokenSpec(vocab_size=tokenizer.codebook_size, grid=tokenizer.grid, num_frames=h + args.repeats + 2,
+                             num_actions=c["action_model"].config.num_actions)
+            torch.manual_seed(0)
+            dynamics = c["dynamics"].info.cls(c["dynamics"].config, spec).eval().to(device)
+            timers, warm_up = {}, {}
+            for mode in modes:
+                model = dynamics
+                if mode == "cached+compiled":
+                    torch._dynamo.reset()  # a new model per history: compile afresh rather than pile up recompiles
+                    model = copy.deepcopy(dynamics)
+                    model.compile_cached_steps(mode=args.compile_mode)
+                sampler = sampler_cls(attrs.evolve(sampler_cfg, cache=mode != "uncached"))
+                timers[mode] = frame_timer(World(tokenizer, action_model, model, sampler), h, args.repeats + 2, device)
+                # Two frames of warm-up: the first builds the cache (and compiles the step), the second extends it.
+                warm_up[mode] = sum(sum(timers[mode]()) for _ in range(2))
+            # The modes take turns frame by frame, so that this machine's drifting speed treats them alike.
+            times = {mode: [] for mode in modes}
+            for _ in range(args.repeats):
+                for mode in modes:
+                    times[mode].append(timers[mode]())
+            for mode in modes:
+                sample = statistics.median(t[0] for t in times[mode])
+                decode = statistics.median(t[1] for t in times[mode])
+                rows.append({"history": h, "mode": mode, "seconds": sample + decode, "sample_seconds": sample,
+                             "decode_seconds": decode, "frames_per_s": 1 / (sample + decode)}
+                            | ({"compile_seconds": warm_up[mode]} if mode == "cached+compiled" else {}))
         if args.profile:
-            profile(world, max(lengths), device)
+            profile(World(tokenizer, action_model, dynamics, sampler_cls(sampler_cfg)), max(lengths), device)
     steps = getattr(sampler_cfg, "steps", None)
-    print(f"{recipe.run.name}: {c['dynamics'].name} dynamics, {steps} sampler steps, {device.type}")
-    print(f"{'history':>8} {'uncached fps':>13} {'cached fps':>11} {'speed-up':>9} {'cached: sample ms':>18} "
-          f"{'decode ms':>10}")
+    print(f"{recipe.run.name}: {c['dynamics'].name} dynamics, {steps} sampler steps, {device.type} {args.precision}")
+    print(f"{'history':>7} {'mode':>16} {'frames/s':>9} {'sample ms':>10} {'decode ms':>10} {'sampling speed-up':>18} "
+          f"{'frame speed-up':>15}")
     for h in lengths:
-        plain, fast = (next(r for r in rows if r["history"] == h and r["cached"] == k) for k in (False, True))
-        print(f"{h:>8} {plain['frames_per_s']:>13.2f} {fast['frames_per_s']:>11.2f} "
-              f"{plain['seconds'] / fast['seconds']:>8.1f}x {fast['sample_seconds'] * 1e3:>18.1f} "
-              f"{fast['decode_seconds'] * 1e3:>10.1f}")
+        plain = next(r for r in rows if r["history"] == h and r["mode"] == "uncached")
+        for r in (r for r in rows if r["history"] == h):
+            r["sampling_speedup"] = plain["sample_seconds"] / r["sample_seconds"]
+            r["frame_speedup"] = plain["seconds"] / r["seconds"]
+            print(f"{h:>7} {r['mode']:>16} {r['frames_per_s']:>9.2f} {r['sample_seconds'] * 1e3:>10.1f} "
+                  f"{r['decode_seconds'] * 1e3:>10.1f} {r['sampling_speedup']:>17.1f}x {r['frame_speedup']:>14.1f}x")
+    compiles = [r["compile_seconds"] for r in rows if "compile_seconds" in r]
+    if compiles:
+        print(f"compiling the cached steps took {statistics.median(compiles):.1f} s (the first two frames; median over "
+              f"history lengths)")
     RESULTS.mkdir(exist_ok=True)
     precision = "" if args.precision == "fp32" else f"-{args.precision}"
-    stem = RESULTS / (f"play-speed-{recipe.run.name}{precision}" + ("-cuda" if device.type == "cuda" else ""))
+    compiled = "-compiled" + (f"-{args.compile_mode}" if args.compile_mode else "") if args.compile else ""
+    stem = RESULTS / (f"play-speed-{recipe.run.name}{precision}{compiled}" + ("-cuda" if device.type == "cuda" else ""))
     stem.with_suffix(".json").write_text(json.dumps(
         {"recipe": str(args.recipe), "overrides": args.overrides, "sampler_steps": steps, "device": device.type,
-         "precision": args.precision,
+         "precision": args.precision, "compile_mode": args.compile_mode if args.compile else None,
          "environment": environment(), "rows": rows}, indent=2))
     plot(rows, stem.with_suffix(".png"), f"{recipe.run.name}: {steps} MaskGIT steps per frame, {device.type} {args.precision}")
     print(f"saved {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")

@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     play.add_argument("--idle-minutes", type=float, default=10.0, help="a session left alone this long ends")
     play.add_argument("--max-upload-mb", type=float, default=5.0, help="largest prompt image accepted (default 5)")
     play.add_argument("--cpu", action="store_true", help="play on the CPU even if a GPU is present")
+    play.add_argument("--compile", action="store_true",
+                      help="compile the per-frame sampling step with torch.compile first (seconds at start, faster play)")
+    play.add_argument("--compile-mode", help="torch.compile mode for --compile (e.g. reduce-overhead: CUDA graphs)")
     return parser
 
 
@@ -128,6 +131,9 @@ def cmd_play(args) -> int:
     play = PlayWorld.load(args.run_dir, device)
     options = {k: v for k, v in (("steps", args.steps), ("temperature", args.temperature)) if v is not None}
     play.world.sampler = play.sampler(options)  # checks the values too
+    if args.compile:
+        print("compiling the sampling step (once) ...", file=sys.stderr, flush=True)
+        print(f"compiled in {play.compile_steps(args.compile_mode):.1f} s", file=sys.stderr, flush=True)
     if args.terminal:
         from genie_core.play.terminal import play_in_terminal
 

@@ -10,6 +10,7 @@
 - `Quantizer`: the one adapter over vector-quantize-pytorch that every tokenizer and action model uses; the
   quantizer is chosen by name (`QUANTIZERS`): VQ with a learned codebook, FSQ or LFQ.
 - `patchify` / `unpatchify`: frames <-> flattened non-overlapping patches.
+- `draw_categorical`: one sample per row of a probability table, for the samplers.
 """
 
 from __future__ import annotations
@@ -36,6 +37,19 @@ def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int], channel
     return rearrange(patches, "b t (h w) (c p1 p2) -> b t c (h p1) (w p2)", h=h, w=w, c=channels, p1=patch, p2=patch)
 
 
+def draw_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """probs [..., V] (rows summing to about 1) -> one index per row [...], drawn with probability probs[i].
+
+    Inverse-CDF sampling: one uniform number per row, found in the row's running sum (in float64, so rounding
+    cannot step into a zero-probability entry). torch.multinomial draws one exponential number per entry instead
+    (16k per frame of 64 tokens over 256 codes: most of a cached sampling step on a CPU) and checks its input with
+    two device syncs per call on a GPU."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(*probs.shape[:-1], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    # Boundaries between entries: an index counts the boundaries at or below u * total, so it lies in 0..V-1.
+    return torch.searchsorted(cdf[..., :-1].contiguous(), u * cdf[..., -1:], right=True).squeeze(-1)
+
+
 class STBlock(nn.Module):
     """Spatial attention (per frame), causal temporal attention (per position), MLP; pre-norm residuals."""
 
@@ -56,16 +70,19 @@ class STBlock(nn.Module):
     def run(self, x: torch.Tensor, with_past=None):
         """The block, with its temporal attention written out for cached sampling. Returns the output and this
         block's temporal keys and values of x's frames (None without temporal attention). With `with_past`, x is
-        one frame that follows earlier ones: with_past(k, v) gives the keys and values of those and of x."""
+        one frame that follows earlier ones: with_past(k, v) gives the keys and values of those and of x, and a bool
+        mask [1, S] of the ones to attend to."""
         b, t, n, d = x.shape
         x = x + self.spatial(self.norm_spatial(x).reshape(b * t, n, d)).reshape(b, t, n, d)
         kv = None
         if self.temporal is not None:
             q, k, v = _heads(self.temporal, self.norm_temporal(x).transpose(1, 2).reshape(b * n, t, d))
             kv = (k, v)
-            if with_past is not None:  # the new frame sees every earlier frame and itself: nothing to mask
-                k, v = with_past(k, v)
-            y = _attend(self.temporal, q, k, v, is_causal=with_past is None)
+            if with_past is None:
+                y = _attend(self.temporal, q, k, v, is_causal=True)
+            else:  # the new frame sees every earlier frame and itself
+                k, v, visible = with_past(k, v)
+                y = _attend(self.temporal, q, k, v, mask=visible)
             x = x + y.reshape(b, n, t, d).transpose(1, 2)
         return x + self.mlp(self.norm_mlp(x)), kv
 
@@ -77,42 +94,54 @@ def _heads(attention: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return attention.q_norm(q), attention.k_norm(k), v
 
 
-def _attend(attention: Attention, q, k, v, is_causal: bool) -> torch.Tensor:
+def _attend(attention: Attention, q, k, v, is_causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention and timm Attention's output projection: [L, heads, S, hd] -> [L, S, D]."""
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     return attention.proj(attention.norm(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], attention.attn_dim)))
 
 
 class FrameCache:
-    """Per block, the temporal keys and values of the frames run so far, in buffers with room for more
-    ([B*N, heads, capacity, hd] each), so that a new frame is written in place instead of concatenated at every
-    MaskGIT step."""
+    """Per block, the temporal keys and values of the frames run so far, in buffers of fixed room
+    ([B*N, heads, capacity, hd] each). A new frame is written in place at `slot` and attention reads the whole buffer
+    under a mask of the filled slots, so every step of a frame runs the same shapes on the same tensors (what
+    torch.compile and CUDA graphs need: nothing is re-traced or re-captured from frame to frame). The room doubles
+    only when a committed frame fills it."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], spare: int = 8):
-        """keys and values [B*N, heads, T, hd] per block."""
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], capacity: int = 0):
+        """keys and values [B*N, heads, T, hd] per block; room for `capacity` frames (at least T + 1)."""
         self.frames = keys[0].shape[2]
-        self.keys = [self._room(k, self.frames + spare) for k in keys]
-        self.values = [self._room(v, self.frames + spare) for v in values]
+        self.capacity = max(capacity, self.frames + 1)
+        self.keys = [self._room(k, self.capacity) for k in keys]
+        self.values = [self._room(v, self.capacity) for v in values]
+        self.slot = torch.tensor(self.frames, device=keys[0].device)  # where the next frame goes, as a tensor
+        self._slots = torch.arange(self.capacity, device=keys[0].device)
 
     @staticmethod
     def _room(x: torch.Tensor, capacity: int) -> torch.Tensor:
-        buffer = x.new_empty(*x.shape[:2], capacity, x.shape[3])
+        buffer = x.new_zeros(*x.shape[:2], capacity, x.shape[3])  # zeros: masked slots must not hold NaN (0 * NaN)
         buffer[:, :, : x.shape[2]] = x
         return buffer
 
+    def visible(self) -> torch.Tensor:
+        """Bool [1, capacity]: the slots the next frame attends to (the cached frames and its own)."""
+        return (self._slots <= self.slot)[None]
+
     def with_next(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block's keys and values of the cached frames followed by one more frame's (k, v [B*N, heads, 1, hd]),
-        written into the slot after the cached frames (overwritten by the next call until `commit`)."""
-        if self.frames == self.keys[block].shape[2]:  # full: double the room of every block
-            self.keys = [self._room(x[:, :, : self.frames], 2 * self.frames) for x in self.keys]
-            self.values = [self._room(x[:, :, : self.frames], 2 * self.frames) for x in self.values]
-        self.keys[block][:, :, self.frames] = k[:, :, 0]
-        self.values[block][:, :, self.frames] = v[:, :, 0]
-        return self.keys[block][:, :, : self.frames + 1], self.values[block][:, :, : self.frames + 1]
+        """The block's key and value buffers with one more frame's (k, v [B*N, heads, 1, hd]) written into the slot
+        after the cached frames (overwritten by the next call until `commit`). Read them under `visible()`."""
+        self.keys[block].index_copy_(2, self.slot.view(1), k)
+        self.values[block].index_copy_(2, self.slot.view(1), v)
+        return self.keys[block], self.values[block]
 
     def commit(self) -> None:
         """The frame last written by `with_next` joins the cached frames."""
         self.frames += 1
+        self.slot += 1
+        if self.frames == self.capacity:  # full: double the room of every block
+            self.capacity *= 2
+            self.keys = [self._room(x, self.capacity) for x in self.keys]
+            self.values = [self._room(x, self.capacity) for x in self.values]
+            self._slots = torch.arange(self.capacity, device=self.slot.device)
 
 
 class STTransformer(nn.Module):
@@ -128,14 +157,15 @@ class STTransformer(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, FrameCache]:
-        """`forward` of frames [B, T, N, D] that also returns every block's temporal keys and values."""
+    def prefill(self, x: torch.Tensor, capacity: int = 0) -> tuple[torch.Tensor, FrameCache]:
+        """`forward` of frames [B, T, N, D] that also returns every block's temporal keys and values, in a cache
+        with room for `capacity` frames."""
         keys, values = [], []
         for block in self.blocks:
             x, (k, v) = block.run(x)
             keys.append(k)
             values.append(v)
-        return self.norm(x), FrameCache(keys, values)
+        return self.norm(x), FrameCache(keys, values, capacity)
 
     def next_frame(self, x: torch.Tensor, cache: FrameCache, extend: bool = False) -> torch.Tensor:
         """One more frame [B, 1, N, D] after the frames in `cache`: the same output `forward` would give for it as
@@ -143,10 +173,17 @@ class STTransformer(nn.Module):
         join the cache (a finished frame that later frames will see); without, the cached frames stay as they were."""
         if x.shape[1] != 1:
             raise ValueError(f"next_frame takes one frame, got {x.shape[1]}")
-        for i, block in enumerate(self.blocks):
-            x, _ = block.run(x, lambda k, v, i=i: cache.with_next(i, k, v))
+        x = self.next_frame_tensors(x, cache)
         if extend:
             cache.commit()
+        return x
+
+    def next_frame_tensors(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+        """`next_frame` without its checks and its commit: tensor work only, the same every step (what a compiled
+        or graph-captured step runs)."""
+        visible = cache.visible()
+        for i, block in enumerate(self.blocks):
+            x, _ = block.run(x, lambda k, v, i=i: (*cache.with_next(i, k, v), visible))
         return self.norm(x)
 
 
@@ -158,8 +195,11 @@ class SpaceTimePositions(nn.Module):
         self.spatial = nn.Parameter(torch.randn(num_positions, dim) * 0.02)
         self.temporal = nn.Parameter(torch.randn(max_frames, dim) * 0.02)
 
-    def forward(self, x: torch.Tensor, first_frame: int = 0) -> torch.Tensor:
-        """x holds frames first_frame, first_frame + 1, ... of a sequence."""
+    def forward(self, x: torch.Tensor, first_frame: int | torch.Tensor = 0) -> torch.Tensor:
+        """x holds frames first_frame, first_frame + 1, ... of a sequence. A tensor first_frame (a cache's slot; x
+        then holds one frame) is read as a tensor: nothing for a compiled step to specialise on."""
+        if isinstance(first_frame, torch.Tensor):
+            return x + self.spatial[None, None] + self.temporal.index_select(0, first_frame.view(1))[None, :, None]
         end = first_frame + x.shape[1]
         if end > self.temporal.shape[0]:
             raise ValueError(f"sequence of {end} frames is longer than the {self.temporal.shape[0]} this model was built for")

@@ -20,7 +20,7 @@ from torch import nn
 from genie_core import hookimpl
 from genie_core.config import check_heads, positive
 from genie_core.interfaces import DynamicsModel, DynamicsOutput, Sampler, TokenSpec
-from genie_core.nn import AttentionBlock, SpaceTimePositions
+from genie_core.nn import AttentionBlock, SpaceTimePositions, draw_categorical
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -142,7 +142,7 @@ class AutoregressiveSampler(Sampler):
             kept = logits.topk(top_k, dim=-1).indices
             logits = torch.full_like(logits, float("-inf")).scatter(-1, kept, logits.gather(-1, kept))
         probs = torch.softmax(logits / self.config.temperature, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return draw_categorical(probs, generator)
 
 
 @hookimpl

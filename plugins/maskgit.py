@@ -13,7 +13,7 @@ from attrs import validators as v
 from genie_core import hookimpl
 from genie_core.config import check_heads, positive, unit_interval
 from genie_core.interfaces import DynamicsModel, DynamicsOutput, Sampler, TokenSpec
-from genie_core.nn import FrameCache, SpaceTimePositions, STTransformer
+from genie_core.nn import FrameCache, SpaceTimePositions, STTransformer, draw_categorical
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -74,7 +74,7 @@ class MaskGITDynamics(DynamicsModel):
         first = self.no_action.expand(act.shape[0], 1, -1) if self.prepend_action else act.new_zeros(act.shape[0], 1, act.shape[2])
         return torch.cat([first, act], dim=1)
 
-    def _frames(self, tokens, mask, incoming, first_frame: int = 0) -> torch.Tensor:
+    def _frames(self, tokens, mask, incoming, first_frame: int | torch.Tensor = 0) -> torch.Tensor:
         """Token frames [B, T, h, w] (hidden where `mask`), each with the action entering it [B, T, D], as the
         transformer's input [B, T, N (+1), D] for frames first_frame.. of the sequence."""
         b, t, h, w = tokens.shape
@@ -92,23 +92,56 @@ class MaskGITDynamics(DynamicsModel):
     # Cached sampling: the history runs once, then every MaskGIT step and every finished frame costs one frame.
     def prefill(self, history: torch.Tensor, actions: torch.Tensor) -> FrameCache:
         """history [B, t, h, w] and the actions between its frames [B, t - 1] -> their temporal keys and values."""
-        return self.transformer.prefill(self._frames(history, None, self._incoming(actions)))[1]
+        x = self._frames(history, None, self._incoming(actions))
+        return self.transformer.prefill(x, capacity=self.spec.num_frames)[1]
 
     def next_frame_logits(self, cache: FrameCache, frame: torch.Tensor, action: torch.Tensor,
                           mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, h, w, V] of the frame after the cached history, given its tokens [B, h, w] (hidden where
         `mask`) and the action leading to it [B]: what forward() gives for the last frame, at one frame's cost."""
-        return self._logits(self._next_frame(cache, frame, action, mask, extend=False), frame.shape[1:])[:, 0]
+        self._check_room(cache)
+        return self._cached_step(cache, frame, action, mask, True)
 
     def extend(self, cache: FrameCache, frame: torch.Tensor, action: torch.Tensor) -> None:
         """Adds a finished frame [B, h, w], reached by `action` [B], to the cache: what prefill of the longer
         history would give, at one frame's cost (no logits: nothing is predicted)."""
-        self._next_frame(cache, frame, action, None, extend=True)
+        self._check_room(cache)
+        self._cached_step(cache, frame, action, None, False)
+        cache.commit()
 
-    def _next_frame(self, cache, frame, action, mask, extend: bool) -> torch.Tensor:
-        incoming = self.action_embed(action)[:, None]
-        x = self._frames(frame[:, None], None if mask is None else mask[:, None], incoming, first_frame=cache.frames)
-        return self.transformer.next_frame(x, cache, extend)
+    def _check_room(self, cache: FrameCache) -> None:
+        if cache.frames >= self.spec.num_frames:
+            raise ValueError(f"the cache holds {cache.frames} frames; this model was built for "
+                             f"{self.spec.num_frames} in all")
+
+    def compile_cached_steps(self, **options) -> None:
+        """Compiles the per-step work of cached sampling with torch.compile (`options`: its keyword arguments, e.g.
+        mode="reduce-overhead" for CUDA graphs). The step's shapes never change, so it compiles once per batch size
+        and model; the prefill of a history stays eager (it runs once per window)."""
+        compiled = torch.compile(self._cached_step, dynamic=False, **options)
+        graphs = options.get("mode") in ("reduce-overhead", "max-autotune")  # the modes that capture CUDA graphs
+
+        def step(cache, frame, action, mask, logits):
+            # Compiled code is guarded on its inputs' strides, and a rollout's frames and actions are slices of
+            # growing tensors: fresh copies keep every call on the one compiled graph.
+            fresh = [None if t is None else t.clone(memory_format=torch.contiguous_format) for t in (frame, action, mask)]
+            if not graphs:
+                return compiled(cache, *fresh, logits)
+            # A captured graph may write only into tensors whose address it can rely on: the cache's buffers
+            # (they keep it until the cache is rebuilt, which re-records); its output is reused by the next replay.
+            for buffer in (*cache.keys, *cache.values):
+                torch._dynamo.mark_static_address(buffer, guard=False)
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(cache, *fresh, logits).clone()
+        self._cached_step = step
+
+    def _cached_step(self, cache: FrameCache, frame, action, mask, logits: bool) -> torch.Tensor:
+        """One frame through the model against the cache: tensors only, the same shapes every step
+        (`compile_cached_steps` compiles it)."""
+        x = self._frames(frame[:, None], None if mask is None else mask[:, None], self.action_embed(action)[:, None],
+                         first_frame=cache.slot)
+        x = self.transformer.next_frame_tensors(x, cache)
+        return self._logits(x, frame.shape[1:])[:, 0] if logits else x
 
     def loss(self, tokens, actions, generator=None):
         b = tokens.shape[0]
@@ -187,15 +220,8 @@ class MaskGITSampler(Sampler):
         hidden = torch.ones(b, n, dtype=torch.bool, device=device)
         for step in range(steps):
             logits = frame_logits(frame.reshape(b, h, w), hidden.reshape(b, h, w)).reshape(b, n, -1).float()
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                # One draw per token: argmax(p / Exp(1)), exactly what torch.multinomial(probs, 1) computes, the same
-                # numbers from the same generator, without its input checks (two device syncs per step on a GPU).
-                race = torch.empty_like(probs).exponential_(generator=generator)
-                sampled = (probs / race).argmax(-1)
-            else:
-                probs = torch.softmax(logits, dim=-1)
-                sampled = probs.argmax(-1)
+            probs = torch.softmax(logits / (temperature or 1), dim=-1)
+            sampled = draw_categorical(probs, generator) if temperature > 0 else probs.argmax(-1)
             confidence = probs.gather(-1, sampled[..., None]).squeeze(-1)
             confidence = confidence.masked_fill(~hidden, math.inf)  # tokens already fixed stay fixed
             still_hidden = math.floor(n * math.cos(math.pi / 2 * (step + 1) / steps))

@@ -152,3 +152,68 @@ def test_world_context_longer_than_trained_is_refused():
 
     with pytest.raises(GenieError, match="context 7 is longer than the 6 frames"):
         tiny_world(True, context=7)
+
+
+def test_draw_categorical_follows_the_probabilities():
+    from genie_core.nn import draw_categorical
+
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3, 0.0],  # zeros first, between and last
+                          [0.5, 0.5, 0.0, 0.0, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    draws = draw_categorical(probs[:, None].expand(3, 100_000, 6), torch.Generator().manual_seed(0))
+    assert draws.shape == (3, 100_000) and draws.dtype == torch.long
+    for row, p in zip(draws, probs):
+        freq = torch.bincount(row, minlength=6).float() / row.numel()
+        assert torch.allclose(freq, p, atol=0.01)
+        assert (freq[p == 0] == 0).all()  # never an impossible entry
+    again = draw_categorical(probs[:, None].expand(3, 100_000, 6), torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
+def rollout_tokens(world, steps: int = 14) -> torch.Tensor:
+    from genie_core.world import Rollout
+
+    rollout = Rollout(world, torch.randint(0, 32, (2, 1, 4, 4), generator=torch.Generator().manual_seed(5)))
+    actions = torch.randint(0, world.num_actions, (2, steps), generator=torch.Generator().manual_seed(6))
+    generator = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        rollout.step(actions[:, step], generator)
+    return rollout.tokens
+
+
+@pytest.mark.parametrize("window", ["slide", "block"])
+def test_compiled_cached_steps_trace_once_whatever_the_history(window):
+    """A step's shapes never change: over two windows' worth of frames (the cache extended, rebuilt, extended
+    again) the compiled step is traced once for the logits and once for extending, never again."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    eager, compiled = tiny_world(True, window), tiny_world(True, window)
+    counter = CompileCounter()
+    compiled.dynamics.compile_cached_steps(backend=counter)
+    assert torch.equal(rollout_tokens(eager), rollout_tokens(compiled))
+    assert counter.frame_count == 2
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_compiled_cached_steps_give_the_same_tokens(mode):
+    """torch.compile's generated kernels (inductor) against the eager model: the same frames. (reduce-overhead
+    captures CUDA graphs on a GPU; on the CPU it runs the same wrapper without them.)"""
+    import shutil
+
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    torch._dynamo.reset()
+    eager, compiled = tiny_world(True), tiny_world(True)
+    compiled.dynamics.compile_cached_steps(mode=mode)
+    assert torch.equal(rollout_tokens(eager), rollout_tokens(compiled))
+
+
+def test_a_step_past_the_models_length_is_refused():
+    dynamics = build("dynamics", "maskgit", token_spec()).eval()
+    n = token_spec().num_frames
+    history, actions = history_and_actions(n)
+    with torch.no_grad():
+        cache = dynamics.prefill(history, actions[:, :-1])
+        with pytest.raises(ValueError, match=f"the cache holds {n} frames; this model was built for {n} in all"):
+            dynamics.next_frame_logits(cache, history[:, -1], actions[:, -1])

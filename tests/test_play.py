@@ -11,12 +11,14 @@ import shutil
 import threading
 import time
 
+import attrs
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from genie_core.cli import main
+from genie_core.errors import GenieError
 from genie_core.play.server import Limits, PlayServer
 from genie_core.play.session import PlaySession, PlayWorld, arrow_keys
 
@@ -258,6 +260,39 @@ def test_terminal_play(played_run, tmp_path, monkeypatch, capsys):
     assert Image.open(frames / "session.gif").n_frames == 4
     drawn = [line for line in out.splitlines() if "▀" in line]
     assert len(drawn) == 6 * 16  # six frames shown, 32 characters wide -> 16 rows of two pixels each
+
+
+def test_terminal_play_compiled_shows_the_same_frames(played_run, tmp_path, monkeypatch, capsys):
+    """`--compile` compiles the sampling step before the first frame, and play goes on with the same frames."""
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    torch._dynamo.reset()
+    frames = {}
+    for compiled in (False, True):
+        frames[compiled] = tmp_path / f"frames-{compiled}"
+        monkeypatch.setattr("sys.stdin", io.StringIO("0 1 2 3 1 0 2\nq\n"))
+        argv = ["play", str(played_run), "--terminal", "--no-blocks", "--frames-dir", str(frames[compiled])]
+        assert main(argv + ["--compile"] * compiled) == 0
+    assert "compiled in" in capsys.readouterr().err
+    pictures = [sorted(frames[k].glob("frame-*.png")) for k in (False, True)]
+    assert len(pictures[0]) == 8
+    assert [np.asarray(Image.open(a)).tolist() for a in pictures[0]] == [np.asarray(Image.open(b)).tolist() for b in pictures[1]]
+
+
+def test_compile_errors(played_run):
+    play = PlayWorld.load(played_run)
+    play.world.sampler = type(play.world.sampler)(attrs.evolve(play.world.sampler.config, cache=False))
+    with pytest.raises(GenieError, match="does not sample from the dynamics model's cache here"):
+        play.compile_steps()
+    play = PlayWorld.load(played_run)
+
+    def broken(**options):
+        def step(*args):
+            raise RuntimeError("Compiler: cc not found\nmore detail")
+        play.world.dynamics._cached_step = step
+    play.world.dynamics.compile_cached_steps = broken
+    with pytest.raises(GenieError, match=r"--compile: torch.compile failed \(Compiler: cc not found\); play without"):
+        play.compile_steps()
 
 
 def test_a_run_without_its_report_plays_with_its_recipes_sampler(played_run, tmp_path):

@@ -88,6 +88,30 @@ class PlayWorld:
         spec = world.tokenizer.spec
         return cls(world, run_dir.resolve().name, arrow_keys(run_dir), validation_prompts(run_dir, spec.height))
 
+    def compile_steps(self, mode: str | None = None) -> float:
+        """Compiles the dynamics model's cached sampling step (torch.compile; `mode` e.g. "reduce-overhead") and
+        plays two frames from a blank prompt so that the compiling happens now, not on a player's first key.
+        Returns the seconds it took."""
+        world = self.world
+        dynamics = type(world.dynamics).__name__
+        if not hasattr(world.dynamics, "compile_cached_steps"):
+            raise GenieError(f"--compile: the dynamics model {dynamics} has no compiled cached steps; play without it")
+        if not world.sampler.can_use_cache(world.dynamics):
+            raise GenieError(f"--compile: the sampler {type(world.sampler).__name__} does not sample from the "
+                             f"dynamics model's cache here, so there is nothing to compile; play without it")
+        start = time.perf_counter()
+        world.dynamics.compile_cached_steps(mode=mode)
+        blank = torch.zeros(1, 1, *world.dynamics.spec.grid, dtype=torch.long, device=world.device)
+        try:
+            with self.compute, torch.no_grad():
+                rollout = Rollout(world, blank)
+                for _ in range(2):  # the first frame compiles the logits step, the second the extending one
+                    rollout.step(torch.zeros(1, dtype=torch.long, device=world.device))
+        except Exception as error:  # noqa: BLE001 (the compiler's failures are many: no C++ compiler, no Triton, ...)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise GenieError(f"--compile: torch.compile failed ({reason}); play without --compile") from None
+        return time.perf_counter() - start
+
     @property
     def resolution(self) -> tuple[int, int]:
         return self.world.tokenizer.spec.height, self.world.tokenizer.spec.width
