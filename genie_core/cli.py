@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     play = sub.add_parser("play", help="play a trained world: a page in the browser (local web server) or --terminal")
     play.add_argument("run_dir", type=Path, help="a run folder whose tokenizer, dynamics and report stages are complete")
     play.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    play.add_argument("--token", default="auto",
+                      help="access token: auto (default; one is asked for when --host is reachable from other "
+                           "machines: GENIE_PLAY_TOKEN, else a random one, in the printed address) or none")
     play.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     play.add_argument("--terminal", action="store_true", help="play in the terminal instead of the browser")
     play.add_argument("--prompt", type=Path, help="terminal: a PNG or JPG to start from (default: a validation frame)")
@@ -150,14 +154,18 @@ def cmd_play(args) -> int:
         play_in_terminal(play, prompt, args.seed, {}, sys.stdin, sys.stdout, args.frames_dir,
                          blocks=not args.no_blocks, width=args.width)
         return 0
-    from genie_core.play.server import Limits, PlayServer
+    from genie_core.play.server import LOOPBACK, Limits, PlayServer, access_token
 
+    token = access_token(args.host, args.token, os.environ.get("GENIE_PLAY_TOKEN"))
     limits = Limits(max_sessions=args.max_sessions, idle_seconds=args.idle_minutes * 60,
                     max_upload_bytes=int(args.max_upload_mb * 1_000_000))
     try:
-        server = PlayServer(play, args.host, args.port, limits)
+        server = PlayServer(play, args.host, args.port, limits, token)
     except OSError as error:
         raise GenieError(f"cannot serve on {args.host}:{args.port} ({error.strerror}); choose another --port") from None
+    if token is None and args.host not in LOOPBACK:
+        print(f"warning: --token none on {args.host}: anyone who can reach this machine can play and download "
+              f"sessions", file=sys.stderr)
     print(f"playing {play.name} ({play.world.num_actions} actions, {device}) at {server.url}  (Ctrl+C stops)",
           flush=True)
     try:

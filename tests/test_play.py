@@ -312,3 +312,47 @@ def test_play_command_errors(played_run, tmp_path, capsys):
     assert "--prompt-index 99: this run has validation frames 0.." in capsys.readouterr().err
     assert main(["play", str(played_run), "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
+    assert main(["play", str(played_run), "--host", "0.0.0.0", "--token", "yes"]) == 2
+    assert "--token 'yes': choose auto or none" in capsys.readouterr().err
+
+
+def test_an_access_token_guards_every_request(play):
+    token = "s3cret-token"
+    with PlayServer(play, token=token) as guarded:
+        assert guarded.url.endswith(f"/?token={token}")
+        for path in ("/", "/api/info", "/api/prompts/0.png", "/api/info?token=wrong"):
+            status, answer = request(guarded, "GET", path, raw=True)
+            assert status == 403 and b"needs its access token" in answer
+        status, _ = request(guarded, "POST", "/api/sessions", {"prompt": 0})
+        assert status == 403
+        host, port = guarded.httpd.server_address[:2]
+
+        def get(path, headers):
+            connection = http.client.HTTPConnection(host, port, timeout=60)
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            connection.close()
+            return response
+
+        # The printed address: the token moves into a cookie and the page shows at its plain address.
+        opened = get(f"/?token={token}", {})
+        assert opened.status == 303 and opened.getheader("Location") == "/"
+        cookie = opened.getheader("Set-Cookie")
+        assert cookie.startswith(f"genie_play_token={token};") and "HttpOnly" in cookie
+        assert get("/", {"Cookie": cookie.split(";")[0]}).status == 200
+        assert get("/api/info", {"Authorization": f"Bearer {token}"}).status == 200
+        assert get(f"/api/info?token={token}", {}).status == 200
+        assert get("/api/info", {"Cookie": "genie_play_token=wrong"}).status == 403
+
+
+def test_a_token_is_asked_for_when_other_machines_can_reach_the_server():
+    from genie_core.play.server import access_token
+
+    assert access_token("127.0.0.1", "auto") is None and access_token("localhost", "auto") is None
+    first, second = access_token("0.0.0.0", "auto"), access_token("0.0.0.0", "auto")
+    assert first and second and first != second and len(first) >= 20
+    assert access_token("0.0.0.0", "auto", fixed="mine") == "mine"
+    assert access_token("0.0.0.0", "none") is None
+    with pytest.raises(GenieError, match="--token 'yes': choose auto or none"):
+        access_token("0.0.0.0", "yes")

@@ -106,3 +106,22 @@ def test_keys_play_the_world_in_the_browser(played_run, browser, tmp_path):
         ActionChains(browser).send_keys("1").perform()
         wait_for(lambda: frames() == 2, what="a frame after the uploaded prompt")
         assert browser.get_screenshot_as_png().startswith(b"\x89PNG")
+
+
+def test_the_printed_address_with_its_token_plays(played_run, browser):
+    """With an access token, the printed address (…/?token=T) opens the page, and the page's own requests (the API,
+    the event stream, prompt images) get through on the cookie it leaves."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    with PlayServer(PlayWorld.load(played_run), token="browser-token") as server:
+        browser.get(server.url)
+        frame = browser.find_element(By.ID, "frame")
+        wait_for(lambda: int(frame.get_attribute("data-frames") or 0) == 1, what="the prompt frame")
+        assert browser.current_url == server.url.split("?")[0]  # the token left the address bar
+        ActionChains(browser).send_keys("2").perform()
+        wait_for(lambda: int(frame.get_attribute("data-shown") or 0) >= 2, what="a streamed frame")
+        assert browser.execute_script("return document.querySelector('#prompts img').naturalWidth") == 64
+        browser.delete_all_cookies()
+        browser.get(server.url.split("?")[0])
+        assert "needs its access token" in browser.page_source

@@ -15,20 +15,29 @@ index of one of the run's validation frames.
     POST /api/sessions/ID/undo | reset  -> the frame shown afterwards
     GET  /api/sessions/ID/session.gif   the session so far
     DELETE /api/sessions/ID
+
+With an access token (`genie play --host` on an address other people can reach gets one by itself), every request
+must carry it: opening the printed address (`/?token=T`) stores it in a cookie for the page's own requests, and
+scripts send `Authorization: Bearer T`. Without it the answer is 403.
 """
 
 from __future__ import annotations
 
 import base64
+import hmac
 import io
 import json
 import queue
 import re
+import secrets
+import socket
 import threading
 import time
 from http import HTTPStatus
+from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from urllib.parse import parse_qs
 
 import attrs
 import numpy as np
@@ -39,6 +48,8 @@ from genie_core.media import decode_image, save_png
 from genie_core.play.session import PlaySession, PlayWorld
 
 UPLOAD_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG"}
+TOKEN_COOKIE = "genie_play_token"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @attrs.define(frozen=True)
@@ -50,10 +61,24 @@ class Limits:
     max_json_bytes: int = 10_000
 
 
+class _Answered(Exception):
+    """The request has had its answer (a redirect); nothing more to do."""
+
+
 class ApiError(Exception):
     def __init__(self, status: HTTPStatus, message: str):
         super().__init__(message)
         self.status = status
+
+
+def access_token(host: str, choice: str, fixed: str | None = None) -> str | None:
+    """The token `genie play` asks for: `choice` "auto" gives one (`fixed`, else a random one) when the server can
+    be reached from other machines and none on this machine only; "none" never asks for one."""
+    if choice not in ("auto", "none"):
+        raise GenieError(f"--token {choice!r}: choose auto or none (set GENIE_PLAY_TOKEN to fix its value)")
+    if choice == "none" or host in LOOPBACK:
+        return None
+    return fixed or secrets.token_urlsafe(16)
 
 
 def png_data_url(frame: np.ndarray) -> str:
@@ -67,8 +92,10 @@ class PlayServer:
     """The sessions of one world and the HTTP server in front of them. `start()` serves from a background thread
     (tests, notebooks); `serve_forever()` from the calling one (the CLI)."""
 
-    def __init__(self, play: PlayWorld, host: str = "127.0.0.1", port: int = 0, limits: Limits = Limits()):
-        self.play, self.limits = play, limits
+    def __init__(self, play: PlayWorld, host: str = "127.0.0.1", port: int = 0, limits: Limits = Limits(),
+                 token: str | None = None):
+        """`token`: the access token every request must carry (None: none needed)."""
+        self.play, self.limits, self.token = play, limits, token
         self.sessions: dict[str, PlaySession] = {}
         self.listeners: dict[str, list[queue.Queue]] = {}
         self.lock = threading.Lock()  # guards the two dicts above
@@ -79,8 +106,15 @@ class PlayServer:
 
     @property
     def url(self) -> str:
+        """The address to open: this machine's name when serving on every interface, and the token if any."""
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}/"
+        if host in ("0.0.0.0", "::"):
+            host = socket.gethostname()
+        return f"http://{host}:{port}/" + (f"?token={self.token}" if self.token else "")
+
+    def allows(self, presented: str | None) -> bool:
+        """Whether a request that presents this token may go on."""
+        return self.token is None or (presented is not None and hmac.compare_digest(presented, self.token))
 
     def start(self) -> "PlayServer":
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -208,8 +242,9 @@ def _handler(server: PlayServer):
             self._dispatch("DELETE")
 
         def _dispatch(self, method: str):
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
             try:
+                self._authorize(path, parse_qs(query).get("token", [None])[0])
                 for verb, pattern, name in routes:
                     match = pattern.fullmatch(path)
                     if match:
@@ -220,6 +255,8 @@ def _handler(server: PlayServer):
                 if allowed:
                     raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} {path}: use {' or '.join(allowed)}")
                 raise ApiError(HTTPStatus.NOT_FOUND, f"no such address: {path}")
+            except _Answered:
+                pass
             except ApiError as error:
                 self._json({"error": str(error)}, error.status)
             except GenieError as error:
@@ -231,6 +268,21 @@ def _handler(server: PlayServer):
                            HTTPStatus.INTERNAL_SERVER_ERROR)
 
         # ----------------------------------------------------------------------------------- plumbing
+
+        def _authorize(self, path: str, from_query: str | None):
+            if server.token is None:
+                return
+            if path == "/" and from_query is not None and server.allows(from_query):
+                # The printed address: keep the token in a cookie for the page's own requests (fetch, event
+                # stream, images, GIF) and show the page at its plain address.
+                cookie = f"{TOKEN_COOKIE}={from_query}; Path=/; HttpOnly; SameSite=Strict"
+                self._send(b"", "text/plain", HTTPStatus.SEE_OTHER, {"Location": "/", "Set-Cookie": cookie})
+                raise _Answered
+            bearer = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip() or None
+            cookie = SimpleCookie(self.headers.get("Cookie") or "").get(TOKEN_COOKIE)
+            if not any(server.allows(t) for t in (bearer, from_query, cookie.value if cookie else None) if t):
+                raise ApiError(HTTPStatus.FORBIDDEN, "this server needs its access token: open the address it printed "
+                                                     "(ending in ?token=...), or send 'Authorization: Bearer TOKEN'")
 
         def _send(self, body: bytes, content_type: str, status: HTTPStatus = HTTPStatus.OK,
                   extra: dict | None = None):
