@@ -100,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--scale", type=positive_int, default=4, help="nearest-neighbour upscaling of the output")
 
     play = sub.add_parser("play", help="play a trained world: a page in the browser (local web server) or --terminal")
-    play.add_argument("run_dir", type=Path, help="a run folder whose tokenizer, dynamics and report stages are complete")
+    play.add_argument("run_dir", type=Path, metavar="RUN_OR_CHECKPOINT",
+                      help="a run folder whose tokenizer and dynamics stages are complete, or a checkpoint of its "
+                           "dynamics stage while it trains (RUN/checkpoints/dynamics[/step-N])")
     play.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     play.add_argument("--token", default="auto",
                       help="access token: auto (default; one is asked for when --host is reachable from other "

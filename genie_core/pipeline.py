@@ -30,6 +30,7 @@ import attrs
 import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
 from torch.distributed.fsdp import MixedPrecision
 
 from genie_core.atomic import atomic_dir
@@ -37,10 +38,12 @@ from genie_core.checkpoint import load_components, save_components
 from genie_core.data import EpisodeIndex, WindowDataset, build_dataset, evenly_spaced, source_identity
 from genie_core.errors import GenieError
 from genie_core.evaluation import EvalSettings, Evaluation
-from genie_core.interfaces import DataSpec, TokenSpec, VideoSpec
+from genie_core.interfaces import DataSpec, DynamicsModel, LatentActionModel, TokenSpec, VideoSpec
 from genie_core.media import save_gif, save_strip, tile
 from genie_core.metrics import psnr
-from genie_core.recipe import Recipe
+from genie_core.recipe import Recipe, recipe_from_table
+from genie_core.registry import Registry
+from genie_core.training import STATE_FILE as CHECKPOINT_STATE
 from genie_core.training import LatentActionTask, TokenizerTask, WorldModelTask, rebuilt, train
 from genie_core.world import World, load_stages
 
@@ -111,6 +114,75 @@ def _upstream(stage: str) -> str | None:
 
 def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def video_spec(recipe: Recipe, stage: str, tokenizer=None) -> VideoSpec:
+    """The video a stage's models see; with the trained tokenizer, also its tokens (for token-input models)."""
+    res = recipe.data.resolution
+    tokens = {"token_vocab": tokenizer.codebook_size, "token_grid": tuple(tokenizer.grid)} if tokenizer else {}
+    return VideoSpec(channels=3, height=res, width=res, num_frames=recipe.train[stage].seq_len, **tokens)
+
+
+def world_models(recipe: Recipe, tokenizer) -> tuple[LatentActionModel, DynamicsModel]:
+    """The latent action and dynamics models of a recipe's dynamics stage, freshly built on its trained tokenizer."""
+    lam_choice, dyn_choice = recipe.components["action_model"], recipe.components["dynamics"]
+    reads_tokens = lam_choice.info.cls.needs_tokenizer
+    action_model = lam_choice.info.cls(lam_choice.config, video_spec(recipe, "dynamics", reads_tokens and tokenizer))
+    action_model.use_tokenizer(tokenizer)
+    token_spec = TokenSpec(vocab_size=tokenizer.codebook_size, grid=tokenizer.grid,
+                           num_frames=recipe.train["dynamics"].seq_len, num_actions=action_model.num_actions)
+    return action_model, dyn_choice.info.cls(dyn_choice.config, token_spec)
+
+
+def training_checkpoint(path: Path) -> Path | None:
+    """The full-state training checkpoint `path` names (RUN/checkpoints/STAGE/step-N), or the newest complete one
+    in a stage's checkpoint folder (RUN/checkpoints/STAGE); None when it is neither."""
+    path = Path(path)
+    if (path / CHECKPOINT_STATE).is_file():
+        return path
+    found = sorted(p for p in path.glob("step-*") if p.suffix != ".tmp" and (p / CHECKPOINT_STATE).is_file())
+    return found[-1] if found else None
+
+
+def load_checkpoint_world(checkpoint: Path, registry: Registry | None = None) -> tuple[World, Path, int]:
+    """The world as it stood at a checkpoint of a dynamics stage still training (or interrupted): the run's trained
+    tokenizer, the latent action and dynamics weights of that step, the recipe's sampler and [world] table.
+    Returns the world, the run folder and the step."""
+    checkpoint = Path(checkpoint)
+    stage, run_dir = checkpoint.parent.name, checkpoint.parents[2]
+    if stage != "dynamics":
+        raise GenieError(f"{checkpoint}: a checkpoint of the {stage} stage; only the dynamics stage's checkpoints hold "
+                         f"a world to play (give RUN/checkpoints/dynamics or one of its step folders)")
+    recipe_path = run_dir / "recipe.json"
+    if not recipe_path.is_file():
+        raise GenieError(f"{checkpoint}: no {recipe_path}; a checkpoint is read inside the run folder that wrote it")
+    recipe = recipe_from_table(json.loads(recipe_path.read_text()), str(recipe_path), registry)
+    state = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
+    if state.get("fingerprint") != fingerprint(stage_settings(recipe, "dynamics")):
+        raise GenieError(f"{checkpoint}: written under other settings than {recipe_path} records (the run was "
+                         f"restarted with another recipe since); it cannot be rebuilt from it")
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        raise GenieError(f"{checkpoint}: no model.safetensors (an FSDP run saves its weights in shards); play the "
+                         f"finished run instead")
+    tokenizer = load_stages(run_dir, ("tokenizer",), registry)["tokenizer"]
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the global generator alone
+        action_model, dynamics = world_models(recipe, tokenizer)
+    saved = load_file(str(weights))
+    part = lambda prefix: {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}  # noqa: E731
+    dynamics.load_state_dict(part("dynamics."))
+    if part("action_model."):  # co-trained with the dynamics model
+        action_model.load_state_dict(part("action_model."))
+    else:  # trained alone before the dynamics model, and kept beside the stage's checkpoints while it trains
+        done = checkpoint.parents[1] / "dynamics-lam-done"
+        if not (done / "components.json").is_file():
+            raise GenieError(f"{checkpoint}: its latent action model, trained before the dynamics model, is no longer "
+                             f"in {done} (the stage has finished); play the finished run")
+        action_model = load_components(done, registry)["action_model"]
+        action_model.use_tokenizer(tokenizer)
+    sampler = recipe.components["sampler"].info.cls(recipe.components["sampler"].config)
+    world = World(tokenizer, action_model.eval(), dynamics.eval(), sampler, recipe.world)
+    return world, run_dir, state["step"]
 
 
 class Pipeline:
@@ -242,17 +314,11 @@ class Pipeline:
         return {"checkpoint_dir": self.run_dir / "checkpoints" / stage, "resume": self.resume,
                 "fingerprint": fingerprint(stage_settings(self.recipe, stage))}
 
-    def video_spec(self, stage: str, tokenizer=None) -> VideoSpec:
-        """The video a stage's models see; with the trained tokenizer, also its tokens (for token-input models)."""
-        res = self.recipe.data.resolution
-        tokens = {"token_vocab": tokenizer.codebook_size, "token_grid": tuple(tokenizer.grid)} if tokenizer else {}
-        return VideoSpec(channels=3, height=res, width=res, num_frames=self.recipe.train[stage].seq_len, **tokens)
-
     def stage_tokenizer(self) -> None:
         choice = self.recipe.components["tokenizer"]
         cfg = self.recipe.train["tokenizer"]
         torch.manual_seed(self.recipe.run.seed)
-        tokenizer = choice.info.cls(choice.config, self.video_spec("tokenizer"))
+        tokenizer = choice.info.cls(choice.config, video_spec(self.recipe, "tokenizer"))
         val = self._validation_batch(cfg.seq_len)
 
         def validate(step: int) -> dict:  # held-out reconstruction, and a GIF of it: truth | reconstruction
@@ -278,12 +344,7 @@ class Pipeline:
         tokenizer = load_stages(self.run_dir, ("tokenizer",))["tokenizer"].to(self.accelerator.device)
         torch.manual_seed(self.recipe.run.seed + 1)
         lam_choice, dyn_choice = components["action_model"], components["dynamics"]
-        reads_tokens = lam_choice.info.cls.needs_tokenizer
-        action_model = lam_choice.info.cls(lam_choice.config, self.video_spec("dynamics", reads_tokens and tokenizer))
-        action_model.use_tokenizer(tokenizer)
-        token_spec = TokenSpec(vocab_size=tokenizer.codebook_size, grid=tokenizer.grid, num_frames=cfg.seq_len,
-                               num_actions=action_model.num_actions)
-        dynamics = dyn_choice.info.cls(dyn_choice.config, token_spec)
+        action_model, dynamics = world_models(self.recipe, tokenizer)
         data = self.dataset("train", cfg.seq_len)
         seed, logs, ckpt = self.recipe.run.seed + 1, self.run_dir / "logs", self._checkpointing("dynamics")
         if cfg.lam_steps:  # the LAM alone first, then dynamics on it, frozen

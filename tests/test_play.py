@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import REPO
 from genie_core.cli import main
 from genie_core.errors import GenieError
 from genie_core.play.server import Limits, PlayServer
@@ -356,3 +357,45 @@ def test_a_token_is_asked_for_when_other_machines_can_reach_the_server():
     assert access_token("0.0.0.0", "none") is None
     with pytest.raises(GenieError, match="--token 'yes': choose auto or none"):
         access_token("0.0.0.0", "yes")
+
+
+@pytest.mark.parametrize("lam_steps", [0, 2])
+def test_a_world_plays_from_a_training_checkpoint(played_run, tmp_path, monkeypatch, lam_steps):
+    """`genie play RUN/checkpoints/dynamics[/step-N]`: the world as it stood at that step of the dynamics stage,
+    co-trained LAM or one trained alone first. The run here keeps its checkpoints as a stage still training does."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr("genie_core.training.Checkpoints.clear", lambda self: None)
+    monkeypatch.setattr("genie_core.pipeline.shutil.rmtree", lambda *a, **k: None)  # keeps dynamics-lam-done
+    run = tmp_path / "training"
+    overrides = [f"data.path={played_run / 'data'}", "train.dynamics.checkpoint_every=2",
+                 f"train.dynamics.lam_steps={lam_steps}"]
+    assert main(["run", str(REPO / "recipes" / "coinrun-smoke.toml"), "--out", str(run), *overrides]) == 0
+    newest = PlayWorld.load(run / "checkpoints" / "dynamics")
+    named = PlayWorld.load(run / "checkpoints" / "dynamics" / "step-000000002")
+    assert newest.name == named.name == "training at step 2"
+    saved = load_file(str(run / "checkpoints" / "dynamics" / "step-000000002" / "model.safetensors"))
+    assert any(k.startswith("action_model.") for k in saved) == (lam_steps == 0)  # else from dynamics-lam-done
+    for play in (newest, named):
+        weights = play.world.dynamics.state_dict()
+        assert all(torch.equal(weights[k.removeprefix("dynamics.")], v) for k, v in saved.items() if k.startswith("dynamics."))
+    finished = PlayWorld.load(run)
+    assert not all(torch.equal(a, b) for a, b in zip(finished.world.dynamics.state_dict().values(),
+                                                     newest.world.dynamics.state_dict().values()))
+    session = PlaySession(newest, newest.prompts[0])
+    assert session.step(1).shape == (64, 64, 3) and len(session.frames) == 2
+
+
+def test_checkpoints_that_hold_no_world_are_refused(played_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("genie_core.training.Checkpoints.clear", lambda self: None)
+    run = tmp_path / "training"
+    overrides = [f"data.path={played_run / 'data'}", "train.tokenizer.checkpoint_every=2",
+                 "train.dynamics.checkpoint_every=2"]
+    assert main(["run", str(REPO / "recipes" / "coinrun-smoke.toml"), "--out", str(run), *overrides]) == 0
+    assert main(["play", str(run / "checkpoints" / "tokenizer"), "--terminal"]) == 2
+    assert "a checkpoint of the tokenizer stage; only the dynamics stage's checkpoints hold a world" in capsys.readouterr().err
+    recipe = json.loads((run / "recipe.json").read_text())
+    recipe["dynamics"]["dim"] = 64  # the run restarted with other settings since the checkpoint
+    (run / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(GenieError, match="written under other settings than .*recipe.json records"):
+        PlayWorld.load(run / "checkpoints" / "dynamics")

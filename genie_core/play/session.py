@@ -77,16 +77,24 @@ class PlayWorld:
     compute: threading.Lock = attrs.field(factory=threading.Lock)
 
     @classmethod
-    def load(cls, run_dir: Path, device: str | torch.device = "cpu") -> "PlayWorld":
-        """The world of a run folder (or of a folder inside one, such as RUN/dynamics)."""
+    def load(cls, path: Path, device: str | torch.device = "cpu") -> "PlayWorld":
+        """The world of a run folder (or of a folder inside one, such as RUN/dynamics), or of a training checkpoint
+        of its dynamics stage (RUN/checkpoints/dynamics/step-N, or RUN/checkpoints/dynamics for the newest): a
+        world can be played while it trains."""
         from genie_core.evaluation import resolve_run
+        from genie_core.pipeline import load_checkpoint_world, training_checkpoint
 
-        run_dir = resolve_run(Path(run_dir))
-        world = load_world(run_dir).to(device)
+        checkpoint = training_checkpoint(Path(path))
+        if checkpoint is not None:
+            world, run_dir, step = load_checkpoint_world(checkpoint)
+            name = f"{run_dir.resolve().name} at step {step}"
+        else:
+            run_dir = resolve_run(Path(path))
+            world, name = load_world(run_dir), run_dir.resolve().name
+        world.to(device)
         for module in (world.tokenizer, world.action_model, world.dynamics):
             module.eval()
-        spec = world.tokenizer.spec
-        return cls(world, run_dir.resolve().name, arrow_keys(run_dir), validation_prompts(run_dir, spec.height))
+        return cls(world, name, arrow_keys(run_dir), validation_prompts(run_dir, world.tokenizer.spec.height))
 
     def compile_steps(self, mode: str | None = None) -> float:
         """Compiles the dynamics model's cached sampling step (torch.compile; `mode` e.g. "reduce-overhead") and
