@@ -345,6 +345,8 @@ def test_an_access_token_guards_every_request(play):
         assert get("/api/info", {"Authorization": f"Bearer {token}"}).status == 200
         assert get(f"/api/info?token={token}", {}).status == 200
         assert get("/api/info", {"Cookie": "genie_play_token=wrong"}).status == 403
+        assert get("/api/info", {"Authorization": "Bearer t\u00f6ken".encode().decode("latin-1")}).status == 403
+        assert get("/api/info", {"Cookie": 'genie_play_token="unclosed; x=;;'}).status == 403
 
 
 def test_a_token_is_asked_for_when_other_machines_can_reach_the_server():

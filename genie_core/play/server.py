@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 from http import HTTPStatus
-from http.cookies import SimpleCookie
+from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qs
@@ -114,7 +114,9 @@ class PlayServer:
 
     def allows(self, presented: str | None) -> bool:
         """Whether a request that presents this token may go on."""
-        return self.token is None or (presented is not None and hmac.compare_digest(presented, self.token))
+        if self.token is None:
+            return True
+        return presented is not None and hmac.compare_digest(presented.encode(), self.token.encode())
 
     def start(self) -> "PlayServer":
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -279,7 +281,10 @@ def _handler(server: PlayServer):
                 self._send(b"", "text/plain", HTTPStatus.SEE_OTHER, {"Location": "/", "Set-Cookie": cookie})
                 raise _Answered
             bearer = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip() or None
-            cookie = SimpleCookie(self.headers.get("Cookie") or "").get(TOKEN_COOKIE)
+            try:
+                cookie = SimpleCookie(self.headers.get("Cookie") or "").get(TOKEN_COOKIE)
+            except CookieError:  # a malformed header counts as no cookie
+                cookie = None
             if not any(server.allows(t) for t in (bearer, from_query, cookie.value if cookie else None) if t):
                 raise ApiError(HTTPStatus.FORBIDDEN, "this server needs its access token: open the address it printed "
                                                      "(ending in ?token=...), or send 'Authorization: Bearer TOKEN'")
