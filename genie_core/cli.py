@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="a run folder whose tokenizer and dynamics stages are complete, or a checkpoint of its "
                            "dynamics stage while it trains (RUN/checkpoints/dynamics[/step-N])")
     play.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
-    play.add_argument("--token", default="auto",
+    play.add_argument("--token", choices=("auto", "none"), default="auto",
                       help="access token: auto (default; one is asked for when --host is reachable from other "
                            "machines: GENIE_PLAY_TOKEN, else a random one, in the printed address) or none")
     play.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")

@@ -168,11 +168,12 @@ def load_checkpoint_world(checkpoint: Path, registry: Registry | None = None) ->
     tokenizer = load_stages(run_dir, ("tokenizer",), registry)["tokenizer"]
     with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the global generator alone
         action_model, dynamics = world_models(recipe, tokenizer)
-    saved = load_file(str(weights))
-    part = lambda prefix: {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}  # noqa: E731
-    dynamics.load_state_dict(part("dynamics."))
-    if part("action_model."):  # co-trained with the dynamics model
-        action_model.load_state_dict(part("action_model."))
+    saved = load_file(str(weights))  # the training task's state: "dynamics.*", and "action_model.*" if co-trained
+    parts = {prefix: {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+             for prefix in ("dynamics.", "action_model.")}
+    dynamics.load_state_dict(parts["dynamics."])
+    if parts["action_model."]:  # co-trained with the dynamics model
+        action_model.load_state_dict(parts["action_model."])
     else:  # trained alone before the dynamics model, and kept beside the stage's checkpoints while it trains
         done = checkpoint.parents[1] / "dynamics-lam-done"
         if not (done / "components.json").is_file():

@@ -313,8 +313,10 @@ def test_play_command_errors(played_run, tmp_path, capsys):
     assert "--prompt-index 99: this run has validation frames 0.." in capsys.readouterr().err
     assert main(["play", str(played_run), "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
-    assert main(["play", str(played_run), "--host", "0.0.0.0", "--token", "yes"]) == 2
-    assert "--token 'yes': choose auto or none" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_status:  # argparse's own check of the choices
+        main(["play", str(played_run), "--host", "0.0.0.0", "--token", "yes"])
+    assert exit_status.value.code == 2
+    assert "argument --token: invalid choice: 'yes'" in capsys.readouterr().err
 
 
 def test_an_access_token_guards_every_request(play):
@@ -357,8 +359,6 @@ def test_a_token_is_asked_for_when_other_machines_can_reach_the_server():
     assert first and second and first != second and len(first) >= 20
     assert access_token("0.0.0.0", "auto", fixed="mine") == "mine"
     assert access_token("0.0.0.0", "none") is None
-    with pytest.raises(GenieError, match="--token 'yes': choose auto or none"):
-        access_token("0.0.0.0", "yes")
 
 
 @pytest.mark.parametrize("lam_steps", [0, 2])
