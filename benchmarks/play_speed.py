@@ -6,11 +6,13 @@ For each history length h: a play session (`genie_core.world.Rollout`) that alre
 next frames one action at a time (the sampler's steps from the recipe), each decoded to pixels through the
 tokenizer's window, as `genie play` does; frames/s is the inverse of the median time per frame. Weights are random
 (speed does not depend on them); the dynamics model is built for h + repeats + 2 frames, so its window never moves
-and its cache has the room it has in play. Uncached, every MaskGIT step re-runs the whole history; cached, each
+and its cache has the room it has in play; with `--context C` it is built for C frames instead, and histories of C
+or more play with a moving window (`--window slide`: the cache is rebuilt before every frame; `block`: every half
+window), as long sessions do. Uncached, every MaskGIT step re-runs the whole history; cached, each
 frame extends the cache by the frame before it and every step costs one frame; `--compile` adds the cached sampler
 with its per-step work compiled by torch.compile (compile time reported apart). The speed-ups compare sampling
 alone and whole frames (sampling + decoding). Prints a table, saves JSON and a PNG to
-benchmarks/results/play-speed-RUNNAME[-PRECISION][-compiled[-MODE]][-cuda].{json,png}.
+benchmarks/results/play-speed-RUNNAME[-contextC-WINDOW][-PRECISION][-compiled[-MODE]][-cuda].{json,png}.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage_throughput import RESULTS, environment  # noqa: E402
 
+from genie_core.config import WorldConfig  # noqa: E402
 from genie_core.interfaces import TokenSpec, VideoSpec  # noqa: E402
 from genie_core.recipe import load_recipe  # noqa: E402
 from genie_core.world import Rollout, World  # noqa: E402
@@ -104,6 +107,11 @@ def main(argv=None) -> int:
     parser.add_argument("recipe", type=Path)
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--history", default="1,2,4,8,16,32", help="history lengths, comma separated")
+    parser.add_argument("--context", type=int, default=0,
+                        help="frames the dynamics model is built for (its trained length); histories past it play "
+                             "with a moving window, as long sessions do (default 0: room for every history)")
+    parser.add_argument("--window", choices=("slide", "block"), default="slide",
+                        help="with --context: how the window moves ([world] window)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpu", action="store_true", help="measure on the CPU even if a GPU is there")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table of one frame")
@@ -132,7 +140,8 @@ def main(argv=None) -> int:
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for h in lengths:
-            spec = TokenSpec(vocab_size=tokenizer.codebook_size, grid=tokenizer.grid, num_frames=h + args.repeats + 2,
+            spec = TokenSpec(vocab_size=tokenizer.codebook_size, grid=tokenizer.grid,
+                             num_frames=args.context or h + args.repeats + 2,
                              num_actions=c["action_model"].config.num_actions)
             torch.manual_seed(0)
             dynamics = c["dynamics"].info.cls(c["dynamics"].config, spec).eval().to(device)
@@ -144,7 +153,8 @@ def main(argv=None) -> int:
                     model = copy.deepcopy(dynamics)
                     model.compile_cached_steps(mode=args.compile_mode)
                 sampler = sampler_cls(attrs.evolve(sampler_cfg, cache=mode != "uncached"))
-                timers[mode] = frame_timer(World(tokenizer, action_model, model, sampler), h, args.repeats + 2, device)
+                world = World(tokenizer, action_model, model, sampler, WorldConfig(window=args.window))
+                timers[mode] = frame_timer(world, h, args.repeats + 2, device)
                 # Two frames of warm-up: the first builds the cache (and compiles the step), the second extends it.
                 warm_up[mode] = sum(sum(timers[mode]()) for _ in range(2))
             # The modes take turns frame by frame, so that this machine's drifting speed treats them alike.
@@ -178,10 +188,12 @@ def main(argv=None) -> int:
     RESULTS.mkdir(exist_ok=True)
     precision = "" if args.precision == "fp32" else f"-{args.precision}"
     compiled = "-compiled" + (f"-{args.compile_mode}" if args.compile_mode else "") if args.compile else ""
-    stem = RESULTS / (f"play-speed-{recipe.run.name}{precision}{compiled}" + ("-cuda" if device.type == "cuda" else ""))
+    window = f"-context{args.context}-{args.window}" if args.context else ""
+    stem = RESULTS / (f"play-speed-{recipe.run.name}{window}{precision}{compiled}" + ("-cuda" if device.type == "cuda" else ""))
     stem.with_suffix(".json").write_text(json.dumps(
         {"recipe": str(args.recipe), "overrides": args.overrides, "sampler_steps": steps, "device": device.type,
          "precision": args.precision, "compile_mode": args.compile_mode if args.compile else None,
+         "context": args.context or None, "window": args.window if args.context else None,
          "environment": environment(), "rows": rows}, indent=2))
     plot(rows, stem.with_suffix(".png"), f"{recipe.run.name}: {steps} MaskGIT steps per frame, {device.type} {args.precision}")
     print(f"saved {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
