@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from pathlib import Path
 
 from genie_core.errors import GenieError, RecipeError, TrainingDiverged
@@ -170,8 +171,9 @@ def cmd_play(args) -> int:
               f"sessions", file=sys.stderr)
     print(f"playing {play.name} ({play.world.num_actions} actions, {device}) at {server.url}  (Ctrl+C stops)",
           flush=True)
+    server.start()  # HTTP on a background thread; every frame is computed here, on the thread that loaded the model
     try:
-        server.serve_forever()
+        play.compute.serve(threading.Event())
     except KeyboardInterrupt:
         pass
     finally:

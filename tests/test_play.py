@@ -401,3 +401,41 @@ def test_checkpoints_that_hold_no_world_are_refused(played_run, tmp_path, monkey
     (run / "recipe.json").write_text(json.dumps(recipe))
     with pytest.raises(GenieError, match="written under other settings than .*recipe.json records"):
         PlayWorld.load(run / "checkpoints" / "dynamics")
+
+
+def test_frames_are_computed_on_the_thread_that_serves_compute(play, monkeypatch):
+    """As `genie play` runs: the HTTP server on its own thread, every frame computed on one other thread (the CLI's
+    main one), the same frames as computed on the requests' threads."""
+    from genie_core.play.session import Compute
+    from genie_core.world import World
+
+    inline = PlaySession(play, play.prompts[0], seed=3)
+    for action in (1, 2, 3):
+        inline.step(action)
+    seen = set()
+    original = World.decode_last
+
+    def decode_last(world, tokens):
+        seen.add(threading.get_ident())
+        return original(world, tokens)
+    monkeypatch.setattr(World, "decode_last", decode_last)
+    served, stop = PlayWorld(play.world, play.name, play.keys, play.prompts), threading.Event()
+    worker = threading.Thread(target=served.compute.serve, args=(stop,))
+    worker.start()
+    try:
+        with PlayServer(served) as server:
+            status, state = request(server, "POST", "/api/sessions", {"prompt": 0, "seed": 3})
+            for action in (1, 2, 3):
+                status, state = request(server, "POST", f"/api/sessions/{state['session']}/step", {"action": action})
+                assert status == 200
+            assert np.array_equal(png(state["frame"]), inline.frames[-1])
+            status, _ = request(server, "GET", f"/api/sessions/{state['session']}/session.gif", raw=True)
+            assert status == 200
+        assert seen == {worker.ident}
+        assert served.compute.run(threading.get_ident) == worker.ident
+        with pytest.raises(GenieError, match="action 9"):
+            served.compute.run(served.world.check_actions, torch.tensor([9]))
+    finally:
+        stop.set()
+        worker.join()
+    assert Compute().run(threading.get_ident) == threading.get_ident()  # nobody serving: the caller's thread

@@ -87,8 +87,9 @@ def png_data_url(frame: np.ndarray) -> str:
 
 
 class PlayServer:
-    """The sessions of one world and the HTTP server in front of them. `start()` serves from a background thread
-    (tests, notebooks); `serve_forever()` from the calling one (the CLI)."""
+    """The sessions of one world and the HTTP server in front of them. `start()` serves from a background thread;
+    the frames are computed through `play.compute`: on the request's thread, or on the thread that serves it (the
+    CLI's main thread, see `Compute`)."""
 
     def __init__(self, play: PlayWorld, host: str = "127.0.0.1", port: int = 0, limits: Limits = Limits(),
                  token: str | None = None):
@@ -120,9 +121,6 @@ class PlayServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._thread.start()
         return self
-
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever()
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -227,6 +225,7 @@ def _handler(server: PlayServer):
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # answers and events are small writes: send each at once
         server_version = "genie-play"
 
         def log_message(self, *args):  # quiet: one line per frame would drown the terminal

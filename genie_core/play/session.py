@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import io
 import json
+import queue
 import secrets
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import attrs
@@ -65,6 +67,47 @@ def validation_prompts(run_dir: Path, resolution: int, count: int = MAX_PROMPTS)
     return prompts
 
 
+class Compute:
+    """Where a world's frames are computed: one job at a time, whoever asks (one model, one device). Torch's CPU
+    thread pools belong to the thread that uses them, and frames computed on a web server's handler threads, beside
+    the pool of the thread that loaded the model, ran at half speed on a 2-core machine. So `serve()` lets one
+    thread (the CLI's main thread, which loaded the model) do every job; until it does, or without it, `run` does the
+    job on the caller's thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._jobs: queue.Queue | None = None
+
+    def run(self, job, *args):
+        """job(*args) under torch.no_grad(), and its result (or its exception)."""
+        jobs = self._jobs
+        if jobs is None:
+            with self._lock, torch.no_grad():
+                return job(*args)
+        done: Future = Future()
+        jobs.put((job, args, done))
+        return done.result()
+
+    def serve(self, stop: threading.Event) -> None:
+        """Does every job on the calling thread until `stop` is set (or Ctrl+C)."""
+        self._jobs = jobs = queue.Queue()
+        try:
+            while not stop.is_set():
+                try:
+                    job, args, done = jobs.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                try:
+                    with torch.no_grad():
+                        done.set_result(job(*args))
+                except Exception as error:  # noqa: BLE001 - the caller's to handle
+                    done.set_exception(error)
+        finally:
+            self._jobs = None
+            while not jobs.empty():  # jobs that came too late still get an answer
+                jobs.get_nowait()[2].set_exception(GenieError("the server is stopping"))
+
+
 @attrs.define
 class PlayWorld:
     """A loaded world and what its players share."""
@@ -74,7 +117,7 @@ class PlayWorld:
     keys: dict[str, int] = attrs.field(factory=dict)  # arrow key -> latent action
     prompts: list[torch.Tensor] = attrs.field(factory=list)  # [C, H, W] each
     # One frame is generated at a time, whoever asks: sessions share the model and the device.
-    compute: threading.Lock = attrs.field(factory=threading.Lock)
+    compute: Compute = attrs.field(factory=Compute)
 
     @classmethod
     def load(cls, path: Path, device: str | torch.device = "cpu") -> "PlayWorld":
@@ -110,11 +153,13 @@ class PlayWorld:
         start = time.perf_counter()
         world.dynamics.compile_cached_steps(mode=mode)
         blank = torch.zeros(1, 1, *world.dynamics.spec.grid, dtype=torch.long, device=world.device)
+
+        def two_frames():  # the first frame compiles the logits step, the second the extending one
+            rollout = Rollout(world, blank)
+            for _ in range(2):
+                rollout.step(torch.zeros(1, dtype=torch.long, device=world.device))
         try:
-            with self.compute, torch.no_grad():
-                rollout = Rollout(world, blank)
-                for _ in range(2):  # the first frame compiles the logits step, the second the extending one
-                    rollout.step(torch.zeros(1, dtype=torch.long, device=world.device))
+            self.compute.run(two_frames)
         except Exception as error:  # noqa: BLE001 (the compiler's failures are many: no C++ compiler, no Triton, ...)
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise GenieError(f"--compile: torch.compile failed ({reason}); play without --compile") from None
@@ -153,11 +198,12 @@ class PlaySession:
         self.id = secrets.token_urlsafe(12)
         self.play = play
         world = play.world
-        with play.compute, torch.no_grad():
+        def encode():
             tokens = world.encode_prompt(prompt[None])
-            first = world.decode(tokens)[0]  # the prompt as the world sees it, after its tokenizer
+            return tokens, to_uint8(world.decode(tokens)[0])[0]  # the prompt as the world sees it, after its tokenizer
+        tokens, first = play.compute.run(encode)
         self.rollout = Rollout(world, tokens)
-        self.frames = [to_uint8(first)[0]]  # [H, W, 3] each
+        self.frames = [first]  # [H, W, 3] each
         self.generator = torch.Generator(world.device).manual_seed(seed)
         self.lock = threading.Lock()  # one change at a time per session
         self.last_used = time.monotonic()
@@ -179,11 +225,12 @@ class PlaySession:
         sampler = self.play.sampler(options or {})
         world = self.play.world
         start = time.perf_counter()
-        with self.play.compute, torch.no_grad():
+
+        def next_frame():
             self.rollout.step(torch.tensor([action], device=world.device), self.generator, sampler)
-            frame = world.decode_last(self.rollout.tokens)[0]
+            return to_uint8(world.decode_last(self.rollout.tokens)[0])[0]
+        self.frames.append(self.play.compute.run(next_frame))
         self.seconds = self.seconds[-9:] + [time.perf_counter() - start]
-        self.frames.append(to_uint8(frame)[0])
         return self.frames[-1]
 
     def undo(self) -> None:
@@ -198,7 +245,9 @@ class PlaySession:
         del self.frames[1:]
 
     def gif(self, scale: int = 4, fps: int = 8) -> bytes:
-        video = torch.from_numpy(np.stack(self.frames)).permute(0, 3, 1, 2).float() / 255
-        buffer = io.BytesIO()
-        save_gif(video, buffer, scale=scale, fps=fps)
-        return buffer.getvalue()
+        def encode() -> bytes:
+            video = torch.from_numpy(np.stack(self.frames)).permute(0, 3, 1, 2).float() / 255
+            buffer = io.BytesIO()
+            save_gif(video, buffer, scale=scale, fps=fps)
+            return buffer.getvalue()
+        return self.play.compute.run(encode)
