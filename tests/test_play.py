@@ -433,6 +433,7 @@ def test_frames_are_computed_on_the_thread_that_serves_compute(play, monkeypatch
             assert status == 200
         assert seen == {worker.ident}
         assert served.compute.run(threading.get_ident) == worker.ident
+        assert served.compute.run(served.compute.run, threading.get_ident) == worker.ident  # a job inside a job
         with pytest.raises(GenieError, match="action 9"):
             served.compute.run(served.world.check_actions, torch.tensor([9]))
     finally:

@@ -75,13 +75,14 @@ class Compute:
     job on the caller's thread."""
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._jobs: queue.Queue | None = None
+        self._serving: int | None = None  # the thread doing the jobs
 
     def run(self, job, *args):
         """job(*args) under torch.no_grad(), and its result (or its exception)."""
         jobs = self._jobs
-        if jobs is None:
+        if jobs is None or threading.get_ident() == self._serving:  # (a job that runs another: no waiting on itself)
             with self._lock, torch.no_grad():
                 return job(*args)
         done: Future = Future()
@@ -90,7 +91,8 @@ class Compute:
 
     def serve(self, stop: threading.Event) -> None:
         """Does every job on the calling thread until `stop` is set (or Ctrl+C)."""
-        self._jobs = jobs = queue.Queue()
+        self._jobs, self._serving = queue.Queue(), threading.get_ident()
+        jobs = self._jobs
         try:
             while not stop.is_set():
                 try:
@@ -98,12 +100,12 @@ class Compute:
                 except queue.Empty:
                     continue
                 try:
-                    with torch.no_grad():
+                    with self._lock, torch.no_grad():
                         done.set_result(job(*args))
                 except Exception as error:  # noqa: BLE001 - the caller's to handle
                     done.set_exception(error)
         finally:
-            self._jobs = None
+            self._jobs, self._serving = None, None
             while not jobs.empty():  # jobs that came too late still get an answer
                 jobs.get_nowait()[2].set_exception(GenieError("the server is stopping"))
 
