@@ -217,7 +217,8 @@ class Sampler(Component, abc.ABC):
     # Cached sampling, optional. A dynamics model that keeps its history offers prefill(history [B, t, h, w],
     # actions [B, t - 1]) -> cache and extend(cache, frame [B, h, w], action [B]) (MaskGIT's does); a sampler that
     # can continue from such a cache says so here and implements sample_cached. `Rollout` then extends the cache by
-    # one frame per step instead of running the whole history again. Such a dynamics model may also offer
+    # one frame per step instead of running the whole history again, and rebuilds it in place when the window moves
+    # if the cache has refill(other) -> bool (genie_core.nn.FrameCache does). Such a dynamics model may also offer
     # compile_cached_steps(**options): torch.compile of its per-step work (`genie play --compile`).
     def can_use_cache(self, dynamics: DynamicsModel) -> bool:
         return False

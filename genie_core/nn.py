@@ -133,6 +133,20 @@ class FrameCache:
         self.values[block].index_copy_(2, self.slot.view(1), v)
         return self.keys[block], self.values[block]
 
+    def refill(self, other: "FrameCache") -> bool:
+        """Takes `other`'s frames into this cache's own tensors, when their shapes match (False when not): a window
+        rebuilt in place keeps the addresses a captured CUDA graph reads and writes, so it replays instead of
+        recording again for every new window."""
+        mine, theirs = (*self.keys, *self.values), (*other.keys, *other.values)
+        if self.capacity != other.capacity or any(
+                (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device) for a, b in zip(mine, theirs, strict=True)):
+            return False
+        for a, b in zip(mine, theirs):
+            a.copy_(b)
+        self.frames = other.frames
+        self.slot.copy_(other.slot)
+        return True
+
     def commit(self) -> None:
         """The frame last written by `with_next` joins the cached frames."""
         self.frames += 1

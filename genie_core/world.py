@@ -154,7 +154,12 @@ class Rollout:
         if self._cache is not None and cached_start == start and cached_end == t - 1:
             dynamics.extend(self._cache, self.tokens[:, t - 1], self.actions[:, t - 2])  # the frame made last step
         elif self._cache is None or self._cache_span != (start, t):
-            self._cache = dynamics.prefill(self.tokens[:, start:], self.actions[:, start:])
+            fresh = dynamics.prefill(self.tokens[:, start:], self.actions[:, start:])
+            # Into the old cache's tensors when it can take them (a FrameCache can): compiled steps that captured
+            # CUDA graphs on those addresses go on replaying across windows, undo and reset.
+            refill = getattr(self._cache, "refill", None)
+            if refill is None or not refill(fresh):
+                self._cache = fresh
             self.prefills += 1
         self._cache_span = (start, t)
         return self._cache
@@ -164,7 +169,7 @@ class Rollout:
         frames = max(1, frames)
         self.tokens, self.actions = self.tokens[:, :frames], self.actions[:, : frames - 1]
         if self._cache_span[1] > frames:
-            self._cache = None
+            self._cache_span = (-1, -1)  # stale: the next step rebuilds it (into the same tensors)
 
 
 def load_stages(run_dir: Path, stages: tuple[str, ...], registry: Registry | None = None) -> dict:

@@ -127,8 +127,9 @@ class MaskGITDynamics(DynamicsModel):
             fresh = [None if t is None else t.clone(memory_format=torch.contiguous_format) for t in (frame, action, mask)]
             if not graphs:
                 return compiled(cache, *fresh, logits)
-            # A captured graph may write only into tensors whose address it can rely on: the cache's buffers
-            # (they keep it until the cache is rebuilt, which re-records); its output is reused by the next replay.
+            # A captured graph may write only into tensors whose address it can rely on: the cache's buffers (a
+            # Rollout refills them in place when its window moves, so one session replays the same graphs; another
+            # cache records its own). Its output is reused by the next replay.
             for buffer in (*cache.keys, *cache.values):
                 torch._dynamo.mark_static_address(buffer, guard=False)
             torch.compiler.cudagraph_mark_step_begin()

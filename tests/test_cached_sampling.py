@@ -147,6 +147,43 @@ def test_rollout_undo_then_replay_gives_the_same_frames():
     assert torch.equal(first.tokens, prompt) and first.actions.shape == (1, 0)
 
 
+@pytest.mark.parametrize("window", ["slide", "block"])
+def test_rollout_rebuilds_its_cache_in_its_own_tensors(window):
+    """Moving windows, an undo and a reset rebuild the cache into the tensors it had (the addresses a captured CUDA
+    graph reads and writes), and the frames still equal those of the uncached sampler."""
+    from genie_core.world import Rollout
+
+    prompt = torch.randint(0, 32, (1, 1, 4, 4), generator=torch.Generator().manual_seed(2))
+    uncached, cached = (Rollout(tiny_world(cache, window), prompt) for cache in (False, True))
+    addresses = None
+    for step in range(16):
+        if step in (10, 13):  # undo three frames, then reset
+            for rollout in (uncached, cached):
+                rollout.truncate(rollout.frames - 3 if step == 10 else 0)
+        for rollout in (uncached, cached):
+            rollout.step(torch.tensor([step % 4]), torch.Generator().manual_seed(step))
+        cache = cached._cache
+        now = [t.data_ptr() for t in (*cache.keys, *cache.values, cache.slot)]
+        addresses = addresses or now
+        assert now == addresses, f"step {step}: the cache moved"
+    assert cached.prefills >= 5
+    assert torch.equal(uncached.tokens, cached.tokens)
+
+
+def test_a_cache_refills_only_from_one_of_its_shape():
+    torch.manual_seed(0)
+    model = STTransformer(dim=32, depth=2, heads=2).eval()
+    x = torch.randn(2, 6, 6, 32)
+    _, cache = model.prefill(x[:, :2], capacity=6)
+    _, longer = model.prefill(x[:, 1:5], capacity=6)
+    assert cache.refill(longer) and cache.frames == 4 and int(cache.slot) == 4
+    assert all(torch.equal(a, b) for a, b in zip(cache.keys + cache.values, longer.keys + longer.values))
+    assert torch.allclose(model.next_frame(x[:, 5:], cache), model(x[:, 1:])[:, 4:], atol=1e-5)
+    _, other_batch = model.prefill(x[:1, :2], capacity=6)
+    _, other_room = model.prefill(x[:, :2], capacity=8)
+    assert not cache.refill(other_batch) and not cache.refill(other_room) and cache.frames == 4
+
+
 def test_world_context_longer_than_trained_is_refused():
     from genie_core.errors import GenieError
 
