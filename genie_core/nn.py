@@ -138,8 +138,8 @@ class FrameCache:
         rebuilt in place keeps the addresses a captured CUDA graph reads and writes, so it replays instead of
         recording again for every new window."""
         mine, theirs = (*self.keys, *self.values), (*other.keys, *other.values)
-        if self.capacity != other.capacity or any(
-                (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device) for a, b in zip(mine, theirs, strict=True)):
+        if self.capacity != other.capacity or len(mine) != len(theirs) or any(
+                (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device) for a, b in zip(mine, theirs)):
             return False
         for a, b in zip(mine, theirs):
             a.copy_(b)
