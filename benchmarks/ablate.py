@@ -18,8 +18,9 @@ there, in this ablation or another, reuses that trained tokenizer (and its later
 variants differ only in what they change; the row says what was reused.
 
 Row: parameters of each component, peak memory of the variant's process (resident set on CPU, allocated on a GPU),
-training steps/s and samples/s of both stages, tokenizer PSNR, dynamics PSNR and dtPSNR at the recipe's t, and
-latent-vs-true action NMI. Writes OUT/ablation.json, .csv, .md and .png, with the machine, library versions and git
+training steps/s and samples/s of both stages, tokenizer PSNR, dynamics PSNR at the recipe's t beside the
+copy-prompt baseline (the prompt frame shown again) and the paired difference of the two, dtPSNR at t, and
+latent-vs-true action NMI on raw actions and on the source's classes of actions that do the same thing. Writes OUT/ablation.json, .csv, .md and .png, with the machine, library versions and git
 commit. Default OUT: benchmarks/results/ablations/NAME (NAME: the ablation file's stem).
 """
 
@@ -44,8 +45,8 @@ STAGES = ("tokenizer", "dynamics", "report")
 LIBRARIES = ("torch", "timm", "vector-quantize-pytorch", "accelerate", "torchmetrics")
 COLUMNS = ("variant", "status", "reused", "tokenizer_params", "action_model_params", "dynamics_params",
            "peak_memory_mib", "tokenizer_steps_per_s", "tokenizer_samples_per_s", "dynamics_steps_per_s",
-           "dynamics_samples_per_s", "tokenizer_psnr_db", "dynamics_psnr_db", "dtpsnr_db", "actions_nmi",
-           "seconds", "error")
+           "dynamics_samples_per_s", "tokenizer_psnr_db", "dynamics_psnr_db", "copy_prompt_psnr_db",
+           "dynamics_minus_copy_db", "dtpsnr_db", "actions_nmi", "action_classes_nmi", "seconds", "error")
 
 
 def read_ablation(path: Path) -> dict:
@@ -68,6 +69,7 @@ def reuse_finished_stages(run_dir: Path, runs_root: Path, recipe) -> dict[str, s
     from genie_core.pipeline import STAGE_FILE, fingerprint, stage_settings
 
     wanted = {stage: fingerprint(stage_settings(recipe, stage)) for stage in ("data", *STAGES)}
+    best, source = {}, None  # the run that shares the longest chain of stages
     for other in sorted(p for p in runs_root.iterdir() if p.is_dir() and p != run_dir):
         chain, parent = {}, None
         for stage in wanted:
@@ -78,13 +80,15 @@ def reuse_finished_stages(run_dir: Path, runs_root: Path, recipe) -> dict[str, s
             if record["fingerprint"] != wanted[stage] or (parent and record["input"] != parent):
                 break
             chain[stage] = parent = record["id"]
-        if len(chain) > 1:  # a trained stage to reuse, not just the same data
-            (run_dir / "data").mkdir(parents=True, exist_ok=True)
-            shutil.copy2(other / "data" / STAGE_FILE, run_dir / "data" / STAGE_FILE)  # the record; the data stays put
-            for stage in list(chain)[1:]:
-                shutil.copytree(other / stage, run_dir / stage, dirs_exist_ok=True)
-            return chain
-    return {}
+        if len(chain) > len(best):
+            best, source = chain, other
+    if len(best) < 2:  # nothing trained to reuse, at most the same data
+        return {}
+    (run_dir / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source / "data" / STAGE_FILE, run_dir / "data" / STAGE_FILE)  # the record; the data stays put
+    for stage in list(best)[1:]:
+        shutil.copytree(source / stage, run_dir / stage, dirs_exist_ok=True)
+    return best
 
 
 def run_variant(recipe_path: str, overrides: list[str], run_dir: Path, runs_root: Path) -> dict:
@@ -124,7 +128,10 @@ def run_variant(recipe_path: str, overrides: list[str], run_dir: Path, runs_root
         "tokenizer_samples_per_s": samples("tokenizer"), "dynamics_steps_per_s": summaries["dynamics"]["steps_per_second"],
         "dynamics_samples_per_s": samples("dynamics"),
         "tokenizer_psnr_db": report["tokenizer_psnr_db"], "dynamics_psnr_db": report[f"dynamics_psnr_t{t}_db"],
+        "copy_prompt_psnr_db": report[f"copy_prompt_psnr_t{t}_db"],
+        "dynamics_minus_copy_db": report[f"dynamics_minus_copy_prompt_t{t}_db"],
         "dtpsnr_db": report[f"dtpsnr_t{t}_db"], "actions_nmi": report.get("actions_vs_true_nmi"),
+        "action_classes_nmi": report.get("actions_vs_true_classes_nmi"),
     }
 
 
@@ -154,8 +161,10 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], t: int) -> None:
     shown = [("variant", "variant"), ("status", "status"), ("tokenizer_params", "tokenizer params"),
              ("peak_memory_mib", "peak memory (MiB)"), ("tokenizer_steps_per_s", "tokenizer steps/s"),
              ("dynamics_steps_per_s", "LAM+dyn steps/s"), ("tokenizer_psnr_db", "tokenizer PSNR (dB)"),
-             ("dynamics_psnr_db", f"dynamics PSNR t={t} (dB)"), ("dtpsnr_db", f"dtPSNR t={t} (dB)"),
-             ("actions_nmi", "actions NMI"), ("reused", "reused stages")]
+             ("dynamics_psnr_db", f"dynamics PSNR t={t} (dB)"), ("copy_prompt_psnr_db", f"copy-prompt PSNR t={t} (dB)"),
+             ("dynamics_minus_copy_db", "dynamics minus copy-prompt (dB, paired)"), ("dtpsnr_db", f"dtPSNR t={t} (dB)"),
+             ("actions_nmi", "actions NMI"), ("action_classes_nmi", "action classes NMI"), ("seconds", "seconds"),
+             ("reused", "reused stages")]
     lines = [f"# Ablation {meta['name']}", "", f"Base recipe `{meta['base']}`, shared overrides "
              f"`{' '.join(meta['overrides']) or 'none'}`; {meta['environment']['machine']}, "
              f"{meta['environment']['gpu'] or 'CPU'}, commit {meta['environment']['git_commit']}.", "",
@@ -172,8 +181,9 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], t: int) -> None:
 def plot(rows: list[dict], path: Path, title: str, t: int) -> None:
     from genie_core.plots import plt, save
 
-    panels = [("tokenizer_psnr_db", "tokenizer PSNR (dB)"), ("dtpsnr_db", f"dtPSNR t={t} (dB)"),
-              ("actions_nmi", "latent vs true actions NMI"), ("peak_memory_mib", "peak memory (MiB)")]
+    panels = [("tokenizer_psnr_db", "tokenizer PSNR (dB)"), ("dynamics_minus_copy_db", f"dynamics - copy-prompt t={t}"),
+              ("dtpsnr_db", f"dtPSNR t={t} (dB)"), ("actions_nmi", "latent vs true actions NMI"),
+              ("peak_memory_mib", "peak memory (MiB)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
     names = [r["variant"] for r in rows]
     for ax, (key, label) in zip(axes, panels):

@@ -188,10 +188,19 @@ def cmd_plugins(args) -> int:
     return 0
 
 
-def cmd_validate(args) -> int:
+def _load_recipe(args):
+    """The recipe with its overrides; says which options a component swap dropped."""
     from genie_core.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    notes: list[str] = []
+    recipe = load_recipe(args.recipe, args.overrides, notes=notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return recipe
+
+
+def cmd_validate(args) -> int:
+    recipe = _load_recipe(args)
     parts = ", ".join(f"{kind}={choice.name}" for kind, choice in recipe.components.items())
     print(f"{args.recipe}: ok ({parts})")
     return 0
@@ -199,9 +208,8 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     from genie_core.pipeline import Pipeline
-    from genie_core.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = _load_recipe(args)
     run_dir = args.out or Path(recipe.run.out_dir) / recipe.run.name
     print(f"genie run: {args.recipe} -> {run_dir}")
     report = Pipeline(recipe, run_dir).run(redo_from=args.redo_from, resume=args.resume)

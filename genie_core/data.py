@@ -210,7 +210,7 @@ def build_dataset(source: VideoSource, identity: dict, cfg: DataConfig, out: Pat
     manifest = {**header, **_assemble(done, units),
                 "skipped": [bad for entry in done for bad in entry.get("skipped", [])],
                 "dropped_short_episodes": sum(entry.get("dropped_short_episodes", 0) for entry in done),
-                "action_names": source.action_names()}
+                "action_names": source.action_names(), "action_classes": source.action_classes()}
     if manifest["frames"] == 0:
         raise GenieError(f"{out}: the source gave no episode of at least data.min_episode_frames="
                          f"{cfg.min_episode_frames} frames")
@@ -296,8 +296,9 @@ class WindowDataset(torch.utils.data.Dataset):
     """Every window of `length` consecutive frames inside one episode of a split, as float video [T, C, H, W] in
     [0, 1]. Shards are memory-mapped lazily in each process, so the dataset pickles cheaply into loader workers."""
 
-    def __init__(self, index: EpisodeIndex, split: str, length: int):
-        self.index, self.split, self.length = index, split, length
+    def __init__(self, index: EpisodeIndex, split: str, length: int, with_actions: bool = False):
+        """with_actions: items are (video, the true actions between its frames [T - 1]) instead of video alone."""
+        self.index, self.split, self.length, self.with_actions = index, split, length, with_actions
         self.episodes = [e for e in index.episodes(split) if e["length"] >= length]
         if not self.episodes:
             raise GenieError(f"{index.root}: no {split} episode has {length} frames; lower the recipe's seq_len")
@@ -325,15 +326,21 @@ class WindowDataset(torch.utils.data.Dataset):
             self._maps[key] = np.load(self.index.shard_path(shard, part), mmap_mode="r")
         return self._maps[key]
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         shard, first = self.locate(i)
         clip = np.array(self._map(shard, "frames")[first : first + self.length])  # [T, H, W, C] uint8, a copy
-        return torch.from_numpy(clip).permute(0, 3, 1, 2).float().div_(255)
+        video = torch.from_numpy(clip).permute(0, 3, 1, 2).float().div_(255)
+        return (video, self.actions(i)) if self.with_actions else video
 
     def actions(self, i: int) -> torch.Tensor:
         """The ground-truth actions between window i's frames, [T - 1]; -1 where the source has none."""
         shard, first = self.locate(i)
         return torch.from_numpy(np.array(self._map(shard, "actions")[first : first + self.length - 1], dtype=np.int64))
+
+
+def true_action_count(index: EpisodeIndex) -> int:
+    """How many ground-truth actions the footage records (its source's action names); 0 when it has none."""
+    return len(index.manifest.get("action_names") or [])
 
 
 def evenly_spaced(dataset: WindowDataset, count: int) -> list[int]:

@@ -3,6 +3,9 @@
     tokenizer    reconstruction PSNR and SSIM per frame; codebook usage and perplexity
     fidelity     PSNR and SSIM of generated frames against the truth at each step t = 1..horizon, the rollout driven
                  by the actions the LAM infers from the true frames
+    baselines    what doing nothing scores at each step t: the prompt frame shown again (copy-prompt), and the
+                 tokenizer's reconstruction of the prompt shown again (copy-prompt tokens); and the world's PSNR minus
+                 copy-prompt's, window by window (a world below 0 has learned less than a still frame)
     dtPSNR       the paper's controllability metric at each requested t (genie_core.metrics.delta_psnr)
     FVD          Frechet Video Distance between true windows and rollouts, on I3D features from a local file
     actions      the LAM's actions against the data's true ones (NMI, mapping accuracy) and its codebook usage
@@ -104,7 +107,9 @@ class Evaluation:
         device = self.accelerator.device
 
         def measure(video, generator, batch):
-            inferred = world.action_model.infer_actions(video)  # [B, steps]
+            true_actions = torch.stack([dataset.actions(i) for i in batch]).to(device)
+            lam = world.action_model
+            inferred = lam.infer_actions(video, **lam.true_action_inputs(true_actions))  # [B, steps]
             random = torch.randint(0, world.num_actions, (video.shape[0], max(ts)), device=device,
                                    generator=generator)
             # Both rollouts draw the same sampling noise (common random numbers): their difference is the effect of
@@ -114,15 +119,18 @@ class Evaluation:
             generator.set_state(noise)
             with_random = world.rollout(video[:, 0], random, generator)
             deltas = [psnr(with_inferred[:, t], video[:, t]) - psnr(with_random[:, t], video[:, t]) for t in ts]
-            true_actions = torch.stack([dataset.actions(i) for i in batch])
-            out = [psnr(with_inferred[:, 1:], video[:, 1:]), ssim(with_inferred[:, 1:], video[:, 1:]),
-                   torch.stack(deltas, dim=1), inferred, true_actions]
+            # The cheapest baselines: the prompt again (its pixels, and its tokens decoded) at every step.
+            future = video[:, 1:]
+            still = video[:, :1].expand_as(future)
+            still_tokens = world.decode(world.encode_prompt(video[:, 0]).expand(-1, self.steps + 1, -1, -1))[:, 1:]
+            out = [psnr(with_inferred[:, 1:], future), ssim(with_inferred[:, 1:], future),
+                   torch.stack(deltas, dim=1), inferred, true_actions, psnr(still, future), psnr(still_tokens, future)]
             if self.i3d is not None:  # clips of prompt + horizon frames, the truth and the rollout
                 clip = self.horizon + 1
                 out += [self.i3d(video[:, :clip]), self.i3d(with_inferred[:, :clip])]
             return out
 
-        step_psnr, step_ssim, deltas, inferred, true_actions, *features = over_windows(
+        step_psnr, step_ssim, deltas, inferred, true_actions, copy_psnr, copy_tokens_psnr, *features = over_windows(
             self.accelerator, dataset, settings, measure)
         horizon = self.horizon
         usage = torch.bincount(inferred.flatten(), minlength=world.num_actions)
@@ -132,10 +140,19 @@ class Evaluation:
             "dynamics_ssim_by_step": _by_step(step_ssim[:, :horizon]),
             "dtpsnr_db": {str(t): mean_and_ci(deltas[:, k]) for k, t in enumerate(ts)},
             "dynamics_psnr_at_t_db": {str(t): mean_and_ci(step_psnr[:, t - 1]) for t in ts},
+            "copy_prompt_psnr_by_step_db": _by_step(copy_psnr[:, :horizon]),
+            "copy_prompt_tokens_psnr_by_step_db": _by_step(copy_tokens_psnr[:, :horizon]),
+            "copy_prompt_psnr_at_t_db": {str(t): mean_and_ci(copy_psnr[:, t - 1]) for t in ts},
+            "copy_prompt_tokens_psnr_at_t_db": {str(t): mean_and_ci(copy_tokens_psnr[:, t - 1]) for t in ts},
+            # paired, window by window: the same windows, so the interval is that of the difference itself
+            "dynamics_minus_copy_prompt_at_t_db": {str(t): mean_and_ci(step_psnr[:, t - 1] - copy_psnr[:, t - 1])
+                                                   for t in ts},
+            "windows_overlap": self.windows_overlap(dataset),
             "lam_codebook": codebook_stats(usage),
             "lam_usage": usage.tolist(),
             "actions_vs_true": action_agreement(inferred, true_actions, world.num_actions,
                                                 settings.labelled_fraction, settings.seed),
+            "actions_vs_true_classes": self.agreement_with_classes(inferred, true_actions),
         }
         if features:
             from genie_core.fvd import frechet_distance
@@ -144,6 +161,24 @@ class Evaluation:
             result["fvd"] = {"value": frechet_distance(real, fake), "videos": real.shape[0], "frames": horizon + 1,
                              "i3d": str(self.i3d.path), "i3d_format": self.i3d.kind, "size": self.i3d.size}
         return result
+
+    def agreement_with_classes(self, inferred: torch.Tensor, true_actions: torch.Tensor) -> dict | None:
+        """Latent actions against the classes of true actions that do the same thing (the source's
+        `action_classes`, kept in the manifest), with the class names; None when the footage declares none."""
+        classes = self.index.manifest.get("action_classes")
+        if not classes:
+            return None
+        names = list(dict.fromkeys(classes))
+        class_of = torch.tensor([names.index(c) for c in classes] + [-1])  # -1 (no action) stays -1
+        result = action_agreement(inferred, class_of[true_actions], self.world.num_actions,
+                                  self.settings.labelled_fraction, self.settings.seed)
+        return None if result is None else result | {"classes": names}
+
+    def windows_overlap(self, dataset: WindowDataset) -> bool:
+        """Whether evenly spaced windows share frames (too many windows for the split): the windows are then not
+        independent, and the 95% intervals come out narrower than they are."""
+        starts = [dataset.locate(i) for i in evenly_spaced(dataset, self.settings.windows)]
+        return any(a[0] == b[0] and b[1] - a[1] < dataset.length for a, b in zip(starts, starts[1:]))
 
     def run(self) -> dict:
         return {"data": str(self.index.root), "split": self.split, "settings": attrs.asdict(self.settings),
@@ -167,18 +202,22 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
     for t, stat in result["dtpsnr_db"].items():
         rows.append((f"dtPSNR t={t} (dB)", _cell(stat, 3)))
     for t, stat in result["dynamics_psnr_at_t_db"].items():
-        rows.append((f"dynamics PSNR t={t} (dB)", _cell(stat)))
+        rows += [(f"dynamics PSNR t={t} (dB)", _cell(stat)),
+                 (f"copy-prompt PSNR t={t} (dB)", _cell(result["copy_prompt_psnr_at_t_db"][t])),
+                 (f"copy-prompt tokens PSNR t={t} (dB)", _cell(result["copy_prompt_tokens_psnr_at_t_db"][t])),
+                 (f"dynamics minus copy-prompt t={t} (dB)", _cell(result["dynamics_minus_copy_prompt_at_t_db"][t]))]
     last = result["horizon"]
     rows.append((f"dynamics SSIM t={last}", _cell(result["dynamics_ssim_by_step"][-1], 3)))
     fvd = result.get("fvd")
     rows.append((f"FVD ({fvd['videos']} clips of {fvd['frames']})" if fvd else "FVD",
                  f"{fvd['value']:.1f}" if fvd else "not measured (no --i3d)"))
-    actions = result["actions_vs_true"]
-    if actions:
-        rows += [("latent vs true actions NMI", f"{actions['nmi']:.3f}"),
-                 ("latent -> true mapping accuracy",
-                  f"{actions['mapping_accuracy']:.3f} (majority {actions['majority_baseline']:.3f})")]
-    else:
+    scored = ((result["actions_vs_true"], "actions"), (result.get("actions_vs_true_classes"), "action classes"))
+    for actions, what in scored:
+        if actions:
+            rows += [(f"latent vs true {what} NMI", f"{actions['nmi']:.3f}"),
+                     (f"latent -> true {what} mapping accuracy",
+                      f"{actions['mapping_accuracy']:.3f} (majority {actions['majority_baseline']:.3f})")]
+    if not result["actions_vs_true"]:
         rows.append(("latent vs true actions", "n/a (no true actions in the data)"))
     for name in ("tokenizer", "lam"):
         book = result[f"{name}_codebook"]
@@ -197,7 +236,7 @@ def write_run(result: dict, folder: Path, name: str) -> None:
 
     (folder / "eval.json").write_text(json.dumps(result, indent=2))
     fidelity_by_step({name: result["dynamics_psnr_by_step_db"]}, {name: result["dynamics_ssim_by_step"]},
-                     folder / "fidelity_by_step.png", f"{name}: rollouts with inferred actions")
+                     folder / "fidelity_by_step.png", f"{name}: rollouts with inferred actions", baselines(result))
     actions = result["actions_vs_true"]
     action_usage(result["lam_usage"], actions["contingency"] if actions else None, folder / "actions.png",
                  f"{name}: latent actions")
@@ -208,14 +247,23 @@ def write_run(result: dict, folder: Path, name: str) -> None:
              "actions the latent action model infers from the true frames.", "",
              table(["metric", "value (95% CI)"], [list(row) for row in summary_rows(result)]), "",
              "## Fidelity by step", "",
-             table(["t", "PSNR (dB)", "SSIM"],
-                   [[str(k + 1), _cell(p), _cell(s, 3)] for k, (p, s) in
-                    enumerate(zip(result["dynamics_psnr_by_step_db"], result["dynamics_ssim_by_step"]))]), "",
+             table(["t", "PSNR (dB)", "copy-prompt PSNR (dB)", "copy-prompt tokens PSNR (dB)", "SSIM"],
+                   [[str(k + 1), _cell(p), _cell(c), _cell(ct), _cell(s, 3)] for k, (p, c, ct, s) in
+                    enumerate(zip(result["dynamics_psnr_by_step_db"], result["copy_prompt_psnr_by_step_db"],
+                                  result["copy_prompt_tokens_psnr_by_step_db"], result["dynamics_ssim_by_step"]))]),
+             "", "Copy-prompt shows the prompt frame again at every step; copy-prompt tokens shows the tokenizer's "
+             "reconstruction of it. A world that does not beat them has learned less than a still frame.", "",
              "![fidelity](fidelity_by_step.png)", "", "## Latent actions", "", "![actions](actions.png)", ""]
     if actions:
         lines += [f"Latent -> true action mapping fit on {actions['labelled']} labelled transitions, scored on "
                   f"{actions['scored']}: {actions['latent_to_real']}.", ""]
     (folder / "eval.md").write_text("\n".join(lines))
+
+
+def baselines(result: dict) -> dict[str, list[dict]]:
+    """The do-nothing baselines by step, as reference lines for the fidelity charts."""
+    return {"copy-prompt": result["copy_prompt_psnr_by_step_db"],
+            "copy-prompt tokens": result["copy_prompt_tokens_psnr_by_step_db"]}
 
 
 def write_comparison(results: dict[str, dict], folder: Path) -> str:
@@ -230,7 +278,7 @@ def write_comparison(results: dict[str, dict], folder: Path) -> str:
     (folder / "comparison.json").write_text(json.dumps(results, indent=2))
     fidelity_by_step({n: r["dynamics_psnr_by_step_db"] for n, r in results.items()},
                      {n: r["dynamics_ssim_by_step"] for n, r in results.items()},
-                     folder / "comparison.png", "rollouts with inferred actions")
+                     folder / "comparison.png", "rollouts with inferred actions", baselines(first))
     (folder / "comparison.md").write_text("\n".join([
         "# Comparison", "",
         f"Every run on the same {first['settings']['windows']} windows of `{first['data']}` split "

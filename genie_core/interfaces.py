@@ -40,6 +40,9 @@ class VideoSpec:
     # For components that read the tokenizer's tokens of this video (`needs_tokenizer`): its vocabulary and grid.
     token_vocab: int = 0
     token_grid: tuple[int, int] = (0, 0)
+    # How many ground-truth actions the footage records (its source's action names), for action models that read
+    # them (`reads_true_actions`); 0 when the footage has none.
+    true_actions: int = 0
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -165,6 +168,20 @@ class LatentActionModel(Component, abc.ABC):
         """Receives the trained, frozen tokenizer (the pipeline and `World` call this on every action model). Only
         a model with `needs_tokenizer` keeps it, outside its own weights; the default ignores it."""
 
+    # True when the model reads the ground-truth actions stored with the footage instead of (or besides) inferring
+    # them: its infer_actions and loss then take them as `true_actions` [B, T - 1] (what `true_action_inputs` gives
+    # the callers). Training and evaluation hand them over; play needs none (the player chooses the actions).
+    reads_true_actions: ClassVar[bool] = False
+
+    def true_action_inputs(self, true_actions: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The keyword arguments of infer_actions and loss for these true actions: none for a model that does not
+        read them, so models written without `true_actions` keep working."""
+        if not self.reads_true_actions:
+            return {}
+        if true_actions is None:
+            raise ValueError(f"{type(self).__name__} reads the footage's true actions; none were given")
+        return {"true_actions": true_actions}
+
     @property
     @abc.abstractmethod
     def num_actions(self) -> int: ...
@@ -250,6 +267,12 @@ class VideoSource(Component, abc.ABC):
     def action_names(self) -> list[str] | None:
         """The names of the ground-truth actions (index -> name, e.g. LEFT, UP), if the source has actions: kept in
         the data set's manifest, so `genie play` can put arrow keys on the latent actions that match them."""
+        return None
+
+    def action_classes(self) -> list[str] | None:
+        """For each ground-truth action (index -> class name), the class of actions that do the same thing, e.g.
+        LEFT+DOWN and LEFT both move left in a platformer. Evaluation scores the latent actions against these
+        classes too, beside the raw actions. None: every action is its own class."""
         return None
 
     @abc.abstractmethod

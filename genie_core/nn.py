@@ -285,7 +285,10 @@ class Quantizer(nn.Module):
                 decay=0.8,
             )
         elif kind == "fsq":
-            self.fsq = FSQ(levels=fsq_levels(codebook_size), dim=dim)
+            levels = fsq_levels(codebook_size)
+            # A level of 2 needs FSQ's symmetric grid (vector-quantize-pytorch refuses it otherwise): 6 actions are
+            # [3, 2], 1024 codes [8, 8, 8, 2].
+            self.fsq = FSQ(levels=levels, dim=dim, preserve_symmetry=2 in levels)
         else:
             self.lfq = LFQ(dim=dim, codebook_size=codebook_size, commitment_loss_weight=commitment_weight)
 

@@ -35,9 +35,10 @@ from torch.distributed.fsdp import MixedPrecision
 
 from genie_core.atomic import atomic_dir
 from genie_core.checkpoint import load_components, save_components
-from genie_core.data import EpisodeIndex, WindowDataset, build_dataset, evenly_spaced, source_identity
+from genie_core.data import (EpisodeIndex, WindowDataset, build_dataset, evenly_spaced, source_identity,
+                             true_action_count)
 from genie_core.errors import GenieError
-from genie_core.evaluation import EvalSettings, Evaluation
+from genie_core.evaluation import EvalSettings, Evaluation, run_data
 from genie_core.interfaces import DataSpec, DynamicsModel, LatentActionModel, TokenSpec, VideoSpec
 from genie_core.media import save_gif, save_strip, tile
 from genie_core.metrics import psnr
@@ -116,18 +117,22 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def video_spec(recipe: Recipe, stage: str, tokenizer=None) -> VideoSpec:
-    """The video a stage's models see; with the trained tokenizer, also its tokens (for token-input models)."""
+def video_spec(recipe: Recipe, stage: str, tokenizer=None, true_actions: int = 0) -> VideoSpec:
+    """The video a stage's models see; with the trained tokenizer, also its tokens (for token-input models), and
+    the number of true actions its footage records."""
     res = recipe.data.resolution
     tokens = {"token_vocab": tokenizer.codebook_size, "token_grid": tuple(tokenizer.grid)} if tokenizer else {}
-    return VideoSpec(channels=3, height=res, width=res, num_frames=recipe.train[stage].seq_len, **tokens)
+    return VideoSpec(channels=3, height=res, width=res, num_frames=recipe.train[stage].seq_len,
+                     true_actions=true_actions, **tokens)
 
 
-def world_models(recipe: Recipe, tokenizer) -> tuple[LatentActionModel, DynamicsModel]:
-    """The latent action and dynamics models of a recipe's dynamics stage, freshly built on its trained tokenizer."""
+def world_models(recipe: Recipe, tokenizer, index: EpisodeIndex) -> tuple[LatentActionModel, DynamicsModel]:
+    """The latent action and dynamics models of a recipe's dynamics stage, freshly built on its trained tokenizer
+    for the footage of `index`."""
     lam_choice, dyn_choice = recipe.components["action_model"], recipe.components["dynamics"]
     reads_tokens = lam_choice.info.cls.needs_tokenizer
-    action_model = lam_choice.info.cls(lam_choice.config, video_spec(recipe, "dynamics", reads_tokens and tokenizer))
+    spec = video_spec(recipe, "dynamics", reads_tokens and tokenizer, true_action_count(index))
+    action_model = lam_choice.info.cls(lam_choice.config, spec)
     action_model.use_tokenizer(tokenizer)
     token_spec = TokenSpec(vocab_size=tokenizer.codebook_size, grid=tokenizer.grid,
                            num_frames=recipe.train["dynamics"].seq_len, num_actions=action_model.num_actions)
@@ -167,7 +172,7 @@ def load_checkpoint_world(checkpoint: Path, registry: Registry | None = None) ->
                          f"finished run instead")
     tokenizer = load_stages(run_dir, ("tokenizer",), registry)["tokenizer"]
     with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the global generator alone
-        action_model, dynamics = world_models(recipe, tokenizer)
+        action_model, dynamics = world_models(recipe, tokenizer, EpisodeIndex.open(run_data(run_dir)))
     saved = load_file(str(weights))  # the training task's state: "dynamics.*", and "action_model.*" if co-trained
     parts = {prefix: {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
              for prefix in ("dynamics.", "action_model.")}
@@ -308,8 +313,8 @@ class Pipeline:
             self._index = EpisodeIndex.open(self.data_root)
         return self._index
 
-    def dataset(self, split: str, length: int) -> WindowDataset:
-        return WindowDataset(self.index, split, length)
+    def dataset(self, split: str, length: int, with_actions: bool = False) -> WindowDataset:
+        return WindowDataset(self.index, split, length, with_actions)
 
     def _checkpointing(self, stage: str) -> dict:
         return {"checkpoint_dir": self.run_dir / "checkpoints" / stage, "resume": self.resume,
@@ -345,8 +350,8 @@ class Pipeline:
         tokenizer = load_stages(self.run_dir, ("tokenizer",))["tokenizer"].to(self.accelerator.device)
         torch.manual_seed(self.recipe.run.seed + 1)
         lam_choice, dyn_choice = components["action_model"], components["dynamics"]
-        action_model, dynamics = world_models(self.recipe, tokenizer)
-        data = self.dataset("train", cfg.seq_len)
+        action_model, dynamics = world_models(self.recipe, tokenizer, self.index)
+        data = self.dataset("train", cfg.seq_len, with_actions=action_model.reads_true_actions)
         seed, logs, ckpt = self.recipe.run.seed + 1, self.run_dir / "logs", self._checkpointing("dynamics")
         if cfg.lam_steps:  # the LAM alone first, then dynamics on it, frozen
             action_model = self._train_action_model_alone(lam_choice.name, action_model, tokenizer, data, cfg, seed,
@@ -370,8 +375,15 @@ class Pipeline:
         shutil.rmtree(self.run_dir / "checkpoints" / "dynamics-lam-done", ignore_errors=True)
 
     def _validation_batch(self, length: int) -> torch.Tensor:
+        return self._validation_windows(length)[0]
+
+    def _validation_windows(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Four held-out windows, spread over the split, and their true actions."""
         val = self.dataset("val", length)
-        return torch.stack([val[i] for i in evenly_spaced(val, 4)]).to(self.accelerator.device)
+        chosen = evenly_spaced(val, 4)
+        device = self.accelerator.device
+        return (torch.stack([val[i] for i in chosen]).to(device),
+                torch.stack([val.actions(i) for i in chosen]).to(device))
 
     def _sample_path(self, name: str) -> Path:
         folder = self.run_dir / "samples"
@@ -381,13 +393,13 @@ class Pipeline:
     def _world_validator(self, tokenizer, action_model, dynamics, length: int):
         """Held-out LAM reconstruction PSNR and the next frame generated with inferred actions, plus a GIF of the
         truth next to a rollout from its first frame. Uses its own random generator, not the global ones."""
-        val = self._validation_batch(length)
+        val, val_actions = self._validation_windows(length)
         choice = self.recipe.components["sampler"]
         world = World(tokenizer, action_model, dynamics, choice.info.cls(choice.config), self.recipe.world)
 
         def validate(step: int) -> dict:
             generator = torch.Generator(device=val.device).manual_seed(0)
-            lam = action_model.loss(val)  # in eval mode its actions are infer_actions(val)
+            lam = action_model.loss(val, **action_model.true_action_inputs(val_actions))  # eval mode: infer_actions
             actions, lam_recon = lam.actions, lam.recon
             steps = min(4, val.shape[1] - 1)
             rollout = world.rollout(val[:, 0], actions[:, :steps], generator)
@@ -454,7 +466,12 @@ class Pipeline:
             "tokenizer_ssim": measured["tokenizer_ssim"],
             f"dtpsnr_t{t}_db": dtpsnr,
             f"dynamics_psnr_t{t}_db": measured["dynamics_psnr_at_t_db"][str(t)],
+            f"copy_prompt_psnr_t{t}_db": measured["copy_prompt_psnr_at_t_db"][str(t)],
+            f"copy_prompt_tokens_psnr_t{t}_db": measured["copy_prompt_tokens_psnr_at_t_db"][str(t)],
+            f"dynamics_minus_copy_prompt_t{t}_db": measured["dynamics_minus_copy_prompt_at_t_db"][str(t)],
+            "windows_overlap": measured["windows_overlap"],
             "actions_vs_true_nmi": (measured["actions_vs_true"] or {}).get("nmi"),
+            "actions_vs_true_classes_nmi": (measured["actions_vs_true_classes"] or {}).get("nmi"),
             "lam_codebook": measured["lam_codebook"],
             "num_actions": world.num_actions,
             "rollout_gif": "rollout.gif (one panel per latent action, each held for every step)",
@@ -477,6 +494,8 @@ def report_markdown(report: dict, t: int) -> str:
     train_tok = report["stages"]["tokenizer"]
     train_dyn = report["stages"]["dynamics"]
     nmi = "n/a (no true actions)" if report["actions_vs_true_nmi"] is None else f"{report['actions_vs_true_nmi']:.3f}"
+    if report.get("actions_vs_true_classes_nmi") is not None:
+        nmi += f"; {report['actions_vs_true_classes_nmi']:.3f} on classes of actions that do the same thing"
     lam = report["lam_codebook"]
     lines = [
         f"# Run report: {report['run']}",
@@ -489,6 +508,11 @@ def report_markdown(report: dict, t: int) -> str:
         f"| tokenizer reconstruction PSNR (dB) | {_fmt(report['tokenizer_psnr_db'], 'frames')} |",
         f"| controllability dtPSNR at t={t} (dB) | {_fmt(report[f'dtpsnr_t{t}_db'], 'windows')} |",
         f"| dynamics PSNR at t={t}, inferred actions (dB) | {_fmt(report[f'dynamics_psnr_t{t}_db'], 'windows')} |",
+        f"| baseline: the prompt frame again, PSNR at t={t} (dB) | {_fmt(report[f'copy_prompt_psnr_t{t}_db'], 'windows')} |",
+        f"| baseline: the prompt's tokens again, PSNR at t={t} (dB) | "
+        f"{_fmt(report[f'copy_prompt_tokens_psnr_t{t}_db'], 'windows')} |",
+        f"| dynamics minus the prompt frame again, at t={t} (dB, paired) | "
+        f"{_fmt(report[f'dynamics_minus_copy_prompt_t{t}_db'], 'windows')} |",
         f"| tokenizer reconstruction SSIM | {_fmt(report['tokenizer_ssim'], 'frames', 3)} |",
         f"| latent vs true actions NMI | {nmi} |",
         f"| latent actions used / perplexity | {lam['used']}/{lam['size']} / {lam['perplexity']:.2f} |",
@@ -496,6 +520,9 @@ def report_markdown(report: dict, t: int) -> str:
         f"Training: tokenizer {train_tok['steps_per_second']:.2f} steps/s, final loss {train_tok['final']['loss']:.4f}; "
         f"LAM + dynamics {train_dyn['steps_per_second']:.2f} steps/s, final loss {train_dyn['final']['loss']:.4f}.",
         "",
+        *(["**Warning**: the evaluation windows overlap (more windows than the held-out footage holds apart), so "
+           "these intervals are narrower than they should be; build more validation footage.", ""]
+          if report["windows_overlap"] else []),
         f"![rollout](rollout.gif) One held-out prompt frame; panel k holds latent action k "
         f"(of {report['num_actions']}) at every step.",
         "",

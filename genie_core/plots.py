@@ -39,13 +39,18 @@ def _by_step(ax, series: dict[str, list[dict]], ylabel: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def fidelity_by_step(psnr: dict[str, list[dict]], ssim: dict[str, list[dict]], path: Path, title: str) -> None:
-    """PSNR and SSIM of generated frames against the truth at each rollout step, one line per run, 95% CI bands."""
+def fidelity_by_step(psnr: dict[str, list[dict]], ssim: dict[str, list[dict]], path: Path, title: str,
+                     baselines: dict[str, list[dict]] | None = None) -> None:
+    """PSNR and SSIM of generated frames against the truth at each rollout step, one line per run, 95% CI bands;
+    `baselines` (PSNR by step, e.g. the prompt frame shown again) are drawn as grey dashed reference lines."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     _by_step(left, psnr, "PSNR (dB)")
     _by_step(right, ssim, "SSIM")
-    if len(psnr) > 1:
-        left.legend()
+    for (label, stats), style in zip((baselines or {}).items(), ("--", ":", "-.")):
+        steps = range(1, len(stats) + 1)
+        left.plot(steps, [s["mean"] for s in stats], style, color="grey", label=label)
+    if len(psnr) > 1 or baselines:
+        left.legend(fontsize=8)
     save(fig, path, title)
 
 

@@ -68,9 +68,25 @@ def _parse_value(text: str) -> Any:
         return text  # a bare word: `tokenizer.name=st-vivit`
 
 
-def apply_overrides(table: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+def apply_overrides(table: dict[str, Any], overrides: list[str], source: str,
+                    notes: list[str] | None = None) -> dict[str, Any]:
+    """The recipe table with dotted overrides applied. An override that swaps a component for another
+    (`tokenizer.name=vit`) drops the options the file gave the old one (they belong to its config, not the new
+    one's); overrides of the new one's options are kept. What was dropped is added to `notes`."""
     table = copy.deepcopy(table)
     problems = []
+    swapped = {}  # kind -> the options the file gave the component it had
+    for item in overrides:
+        key, _, text = item.partition("=")
+        kind, _, option = key.strip().partition(".")
+        current = table.get(kind)
+        if (kind in KINDS and option == "name" and isinstance(current, dict)
+                and current.get("name") != _parse_value(text.strip()) and kind not in swapped):
+            swapped[kind] = sorted(k for k in current if k != "name")
+            table[kind] = {"name": current.get("name")}
+            if swapped[kind] and notes is not None:
+                notes.append(f"{source} [{kind}]: {key.strip()}={text.strip()} replaces '{current.get('name')}'; its "
+                             f"options {', '.join(swapped[kind])} no longer apply and are dropped")
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
@@ -101,9 +117,11 @@ def read_recipe_table(path: str | Path) -> dict[str, Any]:
         raise RecipeError([f"{path}: not valid TOML: {error}"]) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), registry: Registry | None = None) -> Recipe:
-    """Reads, overrides and checks a recipe. Raises RecipeError listing every problem; builds no model."""
-    table = apply_overrides(read_recipe_table(path), list(overrides), str(path))
+def load_recipe(path: str | Path, overrides: list[str] = (), registry: Registry | None = None,
+                notes: list[str] | None = None) -> Recipe:
+    """Reads, overrides and checks a recipe. Raises RecipeError listing every problem; builds no model. Options
+    dropped by a component swap are added to `notes`."""
+    table = apply_overrides(read_recipe_table(path), list(overrides), str(path), notes)
     return recipe_from_table(table, str(path), registry)
 
 

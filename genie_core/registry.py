@@ -28,6 +28,7 @@ BUILTIN_PLUGINS = (
     "genie_plugins.st_vivit",
     "genie_plugins.vit_tokenizers",
     "genie_plugins.pixel_lam",
+    "genie_plugins.true_actions",
     "genie_plugins.maskgit",
     "genie_plugins.autoregressive",
     "genie_plugins.procgen_source",

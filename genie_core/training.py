@@ -80,16 +80,19 @@ class WorldModelTask(nn.Module):
         else:
             self.frozen_action_model = freeze(action_model)
 
-    def forward(self, video):
+    def forward(self, batch):
+        """batch: video [B, T, C, H, W], or (video, true actions [B, T - 1]) for an action model that reads them."""
+        video, true_actions = batch if isinstance(batch, (tuple, list)) else (batch, None)
         with torch.no_grad():
             tokens = self.frozen[0].encode(video)
         if hasattr(self, "action_model"):
-            lam = self.action_model.loss(video)
+            lam = self.action_model.loss(video, **self.action_model.true_action_inputs(true_actions))
             loss, actions = lam.loss, lam.actions
             metrics = {f"lam_{k}": v for k, v in lam.metrics.items()}
         else:
+            frozen = self.frozen_action_model[0]
             with torch.no_grad():
-                actions = self.frozen_action_model[0].infer_actions(video)
+                actions = frozen.infer_actions(video, **frozen.true_action_inputs(true_actions))
             loss, metrics = 0.0, {}
         dyn = self.dynamics.loss(tokens, actions)  # integer ids: no gradient reaches the LAM from here
         return loss + dyn.loss, metrics | {f"dyn_{k}": v for k, v in dyn.metrics.items()}

@@ -1,7 +1,11 @@
 """Procgen games (CoinRun and the other 15) played by a uniformly random policy, as in the paper's Appendix F.
 
 A unit is one level seed. Each level is played by `num_envs` environments stepped together in one vectorised call
-for steps_per_level steps in all, each choosing a fresh random action at every step (no action repeats). Training
+for steps_per_level steps in all, each choosing a random action and holding it for `action_repeat` steps (1, the
+paper's policy: a fresh action at every step). The action is drawn uniformly from the 15 button combinations (the
+paper's `action_choice = "buttons"`), or from the classes of combinations that do different things (`"classes"`:
+left, right or neither, with or without a jump; then one combination of that class), so the agent is not idle most
+of the time (8 of the 15 combinations do nothing in CoinRun). Training
 levels are seeds [first_level, first_level + train_levels); validation levels are the next val_levels seeds, never
 trained on.
 """
@@ -44,6 +48,10 @@ class ProcgenConfig:
     val_levels: int = attrs.field(default=100, validator=positive)
     steps_per_level: int = attrs.field(default=1000, validator=positive)
     num_envs: int = attrs.field(default=8, validator=positive)  # environments stepped together on each level
+    # Steps each random action is held for. Procgen's physics changes speed a little per step, so a fresh action at
+    # every step (1, the paper's) mostly jitters in place; held actions move the agent as the action says.
+    action_repeat: int = attrs.field(default=1, validator=positive)
+    action_choice: str = attrs.field(default="buttons", validator=v.in_(("buttons", "classes")))
 
 
 class ProcgenSource(VideoSource):
@@ -69,6 +77,9 @@ class ProcgenSource(VideoSource):
     def action_names(self):
         return list(ACTION_NAMES)
 
+    def action_classes(self):
+        return list(ACTION_CLASSES)
+
     def make_env(self, level: int, num: int):
         c = self.config
         module = procgen()
@@ -87,7 +98,16 @@ class ProcgenSource(VideoSource):
         # Step all environments together and keep whole steps; episodes are cut out afterwards, vectorised.
         frames = np.empty((steps, num, NATIVE_RESOLUTION, NATIVE_RESOLUTION, 3), dtype=np.uint8)
         firsts = np.empty((steps, num), dtype=bool)
-        actions = rng.integers(env.ac_space.eltype.n, size=(steps, num)).astype(np.int16)
+        draws = (math.ceil(steps / c.action_repeat), num)
+        if c.action_choice == "buttons":
+            held = rng.integers(env.ac_space.eltype.n, size=draws)
+        else:  # a class, then one of its combinations
+            classes = np.array(ACTION_CLASSES)
+            members = [np.flatnonzero(classes == name) for name in dict.fromkeys(ACTION_CLASSES)]
+            chosen, pick = rng.integers(len(members), size=draws), rng.random(draws)
+            held = np.array([m[int(p * len(m))] for m, p in zip(
+                (members[k] for k in chosen.ravel()), pick.ravel())]).reshape(draws)
+        actions = np.repeat(held, c.action_repeat, axis=0)[:steps].astype(np.int16)
         for step in range(steps):
             _, obs, first = env.observe()
             frames[step], firsts[step] = obs["rgb"], first
@@ -108,6 +128,12 @@ class ProcgenSource(VideoSource):
 # procgen's 15 button combinations, in the order of its discrete actions (the same for every game)
 ACTION_NAMES = ("LEFT+DOWN", "LEFT", "LEFT+UP", "DOWN", "NOOP", "UP", "RIGHT+DOWN", "RIGHT", "RIGHT+UP",
                 "D", "A", "W", "S", "Q", "E")
+
+
+# What the buttons do in the platformers (CoinRun, Jumper, Ninja without its specials, ...): left, right or neither,
+# with or without a jump. DOWN does nothing there, nor do the special keys D..E in games without special moves.
+ACTION_CLASSES = ("LEFT", "LEFT", "LEFT+JUMP", "NOOP", "NOOP", "JUMP", "RIGHT", "RIGHT", "RIGHT+JUMP",
+                  "NOOP", "NOOP", "NOOP", "NOOP", "NOOP", "NOOP")
 
 
 @hookimpl

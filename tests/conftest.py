@@ -12,7 +12,7 @@ from genie_core.interfaces import TokenSpec, VideoSpec
 from genie_core.registry import get_registry
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_VIDEO = VideoSpec(channels=3, height=16, width=16, num_frames=6)
+TINY_VIDEO = VideoSpec(channels=3, height=16, width=16, num_frames=6, true_actions=4)  # footage with 4 true actions
 
 
 def names(kind: str) -> list[str]:

@@ -26,17 +26,23 @@ overrides = ["action_model.name=token-lam"]
 [[variant]]
 name = "broken"
 overrides = ["dynamics.depth=0"]
+[[variant]]
+name = "cooler-token-lam"
+overrides = ["action_model.name=token-lam", "sampler.temperature=0.5"]
 ''')
     out, runs = tmp_path / "out", tmp_path / "runs"
     done = subprocess.run([sys.executable, str(ABLATE), str(ablation), "--out", str(out), "--runs", str(runs)],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 1, done.stderr[-2000:]  # one variant failed
     rows = {r["variant"]: r for r in json.loads((out / "ablation.json").read_text())["rows"]}
-    assert list(rows) == ["base", "token-lam", "broken"]
+    assert list(rows) == ["base", "token-lam", "broken", "cooler-token-lam"]
     base, token, broken = rows["base"], rows["token-lam"], rows["broken"]
     assert base["status"] == token["status"] == "ok" and broken["status"] == "failed"
     assert "dynamics" in broken["error"] and "depth" in broken["error"]  # the recipe's own one-line complaint
     assert base["reused"] == "" and token["reused"] == "tokenizer"  # same tokenizer settings: trained once
+    # only the sampler differs from token-lam: both trained stages come from that run (not from base, which shares
+    # only the tokenizer and comes first)
+    assert rows["cooler-token-lam"]["reused"] == "tokenizer,dynamics"
     tokenizer_id = [json.loads((runs / f"mini-{v}" / "tokenizer" / "stage.json").read_text())["id"]
                     for v in ("base", "token-lam")]
     assert tokenizer_id[0] == tokenizer_id[1] and token["tokenizer_psnr_db"] == base["tokenizer_psnr_db"]
@@ -50,7 +56,7 @@ overrides = ["dynamics.depth=0"]
     assert meta["environment"]["git_commit"] and "vector-quantize-pytorch" in meta["environment"]["libraries"]
     with open(out / "ablation.csv") as f:
         table = list(csv.DictReader(f))
-    assert [r["variant"] for r in table] == ["base", "token-lam", "broken"] and table[2]["error"]
+    assert [r["variant"] for r in table] == ["base", "token-lam", "broken", "cooler-token-lam"] and table[2]["error"]
     assert "| base | ok |" in (out / "ablation.md").read_text() and (out / "ablation.png").stat().st_size > 0
 
     # --only reruns just that variant (the others keep their rows); it reuses the tokenizer the token-lam run kept,
@@ -58,6 +64,6 @@ overrides = ["dynamics.depth=0"]
     again = subprocess.run([sys.executable, str(ABLATE), str(ablation), "--out", str(out), "--runs", str(runs),
                             "--only", "base"], capture_output=True, text=True, cwd=tmp_path)
     rerun = {r["variant"]: r for r in json.loads((out / "ablation.json").read_text())["rows"]}
-    assert again.returncode == 1 and list(rerun) == ["base", "token-lam", "broken"]
+    assert again.returncode == 1 and list(rerun) == ["base", "token-lam", "broken", "cooler-token-lam"]
     assert rerun["base"]["reused"] == "tokenizer" and rerun["base"]["dtpsnr_db"] == base["dtpsnr_db"]
     assert rerun["token-lam"] == token

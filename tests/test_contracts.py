@@ -89,15 +89,24 @@ class TestTokenizer:
 # ------------------------------------------------------------------------------------------------ action models
 
 
+def true_actions(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Recorded actions for video x [B, T, ...]: [B, T - 1] in 0..TINY_VIDEO.true_actions - 1."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY_VIDEO.true_actions, (x.shape[0], x.shape[1] - 1), generator=g)
+
+
 @pytest.mark.parametrize("name", names("action_model"))
 class TestActionModel:
+    """Models that read the footage's true actions (`reads_true_actions`) are handed them, as training does."""
+
     def test_shapes_and_dtypes(self, name):
         lam = build("action_model", name, TINY_VIDEO).eval()
         x = video()
-        actions = lam.infer_actions(x)
+        given = lam.true_action_inputs(true_actions(x))
+        actions = lam.infer_actions(x, **given)
         assert actions.shape == (2, TINY_VIDEO.num_frames - 1) and actions.dtype == torch.long
         assert 0 <= actions.min() and actions.max() < lam.num_actions
-        out = lam.loss(x)
+        out = lam.loss(x, **given)
         assert out.loss.ndim == 0 and torch.isfinite(out.loss)
         assert torch.equal(out.actions, actions)
         assert out.recon.shape == (2, TINY_VIDEO.num_frames - 1, 3, 16, 16)
@@ -105,28 +114,35 @@ class TestActionModel:
     def test_deterministic_under_seed(self, name):
         a, b = build("action_model", name, TINY_VIDEO, seed=5), build("action_model", name, TINY_VIDEO, seed=5)
         x = video()
+        given = a.true_action_inputs(true_actions(x))
         torch.manual_seed(0)
-        la = a.loss(x).loss
+        la = a.loss(x, **given).loss
         torch.manual_seed(0)
-        lb = b.loss(x).loss
+        lb = b.loss(x, **given).loss
         assert torch.equal(la, lb)
 
     def test_causal_in_time(self, name):
         """Action t explains frame t -> t+1: it depends on frames <= t+1 and on nothing later."""
         lam = build("action_model", name, TINY_VIDEO).eval()
         x = video()
-        lam.loss(x)
         y = x.clone()
         y[:, 4:] = torch.rand_like(y[:, 4:])
-        assert torch.equal(lam.infer_actions(x)[:, :3], lam.infer_actions(y)[:, :3])
+        given_x, given_y = (lam.true_action_inputs(a) for a in (true_actions(x), true_actions(x, seed=1)))
+        if given_y:  # the recorded actions after t change too
+            given_y["true_actions"][:, :3] = given_x["true_actions"][:, :3]
+        lam.loss(x, **given_x)
+        assert torch.equal(lam.infer_actions(x, **given_x)[:, :3], lam.infer_actions(y, **given_y)[:, :3])
         # the decoder's predictions of frames 1..3 use frames 0..2 and actions 0..2 only
-        recon_x, recon_y = lam.loss(x).recon, lam.loss(y).recon
+        recon_x, recon_y = lam.loss(x, **given_x).recon, lam.loss(y, **given_y).recon
         assert torch.allclose(recon_x[:, :3], recon_y[:, :3], atol=1e-5)
 
     def test_overfits_one_batch(self, name):
         lam = build("action_model", name, TINY_VIDEO)
+        if not any(p.requires_grad for p in lam.parameters()):
+            pytest.skip(f"{name} has no weights: nothing to learn")
         x = video(frames=3)
-        first, last = overfit(lam, lambda: lam.loss(x).loss)
+        given = lam.true_action_inputs(true_actions(x))
+        first, last = overfit(lam, lambda: lam.loss(x, **given).loss)
         assert last < first / OVERFIT_FACTOR, (first, last)
 
 

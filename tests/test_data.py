@@ -190,6 +190,35 @@ def test_procgen_source_records_disjoint_levels_with_parallel_envs():
     assert all(np.array_equal(a.frames, b.frames) for a, b in zip(episodes, again)), "deterministic per level"
 
 
+def test_procgen_policy_can_hold_its_actions():
+    """action_repeat=k: each random action is held for k steps, in every environment, from the episode's start
+    (1, the paper's policy, draws a fresh action every step, exactly as it always did)."""
+    info = get_registry().get("source", "procgen")
+    config = attrs.evolve(info.cls.tiny_config(), steps_per_level=40, num_envs=1, action_repeat=4)
+    held = list(info.cls(config, DataSpec(resolution=32)).record("level-0"))
+    start, changes = 0, []
+    for episode in held:  # one environment: its episodes in step order
+        known = episode.actions[:-1]  # the last one leads out of the episode (-1)
+        changes += [start + j for j in range(1, len(known)) if known[j] != known[j - 1]]
+        start += len(episode.frames)
+    assert changes and all(step % 4 == 0 for step in changes), changes
+    fresh = info.cls(attrs.evolve(config, action_repeat=1), DataSpec(resolution=32))
+    rng = np.random.default_rng(0)  # level 0's generator: the paper's policy is unchanged
+    assert np.array_equal(next(iter(fresh.record("level-0"))).actions[:5], rng.integers(15, size=(40, 1))[:5, 0])
+    assert source_classes_cover_every_action(fresh)
+    # drawn by class: every class of actions comes up about as often, NOOP no longer 8 times in 15
+    by_class = info.cls(attrs.evolve(config, steps_per_level=240, action_choice="classes"), DataSpec(resolution=32))
+    drawn = np.concatenate([e.actions[:-1] for e in by_class.record("level-0")])
+    classes = np.array(by_class.action_classes())[drawn]
+    shares = {name: (classes == name).mean() for name in set(by_class.action_classes())}
+    assert all(share > 0 for share in shares.values()) and shares["NOOP"] < 0.35, shares
+
+
+def source_classes_cover_every_action(source) -> bool:
+    return len(source.action_classes()) == len(source.action_names()) == 15 and set(source.action_classes()) == {
+        "LEFT", "LEFT+JUMP", "NOOP", "JUMP", "RIGHT", "RIGHT+JUMP"}
+
+
 def test_cli_data_build_and_info(tmp_path, capsys):
     out = tmp_path / "bigfish"
     args = ["data", "build", "procgen", "game=bigfish", "train_levels=2", "val_levels=1", "steps_per_level=12",

@@ -19,8 +19,9 @@ from accelerate import Accelerator
 
 from genie_core.cli import main
 from genie_core.config import DataConfig
-from genie_core.data import EpisodeIndex, build_dataset, source_identity
+from genie_core.data import EpisodeIndex, WindowDataset, build_dataset, evenly_spaced, source_identity
 from genie_core.evaluation import EvalSettings, Evaluation
+from genie_core.metrics import psnr
 from genie_core.interfaces import (DataSpec, DynamicsModel, Episode, LatentActionModel, Sampler, TokenSpec,
                                    VideoSource, VideoSpec, VideoTokenizer)
 from genie_core.registry import Owner
@@ -117,6 +118,15 @@ class LevelSampler(Sampler):
         return (last + noise) % LEVELS
 
 
+class StillSampler(Sampler):
+    """Shows the prompt again at every step: the copy-prompt baseline as a world."""
+
+    config_class = Empty
+
+    def sample_next(self, dynamics, history, actions, generator=None):
+        return history[:, 0]
+
+
 @pytest.fixture(scope="module")
 def levels(tmp_path_factory):
     source = LevelSource(Empty(), DataSpec(resolution=RES))
@@ -134,7 +144,7 @@ def known_world(obeys_actions: bool) -> World:
 
 
 def evaluate(world, index, **settings):
-    settings = EvalSettings(windows=12, batch_size=5, dtpsnr_t=(1, 4), **settings)
+    settings = EvalSettings(**({"windows": 12, "batch_size": 5, "dtpsnr_t": (1, 4)} | settings))
     return Evaluation(world, index, "val", settings, Accelerator(cpu=True)).run()
 
 
@@ -158,6 +168,44 @@ def test_a_world_that_ignores_actions_has_exactly_zero_controllability(levels):
     result = evaluate(known_world(obeys_actions=False), levels)
     assert result["dtpsnr_db"]["1"]["mean"] == 0.0 and result["dtpsnr_db"]["4"]["mean"] == 0.0
     assert result["dynamics_psnr_by_step_db"][0]["mean"] < 100.0
+
+
+def test_baselines_are_the_prompt_shown_again(levels):
+    """Copy-prompt scores what the prompt frame scores against each later true frame (measured here directly from
+    the footage); a world that only shows the prompt again scores exactly that, and 0 above it."""
+    perfect = evaluate(known_world(obeys_actions=True), levels)
+    settings = EvalSettings(windows=12, batch_size=5, dtpsnr_t=(1, 4))
+    windows = WindowDataset(levels, "val", FRAMES)
+    video = torch.stack([windows[i] for i in evenly_spaced(windows, 12)])
+    expected = psnr(video[:, :1].expand_as(video[:, 1:]), video[:, 1:])  # [windows, FRAMES - 1]
+    assert [s["mean"] for s in perfect["copy_prompt_psnr_by_step_db"]] == pytest.approx(expected.mean(0).tolist())
+    # this tokenizer is lossless: the prompt's tokens decoded are the prompt
+    assert perfect["copy_prompt_tokens_psnr_by_step_db"] == perfect["copy_prompt_psnr_by_step_db"]
+    gain = perfect["dynamics_minus_copy_prompt_at_t_db"]["4"]
+    assert gain["mean"] == pytest.approx(100.0 - expected[:, 3].mean().item()) and gain["n"] == 12
+    assert not perfect["windows_overlap"]
+
+    still = World(*list(attrs.astuple(known_world(True), recurse=False))[:3], StillSampler(Empty()))
+    result = Evaluation(still, levels, "val", settings, Accelerator(cpu=True)).run()
+    assert result["dynamics_psnr_by_step_db"] == result["copy_prompt_psnr_by_step_db"]
+    assert result["dynamics_minus_copy_prompt_at_t_db"]["4"]["mean"] == 0.0
+
+
+def test_latent_actions_are_scored_on_classes_of_true_actions_too(levels):
+    """With the footage's classes of actions that do the same thing, latent actions are scored against the classes
+    as well; a latent action that names the class exactly maps onto it without error."""
+    assert evaluate(known_world(True), levels)["actions_vs_true_classes"] is None  # this source declares none
+    index = EpisodeIndex.open(levels.root)
+    index.manifest["action_classes"] = ["EVEN", "ODD", "EVEN", "ODD"]
+    result = evaluate(known_world(True), index)
+    classes = result["actions_vs_true_classes"]
+    assert classes["classes"] == ["EVEN", "ODD"] and classes["mapping_accuracy"] == 1.0
+    assert 0 < classes["nmi"] < result["actions_vs_true"]["nmi"] == pytest.approx(1.0)
+
+
+def test_overlapping_windows_are_flagged(levels):
+    """More windows than the split holds apart share frames: their interval would be too narrow."""
+    assert evaluate(known_world(True), levels, windows=60)["windows_overlap"]
 
 
 def test_rollouts_longer_than_the_action_model_reads_are_refused(levels):

@@ -128,3 +128,18 @@ def test_quantizer_choice_is_checked(capsys):
     err = capsys.readouterr().err
     assert "'quantizer' lfq needs a power-of-two number of codes, got 48" in err
     assert "'quantizer' is 'pq'; valid choices: vq, fsq, lfq" in err
+
+
+def test_swapping_a_component_drops_the_old_ones_options(capsys):
+    """`action_model.name=true-actions` on a recipe written for pixel-lam: pixel-lam's options do not apply to the
+    new component, so they are dropped (and named); options given for the new one in the same command stay."""
+    smoke = str(REPO / "recipes" / "coinrun-smoke.toml")
+    assert main(["validate", smoke, "action_model.name=true-actions"]) == 0
+    err = capsys.readouterr().err
+    assert "replaces 'pixel-lam'; its options code_dim, decoder_depth, dim, encoder_depth, heads, num_actions, " \
+           "patch_size no longer apply and are dropped" in err
+    assert main(["validate", smoke, "tokenizer.patch_size=4", "tokenizer.name=vit"]) == 0
+    recipe = load_recipe(smoke, ["tokenizer.patch_size=4", "tokenizer.name=vit"])
+    assert recipe.components["tokenizer"].config.patch_size == 4  # given with the swap: kept
+    assert recipe.components["tokenizer"].config.dim == 512  # the file's dim was st-vivit's: the default now
+    assert load_recipe(smoke, ["tokenizer.name=st-vivit"]).components["tokenizer"].config.dim != 512  # no swap

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_VIDEO, video
-from genie_core.nn import FullSTTransformer, STTransformer, block_causal_mask
+from genie_core.nn import FullSTTransformer, Quantizer, STTransformer, block_causal_mask
 from genie_plugins.vit_tokenizers import CViViTConfig, CViViTTokenizer, ViTTokenizer, ViTTokenizerConfig
 
 TOKENIZERS = {"c-vivit": CViViTTokenizer, "vit": ViTTokenizer}
@@ -63,6 +63,15 @@ def test_each_quantizer_trains(quantizer):
     assert torch.isfinite(out.loss)
     assert tok.patch_embed.weight.grad is not None and tok.patch_embed.weight.grad.abs().sum() > 0
     assert 0 <= out.tokens.min() and out.tokens.max() < tok.codebook_size
+
+
+@pytest.mark.parametrize("codes", [6, 256, 1024])
+def test_fsq_takes_sizes_with_a_level_of_two(codes):
+    """6 actions ([3, 2]) and 1024 codes ([8, 8, 8, 2]): FSQ needs its symmetric grid for a level of 2."""
+    quantizer = Quantizer(16, codes, 8, kind="fsq")
+    out = quantizer(torch.randn(2, 40, 16))
+    assert 0 <= out.indices.min() and out.indices.max() < codes
+    assert torch.equal(quantizer.embed(out.indices), out.quantized)
 
 
 @pytest.mark.parametrize("config_class", [CViViTConfig, ViTTokenizerConfig])
