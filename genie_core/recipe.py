@@ -68,25 +68,9 @@ def _parse_value(text: str) -> Any:
         return text  # a bare word: `tokenizer.name=st-vivit`
 
 
-def apply_overrides(table: dict[str, Any], overrides: list[str], source: str,
-                    notes: list[str] | None = None) -> dict[str, Any]:
-    """The recipe table with dotted overrides applied. An override that swaps a component for another
-    (`tokenizer.name=vit`) drops the options the file gave the old one (they belong to its config, not the new
-    one's); overrides of the new one's options are kept. What was dropped is added to `notes`."""
+def apply_overrides(table: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
     table = copy.deepcopy(table)
     problems = []
-    swapped = {}  # kind -> the options the file gave the component it had
-    for item in overrides:
-        key, _, text = item.partition("=")
-        kind, _, option = key.strip().partition(".")
-        current = table.get(kind)
-        if (kind in KINDS and option == "name" and isinstance(current, dict)
-                and current.get("name") != _parse_value(text.strip()) and kind not in swapped):
-            swapped[kind] = sorted(k for k in current if k != "name")
-            table[kind] = {"name": current.get("name")}
-            if swapped[kind] and notes is not None:
-                notes.append(f"{source} [{kind}]: {key.strip()}={text.strip()} replaces '{current.get('name')}'; its "
-                             f"options {', '.join(swapped[kind])} no longer apply and are dropped")
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
@@ -121,8 +105,34 @@ def load_recipe(path: str | Path, overrides: list[str] = (), registry: Registry 
                 notes: list[str] | None = None) -> Recipe:
     """Reads, overrides and checks a recipe. Raises RecipeError listing every problem; builds no model. Options
     dropped by a component swap are added to `notes`."""
-    table = apply_overrides(read_recipe_table(path), list(overrides), str(path), notes)
+    registry = registry or get_registry()
+    written = read_recipe_table(path)
+    table = apply_overrides(written, list(overrides), str(path))
+    drop_options_of_swapped_components(written, table, overrides, str(path), registry, notes)
     return recipe_from_table(table, str(path), registry)
+
+
+def drop_options_of_swapped_components(written: dict, table: dict, overrides: list[str], source: str,
+                                       registry: Registry, notes: list[str] | None) -> None:
+    """An override that swaps a component for another (`action_model.name=true-actions`) leaves behind the options
+    the file wrote for the old one that the new one does not take (they belong to the old one's config); options
+    both take (st-vivit and c-vivit share theirs) and options given on the command line stay. What is dropped is
+    added to `notes`."""
+    given = {item.partition("=")[0].strip() for item in overrides}
+    for kind in KINDS:
+        before, after = written.get(kind), table.get(kind)
+        if not (isinstance(before, dict) and isinstance(after, dict)) or before.get("name") == after.get("name"):
+            continue
+        try:
+            accepted = {field.name for field in attrs.fields(registry.get(kind, after.get("name")).cls.config_class)}
+        except (PluginError, TypeError):
+            continue  # an unknown name: recipe_from_table says so, with the valid names
+        dropped = sorted(k for k in before if k != "name" and k not in accepted and f"{kind}.{k}" not in given)
+        for key in dropped:
+            del after[key]
+        if dropped and notes is not None:
+            notes.append(f"{source} [{kind}]: '{after.get('name')}' replaces '{before.get('name')}'; the recipe's "
+                         f"options {', '.join(dropped)} are not its own and are dropped")
 
 
 def recipe_from_table(table: dict[str, Any], source: str, registry: Registry | None = None) -> Recipe:

@@ -131,15 +131,18 @@ def test_quantizer_choice_is_checked(capsys):
 
 
 def test_swapping_a_component_drops_the_old_ones_options(capsys):
-    """`action_model.name=true-actions` on a recipe written for pixel-lam: pixel-lam's options do not apply to the
-    new component, so they are dropped (and named); options given for the new one in the same command stay."""
+    """`action_model.name=true-actions` on a recipe written for pixel-lam: pixel-lam's options are not the new
+    component's, so they are dropped (and named). Options both take (st-vivit and c-vivit share theirs) and options
+    given in the same command stay."""
     smoke = str(REPO / "recipes" / "coinrun-smoke.toml")
     assert main(["validate", smoke, "action_model.name=true-actions"]) == 0
     err = capsys.readouterr().err
-    assert "replaces 'pixel-lam'; its options code_dim, decoder_depth, dim, encoder_depth, heads, num_actions, " \
-           "patch_size no longer apply and are dropped" in err
-    assert main(["validate", smoke, "tokenizer.patch_size=4", "tokenizer.name=vit"]) == 0
-    recipe = load_recipe(smoke, ["tokenizer.patch_size=4", "tokenizer.name=vit"])
-    assert recipe.components["tokenizer"].config.patch_size == 4  # given with the swap: kept
-    assert recipe.components["tokenizer"].config.dim == 512  # the file's dim was st-vivit's: the default now
-    assert load_recipe(smoke, ["tokenizer.name=st-vivit"]).components["tokenizer"].config.dim != 512  # no swap
+    assert "'true-actions' replaces 'pixel-lam'; the recipe's options code_dim, decoder_depth, dim, encoder_depth, " \
+           "heads, num_actions, patch_size are not its own and are dropped" in err
+    written = load_recipe(smoke).components["tokenizer"].config
+    swapped = load_recipe(smoke, ["tokenizer.name=c-vivit"]).components["tokenizer"].config
+    assert swapped.dim == written.dim and swapped.patch_size == written.patch_size  # shared options carried over
+    notes: list[str] = []
+    recipe = load_recipe(smoke, ["dynamics.name=autoregressive", "dynamics.dim=16", "sampler.name=autoregressive"],
+                         notes=notes)
+    assert recipe.components["dynamics"].config.dim == 16 and not any("'dim'" in n for n in notes)
