@@ -101,12 +101,12 @@ class ProcgenSource(VideoSource):
         draws = (math.ceil(steps / c.action_repeat), num)
         if c.action_choice == "buttons":
             held = rng.integers(env.ac_space.eltype.n, size=draws)
-        else:  # a class, then one of its combinations
-            classes = np.array(ACTION_CLASSES)
-            members = [np.flatnonzero(classes == name) for name in dict.fromkeys(ACTION_CLASSES)]
-            chosen, pick = rng.integers(len(members), size=draws), rng.random(draws)
-            held = np.array([m[int(p * len(m))] for m, p in zip(
-                (members[k] for k in chosen.ravel()), pick.ravel())]).reshape(draws)
+        else:  # a class, then one of its combinations: the combinations sorted by class, each class a run
+            names = list(dict.fromkeys(ACTION_CLASSES))
+            class_of = np.array([names.index(name) for name in ACTION_CLASSES])
+            by_class, sizes = np.argsort(class_of, kind="stable"), np.bincount(class_of)
+            chosen, pick = rng.integers(len(names), size=draws), rng.random(draws)
+            held = by_class[(np.cumsum(sizes) - sizes)[chosen] + (pick * sizes[chosen]).astype(int)]
         actions = np.repeat(held, c.action_repeat, axis=0)[:steps].astype(np.int16)
         for step in range(steps):
             _, obs, first = env.observe()
