@@ -115,10 +115,10 @@ def load_recipe(path: str | Path, overrides: list[str] = (), registry: Registry 
 def drop_options_of_swapped_components(written: dict, table: dict, overrides: list[str], source: str,
                                        registry: Registry, notes: list[str] | None) -> None:
     """An override that swaps a component for another (`action_model.name=true-actions`) leaves behind the options
-    the file wrote for the old one that the new one does not take (they belong to the old one's config); options
-    both take (st-vivit and c-vivit share theirs) and options given on the command line stay. What is dropped is
-    added to `notes`."""
-    given = {item.partition("=")[0].strip() for item in overrides}
+    written for the old one, in the file or in overrides before the swap, that the new one does not take (they
+    belong to the old one's config); options both take (st-vivit and c-vivit share theirs) and options given after
+    the swap stay. What is dropped is added to `notes`."""
+    keys = [item.partition("=")[0].strip() for item in overrides]
     for kind in KINDS:
         before, after = written.get(kind), table.get(kind)
         if not (isinstance(before, dict) and isinstance(after, dict)) or before.get("name") == after.get("name"):
@@ -127,12 +127,14 @@ def drop_options_of_swapped_components(written: dict, table: dict, overrides: li
             accepted = {field.name for field in attrs.fields(registry.get(kind, after.get("name")).cls.config_class)}
         except (PluginError, TypeError):
             continue  # an unknown name: recipe_from_table says so, with the valid names
-        dropped = sorted(k for k in before if k != "name" and k not in accepted and f"{kind}.{k}" not in given)
+        swap = max((i for i, key in enumerate(keys) if key == f"{kind}.name"), default=-1)
+        given_for_new = set(keys[swap + 1:])
+        dropped = sorted(k for k in after if k != "name" and k not in accepted and f"{kind}.{k}" not in given_for_new)
         for key in dropped:
             del after[key]
         if dropped and notes is not None:
-            notes.append(f"{source} [{kind}]: '{after.get('name')}' replaces '{before.get('name')}'; the recipe's "
-                         f"options {', '.join(dropped)} are not its own and are dropped")
+            notes.append(f"{source} [{kind}]: '{after.get('name')}' replaces '{before.get('name')}'; the options "
+                         f"{', '.join(dropped)} are not its own and are dropped")
 
 
 def recipe_from_table(table: dict[str, Any], source: str, registry: Registry | None = None) -> Recipe:

@@ -67,3 +67,25 @@ overrides = ["action_model.name=token-lam", "sampler.temperature=0.5"]
     assert again.returncode == 1 and list(rerun) == ["base", "token-lam", "broken", "cooler-token-lam"]
     assert rerun["base"]["reused"] == "tokenizer" and rerun["base"]["dtpsnr_db"] == base["dtpsnr_db"]
     assert rerun["token-lam"] == token
+
+
+def test_world_curve_scores_the_world_during_training(played_run, tmp_path):
+    """benchmarks/world_curve.py: LAM + dynamics trained again on a finished run's tokenizer, scored every N steps
+    on the same held-out windows beside the baselines; the run itself is left as it was."""
+    before = sorted((p.relative_to(played_run), p.stat().st_mtime_ns) for p in played_run.rglob("*") if p.is_file())
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "world_curve.py"), str(played_run),
+                           "train.dynamics.steps=4", "--every", "2", "--windows", "4", "--name", "t", "--out",
+                           str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "world-curve-t.json").read_text())
+    points = result["points"]
+    assert [p["step"] for p in points] == [2, 4] and result["windows"] == 4
+    for p in points:
+        assert p["dtpsnr_db"]["n"] == 4 and {"mean", "ci95"} <= set(p["dynamics_psnr_db"])
+        world, copy = p["dynamics_psnr_db"]["mean"], p["copy_prompt_psnr_db"]["mean"]
+        assert abs(p["dynamics_minus_copy_prompt_db"]["mean"] - (world - copy)) < 1e-6  # paired, same windows
+        assert 0 <= p["actions_nmi"] <= 1
+    assert points[0]["copy_prompt_psnr_db"] == points[1]["copy_prompt_psnr_db"]  # the baseline does not train
+    assert (tmp_path / "world-curve-t.png").stat().st_size > 0
+    after = sorted((p.relative_to(played_run), p.stat().st_mtime_ns) for p in played_run.rglob("*") if p.is_file())
+    assert after == before

@@ -132,12 +132,13 @@ def test_quantizer_choice_is_checked(capsys):
 
 def test_swapping_a_component_drops_the_old_ones_options(capsys):
     """`action_model.name=true-actions` on a recipe written for pixel-lam: pixel-lam's options are not the new
-    component's, so they are dropped (and named). Options both take (st-vivit and c-vivit share theirs) and options
-    given in the same command stay."""
+    component's, so they are dropped (and named), also when an override before the swap set them (an ablation's
+    shared overrides, then its variant's swap). Options both take (st-vivit and c-vivit share theirs) and options
+    given after the swap stay."""
     smoke = str(REPO / "recipes" / "coinrun-smoke.toml")
     assert main(["validate", smoke, "action_model.name=true-actions"]) == 0
     err = capsys.readouterr().err
-    assert "'true-actions' replaces 'pixel-lam'; the recipe's options code_dim, decoder_depth, dim, encoder_depth, " \
+    assert "'true-actions' replaces 'pixel-lam'; the options code_dim, decoder_depth, dim, encoder_depth, " \
            "heads, num_actions, patch_size are not its own and are dropped" in err
     written = load_recipe(smoke).components["tokenizer"].config
     swapped = load_recipe(smoke, ["tokenizer.name=c-vivit"]).components["tokenizer"].config
@@ -146,3 +147,8 @@ def test_swapping_a_component_drops_the_old_ones_options(capsys):
     recipe = load_recipe(smoke, ["dynamics.name=autoregressive", "dynamics.dim=16", "sampler.name=autoregressive"],
                          notes=notes)
     assert recipe.components["dynamics"].config.dim == 16 and not any("'dim'" in n for n in notes)
+    notes = []
+    load_recipe(smoke, ["action_model.dim=64", "action_model.name=true-actions"], notes=notes)  # no "unknown key"
+    assert any("'true-actions' replaces 'pixel-lam'" in n and " dim," in n for n in notes)
+    with pytest.raises(RecipeError, match="unknown key 'dim'"):
+        load_recipe(smoke, ["action_model.name=true-actions", "action_model.dim=64"])  # meant for the new one

@@ -1,0 +1,128 @@
+"""How the world improves with training: the latent action and dynamics models of a recipe trained on a run's
+tokenizer, scored every N steps on the run's held-out split against the cheapest baselines.
+
+    python benchmarks/world_curve.py RUN [KEY=VALUE ...] [--every 400] [--windows 64] [--name NAME] [--out DIR]
+
+RUN is a finished run (or ablation variant) whose data and tokenizer stages are reused; KEY=VALUE overrides its
+recipe for the dynamics stage (steps, model sizes, action model, sampler). Scores at every --every steps, on
+--windows evenly spaced windows of the run's validation split: dynamics PSNR at t=4 with inferred actions, the
+prompt frame again, the prompt's tokens again, dtPSNR(t=4) with its 95% interval, and latent vs true action NMI.
+Trains with the stage's own training loop (`genie_core.training.train`), one process. Point it at footage held out
+for tuning (a run with `source.first_level` set apart), never at the evaluation levels: this is where settings get
+chosen. Prints each point; saves JSON and a PNG to benchmarks/results/world-curve-NAME.{json,png} (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+from pathlib import Path
+
+import attrs
+import torch
+from accelerate import Accelerator
+
+from genie_core.data import EpisodeIndex, WindowDataset
+from genie_core.evaluation import EvalSettings, Evaluation, run_data
+from genie_core.plots import save
+from genie_core.recipe import apply_overrides, recipe_from_table
+from genie_core.training import WorldModelTask, train
+from genie_core.pipeline import world_models
+from genie_core.world import World, load_stages
+
+RESULTS = Path(__file__).resolve().parent / "results"
+T = 4  # generated frames after the prompt, the paper's dtPSNR horizon
+
+
+def point(world: World, index: EpisodeIndex, windows: int, accelerator: Accelerator) -> dict:
+    """One world's held-out scores at t = T, each a mean with its 95% interval."""
+    result = Evaluation(world, index, "val", EvalSettings(windows=windows, horizon=T), accelerator).world_model()
+    at = str(T)
+    return {"dynamics_psnr_db": result["dynamics_psnr_at_t_db"][at],
+            "copy_prompt_psnr_db": result["copy_prompt_psnr_at_t_db"][at],
+            "copy_prompt_tokens_psnr_db": result["copy_prompt_tokens_psnr_at_t_db"][at],
+            "dynamics_minus_copy_prompt_db": result["dynamics_minus_copy_prompt_at_t_db"][at],
+            "dtpsnr_db": result["dtpsnr_db"][at],
+            "actions_nmi": (result["actions_vs_true"] or {}).get("nmi")}
+
+
+def plot(points: list[dict], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    steps = [p["step"] for p in points]
+    fig, (fidelity, control) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label, style in (("dynamics_psnr_db", "world, inferred actions", "-o"),
+                              ("copy_prompt_psnr_db", "the prompt frame again", "--"),
+                              ("copy_prompt_tokens_psnr_db", "the prompt's tokens again", ":")):
+        means = [p[key]["mean"] for p in points]
+        if style == "-o":  # the world's interval; the paired difference to the baseline is in the JSON
+            half = [p[key]["ci95"] for p in points]
+            fidelity.fill_between(steps, [m - h for m, h in zip(means, half)], [m + h for m, h in zip(means, half)],
+                                  alpha=0.15)
+        fidelity.plot(steps, means, style, label=label, color=None if style == "-o" else "grey")
+    fidelity.set(xlabel="training step", ylabel=f"PSNR at t={T} (dB)")
+    fidelity.legend(fontsize=8)
+    means = [p["dtpsnr_db"]["mean"] for p in points]
+    control.errorbar(steps, means, yerr=[p["dtpsnr_db"]["ci95"] for p in points], fmt="-o", capsize=3,
+                     label=f"dtPSNR(t={T}), 95% interval")
+    control.axhline(0, color="grey", lw=0.8)
+    if all(p["actions_nmi"] is not None for p in points):
+        control.plot(steps, [p["actions_nmi"] for p in points], "-s", label="latent vs true actions NMI")
+    control.set(xlabel="training step", ylabel="dB / NMI")
+    control.legend(fontsize=8)
+    save(fig, path, title)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    parser.add_argument("--every", type=int, default=400, help="score every this many training steps")
+    parser.add_argument("--windows", type=int, default=64, help="held-out windows per score")
+    parser.add_argument("--name", help="names the results files (default: the run folder's name)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results files")
+    args = parser.parse_args()
+    name = args.name or args.run.name
+    table = apply_overrides(json.loads((args.run / "recipe.json").read_text()), args.overrides,
+                            str(args.run / "recipe.json"))
+    recipe = recipe_from_table(table, str(args.run / "recipe.json"))
+    cfg = recipe.train["dynamics"]
+    tokenizer = load_stages(args.run, ("tokenizer",))["tokenizer"]
+    index = EpisodeIndex.open(run_data(args.run))
+    torch.manual_seed(recipe.run.seed + 1)  # as the dynamics stage
+    action_model, dynamics = world_models(recipe, tokenizer, index)
+    sampler = recipe.components["sampler"]
+    world = World(tokenizer, action_model, dynamics, sampler.info.cls(sampler.config), recipe.world)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    points: list[dict] = []
+
+    def validate(step: int) -> dict:  # train() calls it in eval mode, without gradients, and logs what it returns
+        rng = torch.get_rng_state()  # and asks it to leave the global generator as it found it
+        points.append({"step": step, **point(world, index, args.windows, accelerator)})
+        torch.set_rng_state(rng)
+        p = points[-1]
+        return {"world_psnr_db": p["dynamics_psnr_db"]["mean"], "copy_prompt_psnr_db": p["copy_prompt_psnr_db"]["mean"],
+                "world_minus_copy_db": p["dynamics_minus_copy_prompt_db"]["mean"],
+                "dtpsnr_db": p["dtpsnr_db"]["mean"], "dtpsnr_ci95_db": p["dtpsnr_db"]["ci95"],
+                "actions_nmi": float("nan") if p["actions_nmi"] is None else p["actions_nmi"]}
+
+    data = WindowDataset(index, "train", cfg.seq_len, action_model.reads_true_actions)
+    with tempfile.TemporaryDirectory() as scratch:  # its log and checkpoints are not kept: the curve is the result
+        train(accelerator, WorldModelTask(action_model, dynamics, tokenizer), data,
+              attrs.evolve(cfg, eval_every=args.every, checkpoint_every=0), recipe.run.seed + 1,
+              Path(scratch) / "log.jsonl", "lam+dynamics", checkpoint_dir=Path(scratch) / "checkpoints",
+              fingerprint="world-curve", validate=validate)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = {"run": str(args.run), "overrides": args.overrides, "windows": args.windows, "t": T,
+           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+                      f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
+           "points": points}
+    (args.out / f"world-curve-{name}.json").write_text(json.dumps(out, indent=2))
+    plot(points, args.out / f"world-curve-{name}.png", f"{name}: held-out world against the baselines")
+    print(f"saved {args.out / f'world-curve-{name}.json'} and .png")
+
+
+if __name__ == "__main__":
+    main()
