@@ -34,15 +34,16 @@ from genie_core.world import World
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def timed_steps(task: torch.nn.Module, batch: torch.Tensor, steps: int, warmup: int = 3,
+def timed_steps(task: torch.nn.Module, batch: torch.Tensor | tuple, steps: int, warmup: int = 3,
                 accelerator: Accelerator | None = None) -> float:
-    """Seconds per optimizer step, after `warmup` untimed steps (k-means codebook init, allocator warm-up)."""
+    """Seconds per optimizer step, after `warmup` untimed steps (k-means codebook init, allocator warm-up). `batch`:
+    video, or (video, true actions) for an action model that reads them."""
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     model = accelerator.prepare(task)
     optimizer = accelerator.prepare(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
-    batch = batch.to(accelerator.device)
+    batch = tuple(b.to(accelerator.device) for b in batch) if isinstance(batch, tuple) else batch.to(accelerator.device)
     for i in range(warmup + steps):
         if i == warmup:
             synchronize(accelerator)
@@ -113,7 +114,9 @@ def main(argv=None) -> int:
                  "parameters": sum(p.numel() for p in tokenizer.parameters())})
 
     dyn_cfg = recipe.train["dynamics"]
-    spec = VideoSpec(height=res, width=res, num_frames=dyn_cfg.seq_len)
+    # An action model that reads the footage's actions gets random ones, as many as procgen's buttons.
+    true_actions = 15 if c["action_model"].info.cls.reads_true_actions else 0
+    spec = VideoSpec(height=res, width=res, num_frames=dyn_cfg.seq_len, true_actions=true_actions)
     if c["action_model"].info.cls.needs_tokenizer:
         spec = attrs.evolve(spec, token_vocab=tokenizer.codebook_size, token_grid=tuple(tokenizer.grid))
     action_model = c["action_model"].info.cls(c["action_model"].config, spec)
@@ -122,9 +125,11 @@ def main(argv=None) -> int:
         vocab_size=tokenizer.codebook_size, grid=tokenizer.grid, num_frames=dyn_cfg.seq_len,
         num_actions=action_model.num_actions))
     batch = torch.rand(dyn_cfg.batch_size, dyn_cfg.seq_len, 3, res, res)
+    if true_actions:
+        batch = (batch, torch.randint(0, true_actions, (dyn_cfg.batch_size, dyn_cfg.seq_len - 1)))
     seconds = timed_steps(WorldModelTask(action_model, dynamics, tokenizer.to(accelerator.device)), batch, args.steps,
                           accelerator=accelerator)
-    rows.append({"stage": "lam+dynamics", "batch": list(batch.shape[:2]), "steps_per_s": 1 / seconds,
+    rows.append({"stage": "lam+dynamics", "batch": [dyn_cfg.batch_size, dyn_cfg.seq_len], "steps_per_s": 1 / seconds,
                  "samples_per_s": procs * dyn_cfg.batch_size / seconds, "peak_memory_gib": peak_memory_gib(),
                  "parameters": sum(p.numel() for p in action_model.parameters()) + sum(p.numel() for p in dynamics.parameters())})
 
