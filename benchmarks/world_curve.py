@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from genie_core.data import EpisodeIndex, WindowDataset
 from genie_core.evaluation import EvalSettings, Evaluation, run_data
 from genie_core.plots import save
-from genie_core.recipe import apply_overrides, recipe_from_table
+from genie_core.recipe import recipe_with_overrides
 from genie_core.training import WorldModelTask, train
 from genie_core.pipeline import world_models
 from genie_core.world import World, load_stages
@@ -85,9 +85,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results files")
     args = parser.parse_args()
     name = args.name or args.run.name
-    table = apply_overrides(json.loads((args.run / "recipe.json").read_text()), args.overrides,
-                            str(args.run / "recipe.json"))
-    recipe = recipe_from_table(table, str(args.run / "recipe.json"))
+    notes: list[str] = []
+    recipe = recipe_with_overrides(json.loads((args.run / "recipe.json").read_text()), args.overrides,
+                                   str(args.run / "recipe.json"), notes=notes)
+    for note in notes:
+        print(f"note: {note}")
     cfg = recipe.train["dynamics"]
     tokenizer = load_stages(args.run, ("tokenizer",))["tokenizer"]
     index = EpisodeIndex.open(run_data(args.run))

@@ -105,11 +105,17 @@ def load_recipe(path: str | Path, overrides: list[str] = (), registry: Registry 
                 notes: list[str] | None = None) -> Recipe:
     """Reads, overrides and checks a recipe. Raises RecipeError listing every problem; builds no model. Options
     dropped by a component swap are added to `notes`."""
+    return recipe_with_overrides(read_recipe_table(path), list(overrides), str(path), registry, notes)
+
+
+def recipe_with_overrides(written: dict[str, Any], overrides: list[str], source: str,
+                          registry: Registry | None = None, notes: list[str] | None = None) -> Recipe:
+    """A recipe table (a file's, or a run's recipe.json) with dotted overrides applied, component swaps included,
+    and checked."""
     registry = registry or get_registry()
-    written = read_recipe_table(path)
-    table = apply_overrides(written, list(overrides), str(path))
-    drop_options_of_swapped_components(written, table, overrides, str(path), registry, notes)
-    return recipe_from_table(table, str(path), registry)
+    table = apply_overrides(written, overrides, source)
+    drop_options_of_swapped_components(written, table, overrides, source, registry, notes)
+    return recipe_from_table(table, source, registry)
 
 
 def drop_options_of_swapped_components(written: dict, table: dict, overrides: list[str], source: str,
