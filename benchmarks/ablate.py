@@ -20,8 +20,9 @@ variants differ only in what they change; the row says what was reused.
 Row: parameters of each component, peak memory of the variant's process (resident set on CPU, allocated on a GPU),
 training steps/s and samples/s of both stages, tokenizer PSNR, dynamics PSNR at the recipe's t beside the
 copy-prompt baseline (the prompt frame shown again) and the paired difference of the two, dtPSNR at t, and
-latent-vs-true action NMI on raw actions and on the source's classes of actions that do the same thing. Writes OUT/ablation.json, .csv, .md and .png, with the machine, library versions and git
-commit. Default OUT: benchmarks/results/ablations/NAME (NAME: the ablation file's stem).
+latent-vs-true action NMI on raw actions and on the source's classes of actions that do the same thing. Writes
+OUT/ablation.json, .csv, .md and .png, with the machine, library versions and git commit. Default OUT:
+benchmarks/results/ablations/NAME (NAME: the ablation file's stem).
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def run_variant(recipe_path: str, overrides: list[str], run_dir: Path, runs_root
         "reused": ",".join(reused), "tokenizer_params": summaries["tokenizer"]["parameters"],
         "action_model_params": dyn_params["action_model"], "dynamics_params": dyn_params["dynamics"],
         "peak_memory_mib": peak, "tokenizer_steps_per_s": summaries["tokenizer"]["steps_per_second"],
-        "tokenizer_samples_per_s": samples("tokenizer"), "dynamics_steps_per_s": summaries["dynamics"]["steps_per_second"],
+        "tokenizer_samples_per_s": samples("tokenizer"),
+        "dynamics_steps_per_s": summaries["dynamics"]["steps_per_second"],
         "dynamics_samples_per_s": samples("dynamics"),
         "tokenizer_psnr_db": report["tokenizer_psnr_db"], "dynamics_psnr_db": report[f"dynamics_psnr_t{t}_db"],
         "copy_prompt_psnr_db": report[f"copy_prompt_psnr_t{t}_db"],
@@ -217,18 +219,26 @@ def main(argv=None) -> int:
         print(json.dumps(run_variant(spec["base"], [*shared, *variant.get("overrides", [])], Path(run_dir), runs_root)))
         return 0
 
-    from genie_core.recipe import load_recipe
-
+    from genie_core.errors import GenieError
     from genie_core.pipeline import fingerprint, stage_settings
+    from genie_core.recipe import load_recipe
 
     out.mkdir(parents=True, exist_ok=True)
     runs_root.mkdir(parents=True, exist_ok=True)
     base = load_recipe(spec["base"], shared)  # a broken base or shared override stops here, before any training
-    data = runs_root / f"data-{fingerprint(stage_settings(base, 'data'))}"
-    if not (data / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "genie_core.cli", "data", "build", spec["base"], *shared,
-                        "--out", str(data)], check=True)
-    shared.append(f"data.path={data}")
+
+    def footage(overrides: list[str]) -> Path:
+        """The data set of these data settings, built once under runs_root: variants that change the footage (the
+        game, the policy, the levels) get their own, the others share the base's."""
+        try:
+            recipe = load_recipe(spec["base"], [*shared, *overrides])
+        except GenieError:  # a broken variant: its own process says what is wrong, in its row
+            recipe, overrides = base, []
+        data = runs_root / f"data-{fingerprint(stage_settings(recipe, 'data'))}"
+        if not (data / "manifest.json").is_file():
+            subprocess.run([sys.executable, "-m", "genie_core.cli", "data", "build", spec["base"], *shared,
+                            *overrides, "--out", str(data)], check=True)
+        return data
 
     previous = {}
     if (out / "ablation.json").is_file():
@@ -244,6 +254,7 @@ def main(argv=None) -> int:
         run_dir = runs_root / f"{args.ablation.stem}-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         start = time.perf_counter()
+        data = footage(overrides)
         cmd = [sys.executable, __file__, str(args.ablation), *args.overrides, f"data.path={data}", "--out", str(out),
                "--runs", str(runs_root), "--variant-child", name, str(run_dir)]
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -253,11 +264,13 @@ def main(argv=None) -> int:
         else:
             lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
             row |= {"status": "failed", "error": lines[-1] if lines else f"exit status {done.returncode}"}
-        print(f"   {row['status']} in {row['seconds']:.0f} s" + (f": {row['error']}" if row["error"] else ""), flush=True)
+        error = f": {row['error']}" if row["error"] else ""
+        print(f"   {row['status']} in {row['seconds']:.0f} s{error}", flush=True)
         rows.append(row)
 
     versions = {name: importlib.metadata.version(name) for name in LIBRARIES}
     shown = [o.replace(str(Path.cwd()) + "/", "") for o in shared]  # paths as the user typed them, not absolute
+    shown.append(f"data.path={footage([])}")  # the base's; variants that change the footage name theirs in overrides
     meta = {"name": args.ablation.stem, "ablation_file": str(args.ablation), "base": spec["base"],
             "overrides": shown, "environment": environment() | {"libraries": versions}}
     write_outputs(out, meta, rows, base.eval.dtpsnr_t)

@@ -1,7 +1,7 @@
 """Memory and time of ST attention against full spatiotemporal attention as the clip grows.
 
     python benchmarks/attention_scaling.py                                   # CPU defaults: the tiny tokenizer's width
-    python benchmarks/attention_scaling.py --dim 512 --heads 8 --tokens 256 --batch 4 --precision bf16   # paper size, GPU
+    python benchmarks/attention_scaling.py --dim 512 --heads 8 --tokens 256 --batch 4 --precision bf16  # paper, GPU
 
 One training step (forward and backward) of a stack of `STBlock`s (spatial attention within each frame, causal
 temporal attention along each position: cost linear in T for a fixed frame) and of a `FullSTTransformer` (every token
@@ -128,11 +128,12 @@ def main(argv=None) -> int:
         def cell(row, key, scale=1.0):
             return f"{row[key] * scale:>9.1f}" if row["error"] is None else f"{'error':>9}"
 
-        def ratio(key):
+        def ratio(key, st=st, full=full):  # this row's pair
             ok = st["error"] is None and full["error"] is None and st[key]
             return f"{full[key] / st[key]:>6.1f}" if ok else f"{'-':>6}"
 
-        print(f"{t:>3} {t * args.tokens:>7} | {cell(st, 'seconds', 1000)} {cell(full, 'seconds', 1000)} {ratio('seconds')} | "
+        print(f"{t:>3} {t * args.tokens:>7} | {cell(st, 'seconds', 1000)} {cell(full, 'seconds', 1000)} "
+              f"{ratio('seconds')} | "
               f"{cell(st, 'peak_memory_mib')} {cell(full, 'peak_memory_mib')} {ratio('peak_memory_mib')}")
     for row in rows:
         if row["error"]:

@@ -97,13 +97,19 @@ def main(argv=None) -> int:
         # What tiny training consumes: windows per second of each stage, random video of the same shape.
         c, res = recipe.components, data.resolution
         tok_cfg, dyn_cfg = train["tokenizer"], train["dynamics"]
-        tokenizer = c["tokenizer"].info.cls(c["tokenizer"].config, VideoSpec(height=res, width=res, num_frames=tok_cfg.seq_len))
-        lam = c["action_model"].info.cls(c["action_model"].config, VideoSpec(height=res, width=res, num_frames=dyn_cfg.seq_len))
-        dyn = c["dynamics"].info.cls(c["dynamics"].config, TokenSpec(vocab_size=tokenizer.codebook_size, grid=tokenizer.grid,
-                                                                     num_frames=dyn_cfg.seq_len, num_actions=lam.num_actions))
+        tokenizer = c["tokenizer"].info.cls(c["tokenizer"].config,
+                                            VideoSpec(height=res, width=res, num_frames=tok_cfg.seq_len))
+        lam = c["action_model"].info.cls(c["action_model"].config,
+                                         VideoSpec(height=res, width=res, num_frames=dyn_cfg.seq_len))
+        dyn = c["dynamics"].info.cls(c["dynamics"].config,
+                                     TokenSpec(vocab_size=tokenizer.codebook_size, grid=tokenizer.grid,
+                                               num_frames=dyn_cfg.seq_len, num_actions=lam.num_actions))
+        tok_batch = torch.rand(tok_cfg.batch_size, tok_cfg.seq_len, 3, res, res)
+        dyn_batch = torch.rand(dyn_cfg.batch_size, dyn_cfg.seq_len, 3, res, res)
         consumes = {
-            "tokenizer": tok_cfg.batch_size / timed_steps(TokenizerTask(tokenizer), torch.rand(tok_cfg.batch_size, tok_cfg.seq_len, 3, res, res), args.train_steps),
-            "dynamics": dyn_cfg.batch_size / timed_steps(WorldModelTask(lam, dyn, tokenizer), torch.rand(dyn_cfg.batch_size, dyn_cfg.seq_len, 3, res, res), args.train_steps),
+            "tokenizer": tok_cfg.batch_size / timed_steps(TokenizerTask(tokenizer), tok_batch, args.train_steps),
+            "dynamics": dyn_cfg.batch_size / timed_steps(WorldModelTask(lam, dyn, tokenizer), dyn_batch,
+                                                         args.train_steps),
         }
     finally:
         shutil.rmtree(folder, ignore_errors=True)

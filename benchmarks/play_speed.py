@@ -189,13 +189,15 @@ def main(argv=None) -> int:
     precision = "" if args.precision == "fp32" else f"-{args.precision}"
     compiled = "-compiled" + (f"-{args.compile_mode}" if args.compile_mode else "") if args.compile else ""
     window = f"-context{args.context}-{args.window}" if args.context else ""
-    stem = RESULTS / (f"play-speed-{recipe.run.name}{window}{precision}{compiled}" + ("-cuda" if device.type == "cuda" else ""))
+    cuda = "-cuda" if device.type == "cuda" else ""
+    stem = RESULTS / f"play-speed-{recipe.run.name}{window}{precision}{compiled}{cuda}"
     stem.with_suffix(".json").write_text(json.dumps(
         {"recipe": str(args.recipe), "overrides": args.overrides, "sampler_steps": steps, "device": device.type,
          "precision": args.precision, "compile_mode": args.compile_mode if args.compile else None,
          "context": args.context or None, "window": args.window if args.context else None,
          "environment": environment(), "rows": rows}, indent=2))
-    plot(rows, stem.with_suffix(".png"), f"{recipe.run.name}: {steps} MaskGIT steps per frame, {device.type} {args.precision}")
+    plot(rows, stem.with_suffix(".png"),
+         f"{recipe.run.name}: {steps} MaskGIT steps per frame, {device.type} {args.precision}")
     print(f"saved {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
     return 0
 

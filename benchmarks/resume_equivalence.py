@@ -80,7 +80,8 @@ def main(argv=None) -> int:
 
         ref, got = rows(reference), rows(killed)
         result = {
-            "recipe": args.recipe, "overrides": args.overrides, "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "recipe": args.recipe, "overrides": args.overrides,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
             "killed_after_rows": killed_at, "resumed_at_step": resumed_at, "rows_reference": len(ref),
             "rows_resumed": len(got), "steps_match": [r.get("step") for r in ref] == [r.get("step") for r in got],
             "resumed": compare(ref, got), "control": compare(ref, rows(control)),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import torch
 from accelerate import Accelerator
 
 from genie_core.interfaces import TokenSpec, VideoSpec
+from genie_core.machine import describe as describe_machine
 from genie_core.recipe import load_recipe
 from genie_core.training import TokenizerTask, WorldModelTask
 from genie_core.world import World
@@ -71,14 +71,13 @@ def peak_memory_gib() -> float | None:
 
 
 def environment() -> dict:
+    """The machine (genie_core.machine.describe) and the git commit of the code measured."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
-    return {"machine": platform.machine(), "processor": platform.processor(), "cpu_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__, "git_commit": commit or "unknown"}
+    return describe_machine() | {"git_commit": commit or "unknown"}
 
 
 def main(argv=None) -> int:
@@ -91,7 +90,8 @@ def main(argv=None) -> int:
                         help="fp16 (with a gradient scaler) needs a GPU")
     args = parser.parse_args(argv)
     if args.precision == "fp16" and not torch.cuda.is_available():
-        parser.error("--precision fp16: needs a GPU (fp16 training runs with a gradient scaler on CUDA); use bf16 on CPU")
+        parser.error("--precision fp16: needs a GPU (fp16 training runs with a gradient scaler on CUDA); "
+                     "use bf16 on CPU")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision="no" if args.precision == "fp32" else args.precision)
     procs = accelerator.num_processes
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     rows = []
 
     tok_cfg = recipe.train["tokenizer"]
-    tokenizer = c["tokenizer"].info.cls(c["tokenizer"].config, VideoSpec(height=res, width=res, num_frames=tok_cfg.seq_len))
+    tokenizer = c["tokenizer"].info.cls(c["tokenizer"].config,
+                                        VideoSpec(height=res, width=res, num_frames=tok_cfg.seq_len))
     batch = torch.rand(tok_cfg.batch_size, tok_cfg.seq_len, 3, res, res)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds = timed_steps(TokenizerTask(tokenizer), batch, args.steps, accelerator=accelerator)
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
                           accelerator=accelerator)
     rows.append({"stage": "lam+dynamics", "batch": [dyn_cfg.batch_size, dyn_cfg.seq_len], "steps_per_s": 1 / seconds,
                  "samples_per_s": procs * dyn_cfg.batch_size / seconds, "peak_memory_gib": peak_memory_gib(),
-                 "parameters": sum(p.numel() for p in action_model.parameters()) + sum(p.numel() for p in dynamics.parameters())})
+                 "parameters": sum(p.numel() for m in (action_model, dynamics) for p in m.parameters())})
 
     if not accelerator.is_main_process:
         return 0
@@ -151,7 +152,8 @@ def main(argv=None) -> int:
         synchronize(accelerator)
     seconds = time.perf_counter() - start
     steps = getattr(c["sampler"].config, "steps", None)
-    rows.append({"stage": f"play ({c['sampler'].name}" + (f", {steps} steps" if steps else "") + f", {args.frames} frames)",
+    steps_shown = f", {steps} steps" if steps else ""
+    rows.append({"stage": f"play ({c['sampler'].name}{steps_shown}, {args.frames} frames)",
                  "batch": [1, 1], "steps_per_s": args.frames / seconds, "samples_per_s": args.frames / seconds,
                  "peak_memory_gib": peak_memory_gib(), "parameters": 0})
 

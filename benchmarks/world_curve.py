@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from accelerate import Accelerator
 
 from genie_core.data import EpisodeIndex, WindowDataset
 from genie_core.evaluation import EvalSettings, Evaluation, run_data
+from genie_core.machine import describe as describe_machine
 from genie_core.plots import save
 from genie_core.recipe import recipe_with_overrides
 from genie_core.training import WorldModelTask, train
@@ -118,8 +118,7 @@ def main() -> None:
               fingerprint="world-curve", validate=validate)
     args.out.mkdir(parents=True, exist_ok=True)
     out = {"run": str(args.run), "overrides": args.overrides, "windows": args.windows, "t": T,
-           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-                      f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
+           "machine": describe_machine(),
            "points": points}
     (args.out / f"world-curve-{name}.json").write_text(json.dumps(out, indent=2))
     plot(points, args.out / f"world-curve-{name}.png", f"{name}: held-out world against the baselines")

@@ -10,7 +10,7 @@ import attrs
 from safetensors.torch import load_model, save_model
 
 from genie_core.config import config_to_dict
-from genie_core.errors import GenieError
+from genie_core.errors import GenieError, PluginError
 from genie_core.interfaces import Component, TokenSpec, VideoSpec
 from genie_core.registry import Registry, get_registry
 
@@ -18,15 +18,22 @@ MANIFEST = "components.json"
 SPECS = {"VideoSpec": VideoSpec, "TokenSpec": TokenSpec}
 
 
-def save_components(folder: Path, components: dict[str, tuple[str, Component]]) -> None:
-    """components: kind -> (registered name, module). Writes KIND.safetensors for each, and the manifest."""
+def save_components(folder: Path, components: dict[str, tuple[str, Component]],
+                    registry: Registry | None = None) -> None:
+    """components: kind -> (registered name, module). Writes KIND.safetensors for each, and the manifest, which
+    names the package (and version) that registered each component: where it comes back from is then known."""
+    registry = registry or get_registry()
     manifest = {}
     for kind, (name, module) in components.items():
         if module.state_dict():  # samplers hold no weights
             save_model(module, str(folder / f"{kind}.safetensors"))
         spec = getattr(module, "spec", None)
+        registered = registry.components.get((kind, name))  # None for a module built outside the registry
+        owner = registered.owner if registered else None
         manifest[kind] = {
             "name": name,
+            "package": owner.package if owner else None,
+            "version": owner.version if owner else None,
             "config": config_to_dict(module.config),
             "spec": None if spec is None else {"type": type(spec).__name__, **attrs.asdict(spec)},
         }
@@ -41,11 +48,18 @@ def load_components(folder: Path, registry: Registry | None = None) -> dict[str,
         raise GenieError(f"{folder}: no {MANIFEST}; not a genie checkpoint folder")
     out = {}
     for kind, entry in json.loads(path.read_text()).items():
-        info = registry.get(kind, entry["name"])
+        try:
+            info = registry.get(kind, entry["name"])
+        except PluginError as error:
+            if not entry.get("package"):
+                raise
+            raise GenieError(f"{path}: {error}; it was registered by package {entry['package']} "
+                             f"{entry.get('version')}: install that package to load this run") from None
         try:
             config = info.cls.config_class(**entry["config"])
         except (TypeError, ValueError) as error:
-            raise GenieError(f"{path}: the saved {kind} config does not fit {info.name} from {info.owner}: {error}") from None
+            raise GenieError(f"{path}: the saved {kind} config does not fit {info.name} from {info.owner}: "
+                             f"{error}") from None
         args = [config]
         if entry["spec"] is not None:
             spec = dict(entry["spec"])

@@ -38,7 +38,8 @@ def _fraction(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genie", description="Generative interactive environments on a pluggable core.")
+    parser = argparse.ArgumentParser(prog="genie",
+                                     description="Generative interactive environments on a pluggable core.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("plugins", help="list every registered component with its kind, name, package and version")
@@ -94,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("run_dir", type=Path, help="a run folder whose tokenizer and dynamics stages are complete")
     sample.add_argument("--prompt", type=Path, required=True, help="PNG or JPG; resized to the world's resolution")
     sample.add_argument("--actions", required=True, help="comma-separated latent action ids, e.g. 0,0,3,3,1")
-    sample.add_argument("--out", type=Path, default=Path("sample.gif"), help="GIF path; a PNG strip is written beside it")
+    sample.add_argument("--out", type=Path, default=Path("sample.gif"),
+                        help="GIF path; a PNG strip is written beside it")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--steps", type=int, help="sampler steps (overrides the saved sampler's)")
     sample.add_argument("--temperature", type=float, help="sampling temperature (overrides the saved sampler's)")
@@ -109,11 +111,16 @@ def _parser() -> argparse.ArgumentParser:
                       help="access token: auto (default; one is asked for when --host is reachable from other "
                            "machines: GENIE_PLAY_TOKEN, else a random one, in the printed address) or none")
     play.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    play.add_argument("--eval", type=Path, dest="eval_dir", metavar="DIR",
+                      help="a `genie eval --out DIR` folder: the arrow keys follow the action mapping fitted there "
+                           "(default: RUN/eval)")
     play.add_argument("--terminal", action="store_true", help="play in the terminal instead of the browser")
     play.add_argument("--prompt", type=Path, help="terminal: a PNG or JPG to start from (default: a validation frame)")
     play.add_argument("--prompt-index", type=int, default=0, help="terminal: which validation frame to start from")
     play.add_argument("--frames-dir", type=Path, help="terminal: also save every frame as PNG and the session as GIF")
-    play.add_argument("--no-blocks", action="store_true", help="terminal: do not draw frames (with --frames-dir)")
+    play.add_argument("--no-blocks", action="store_true",
+                      help="terminal: do not draw frames (with --frames-dir); not drawn either when the output is "
+                           "not a terminal")
     play.add_argument("--width", type=positive_int, default=64, help="terminal: characters per drawn frame row")
     play.add_argument("--seed", type=int, default=0)
     play.add_argument("--steps", type=positive_int, help="sampler steps (default: the run's)")
@@ -123,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     play.add_argument("--max-upload-mb", type=float, default=5.0, help="largest prompt image accepted (default 5)")
     play.add_argument("--cpu", action="store_true", help="play on the CPU even if a GPU is present")
     play.add_argument("--compile", action="store_true",
-                      help="compile the per-frame sampling step with torch.compile first (seconds at start, faster play)")
+                      help="compile the per-frame sampling step with torch.compile first (seconds at start, "
+                           "faster play)")
     play.add_argument("--compile-mode", help="torch.compile mode for --compile (e.g. reduce-overhead: CUDA graphs)")
     return parser
 
@@ -135,7 +143,7 @@ def cmd_play(args) -> int:
     from genie_core.play.session import PlayWorld
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    play = PlayWorld.load(args.run_dir, device)
+    play = PlayWorld.load(args.run_dir, device, args.eval_dir)
     options = {k: v for k, v in (("steps", args.steps), ("temperature", args.temperature)) if v is not None}
     play.world.sampler = play.sampler(options)  # checks the values too
     if args.compile:
@@ -155,7 +163,7 @@ def cmd_play(args) -> int:
         else:
             prompt = play.prompts[args.prompt_index]
         play_in_terminal(play, prompt, args.seed, {}, sys.stdin, sys.stdout, args.frames_dir,
-                         blocks=not args.no_blocks, width=args.width)
+                         blocks=not args.no_blocks and sys.stdout.isatty(), width=args.width)
         return 0
     from genie_core.play.server import LOOPBACK, Limits, PlayServer, access_token
 
@@ -181,7 +189,7 @@ def cmd_play(args) -> int:
     return 0
 
 
-def cmd_plugins(args) -> int:
+def cmd_plugins(args) -> int:  # noqa: ARG001 - every command is called with the parsed arguments
     from genie_core.registry import get_registry, print_plugin_table
 
     print_plugin_table(get_registry())

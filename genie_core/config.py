@@ -34,6 +34,32 @@ def check_patch_divides_resolution(config, data, train) -> list[str]:  # noqa: A
     return []
 
 
+def tracker_names(trackers: str) -> list[str]:
+    return [name for name in (t.strip() for t in trackers.split(",")) if name not in ("", "none")]
+
+
+def check_trackers(instance, attribute, value):  # noqa: ARG001 - attrs validator signature
+    """`run.trackers`: Accelerate's tracker names (whether they are installed is checked where a run starts)."""
+    from accelerate.utils import LoggerType  # deferred: only a recipe that names trackers needs it
+
+    known = [t.value for t in LoggerType if t is not LoggerType.ALL]
+    for name in tracker_names(value):
+        if name not in known:
+            raise ValueError(f"unknown tracker {name!r}; trackers: none, {', '.join(known)}")
+
+
+def trackers_not_installed(trackers: str) -> list[str]:
+    """One problem per tracker the recipe names that is not installed here: it would log nothing."""
+    names = tracker_names(trackers)
+    if not names:
+        return []
+    from accelerate.tracking import get_available_trackers
+
+    installed = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    return [f"tracker {name!r} is not installed here (pip install {name}); installed: "
+            f"{', '.join(sorted(installed)) or 'none'}" for name in names if name not in installed]
+
+
 @functools.cache
 def _resolved_fields(cls: type) -> tuple[attrs.Attribute, ...]:
     attrs.resolve_types(cls)
@@ -100,7 +126,9 @@ class RunConfig:
     mixed_precision: str = attrs.field(default="no", validator=v.in_(("no", "bf16", "fp16")))
     cpu: bool = False  # force CPU even when a GPU is present
     distributed: str = attrs.field(default="ddp", validator=v.in_(("ddp", "fsdp")))  # under several processes
-    trackers: str = "tensorboard"  # Accelerate trackers, comma-separated (tensorboard, wandb, ...); "none" for none
+    # Accelerate's trackers, comma-separated (tensorboard, wandb, mlflow, ...; each must be installed); "none" for none.
+    # Training logs go to the run's logs/ folder as JSON lines whatever is chosen here.
+    trackers: str = attrs.field(default="tensorboard", validator=check_trackers)
     # Deterministic kernels (torch.use_deterministic_algorithms): a rerun, or a kill and --resume, repeats a GPU run
     # bit for bit, at some cost in speed. CPU runs are repeatable without it.
     deterministic: bool = False

@@ -24,6 +24,7 @@ from typing import Callable
 import attrs
 import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 from genie_core.data import EpisodeIndex, WindowDataset, evenly_spaced
 from genie_core.errors import GenieError
@@ -45,14 +46,16 @@ class EvalSettings:
 
 @torch.no_grad()
 def over_windows(accelerator: Accelerator, dataset: WindowDataset, settings: EvalSettings,
-                 measure: Measure) -> list[torch.Tensor]:
+                 measure: Measure, desc: str = "eval") -> list[torch.Tensor]:
     """Runs `measure(video, generator, window_indices) -> [tensor [B, ...], ...]` over the evaluation windows, split
-    across processes and put back together in window order with gather_for_metrics."""
+    across processes and put back together in window order with gather_for_metrics. The main process shows a
+    progress bar of its batches."""
     indices = evenly_spaced(dataset, settings.windows)
     batches = [indices[i : i + settings.batch_size] for i in range(0, len(indices), settings.batch_size)]
     rank, world_size = accelerator.process_index, accelerator.num_processes
     mine = []
-    for number, batch in list(enumerate(batches))[rank::world_size]:
+    for number, batch in tqdm(list(enumerate(batches))[rank::world_size], desc=desc, unit="batch", leave=False,
+                              dynamic_ncols=True, disable=not accelerator.is_main_process):
         video = torch.stack([dataset[i] for i in batch]).to(accelerator.device)
         generator = torch.Generator(device=accelerator.device).manual_seed(settings.seed * 1_000_003 + number)
         mine.append((number, [values.cpu() for values in measure(video, generator, batch)]))
@@ -91,13 +94,14 @@ class Evaluation:
         tokenizer = self.world.tokenizer
         dataset = WindowDataset(self.index, self.split, tokenizer.spec.num_frames)
 
-        def measure(video, generator, batch):
+        def measure(video, generator, batch):  # noqa: ARG001 - the Measure signature
             tokens = tokenizer.encode(video)
             recon = tokenizer.decode(tokens)
             counts = torch.stack([torch.bincount(t.flatten(), minlength=tokenizer.codebook_size) for t in tokens])
             return [psnr(recon, video), ssim(recon, video), counts]
 
-        frame_psnr, frame_ssim, counts = over_windows(self.accelerator, dataset, self.settings, measure)
+        frame_psnr, frame_ssim, counts = over_windows(self.accelerator, dataset, self.settings, measure,
+                                                      "eval tokenizer")
         return {"tokenizer_psnr_db": mean_and_ci(frame_psnr), "tokenizer_ssim": mean_and_ci(frame_ssim),
                 "tokenizer_codebook": codebook_stats(counts.sum(0))}
 
@@ -131,7 +135,7 @@ class Evaluation:
             return out
 
         step_psnr, step_ssim, deltas, inferred, true_actions, copy_psnr, copy_tokens_psnr, *features = over_windows(
-            self.accelerator, dataset, settings, measure)
+            self.accelerator, dataset, settings, measure, "eval world")
         horizon = self.horizon
         usage = torch.bincount(inferred.flatten(), minlength=world.num_actions)
         result = {
@@ -153,6 +157,7 @@ class Evaluation:
             "actions_vs_true": action_agreement(inferred, true_actions, world.num_actions,
                                                 settings.labelled_fraction, settings.seed),
             "actions_vs_true_classes": self.agreement_with_classes(inferred, true_actions),
+            "true_action_names": self.index.manifest.get("action_names"),  # None when the source names none
         }
         if features:
             from genie_core.fvd import frechet_distance
@@ -238,8 +243,9 @@ def write_run(result: dict, folder: Path, name: str) -> None:
     fidelity_by_step({name: result["dynamics_psnr_by_step_db"]}, {name: result["dynamics_ssim_by_step"]},
                      folder / "fidelity_by_step.png", f"{name}: rollouts with inferred actions", baselines(result))
     actions = result["actions_vs_true"]
+    names = result.get("true_action_names")
     action_usage(result["lam_usage"], actions["contingency"] if actions else None, folder / "actions.png",
-                 f"{name}: latent actions")
+                 f"{name}: latent actions", names)
     settings = result["settings"]
     lines = [f"# Evaluation: {name}", "",
              f"Data `{result['data']}` split `{result['split']}`: {settings['windows']} windows (evenly spaced), "
@@ -255,9 +261,17 @@ def write_run(result: dict, folder: Path, name: str) -> None:
              "reconstruction of it. A world that does not beat them has learned less than a still frame.", "",
              "![fidelity](fidelity_by_step.png)", "", "## Latent actions", "", "![actions](actions.png)", ""]
     if actions:
-        lines += [f"Latent -> true action mapping fit on {actions['labelled']} labelled transitions, scored on "
-                  f"{actions['scored']}: {actions['latent_to_real']}.", ""]
+        lines += [f"Each latent action mapped to the true action it came with most often, on {actions['labelled']} "
+                  f"labelled transitions (scored on the other {actions['scored']}):", "",
+                  table(["latent action", "transitions", "true action it maps to"],
+                        [[str(latent), str(count), true_action_name(real, names)] for latent, (count, real) in
+                         enumerate(zip(result["lam_usage"], actions["latent_to_real"]))]), ""]
     (folder / "eval.md").write_text("\n".join(lines))
+
+
+def true_action_name(action: int, names: list[str] | None) -> str:
+    """'LEFT (1)' where the source names its actions, else the number."""
+    return f"{names[action]} ({action})" if names and 0 <= action < len(names) else str(action)
 
 
 def baselines(result: dict) -> dict[str, list[dict]]:

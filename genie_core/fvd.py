@@ -244,13 +244,13 @@ def load_i3d(path: str | os.PathLike, size: int = 224) -> I3DFeatures:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, yet it is how I3D is shared
             scripted = torch.jit.load(str(path), map_location="cpu")
-    except Exception:  # not TorchScript: try a state dict next
+    except Exception:  # noqa: BLE001 - whatever the failure, it is not TorchScript: try a state dict next
         scripted = None
     if scripted is not None:
         return I3DFeatures(scripted, "torchscript", path, size)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - any failure: one line naming the file
         raise GenieError(f"I3D weights {path}: neither TorchScript nor a torch.save'd state dict "
                          f"({_one_line(error)}); {_WHAT_FVD_NEEDS}") from None
     if not isinstance(state, Mapping):

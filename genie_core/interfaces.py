@@ -211,7 +211,8 @@ class DynamicsModel(Component, abc.ABC):
         """tokens [B, T, h, w], actions [B, T - 1], mask bool [B, T, h, w] (True = hidden) -> logits [B, T, h, w, V]."""
 
     @abc.abstractmethod
-    def loss(self, tokens: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None) -> DynamicsOutput:
+    def loss(self, tokens: torch.Tensor, actions: torch.Tensor,
+             generator: torch.Generator | None = None) -> DynamicsOutput:
         """The training loss on a window of tokens and the actions between its frames."""
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from genie_core.errors import GenieError
 
@@ -27,13 +27,31 @@ def tile(videos: list[torch.Tensor], gap: int = 2) -> torch.Tensor:
 
 
 def _images(frames: torch.Tensor, scale: int) -> list[Image.Image]:
-    return [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in to_uint8(frames)]
+    return [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
+            for f in to_uint8(frames)]
 
 
-def save_gif(frames: torch.Tensor, path, scale: int = 3, fps: int = 4) -> None:
-    """[T, C, H, W] in [0, 1] -> an endlessly looping GIF; `path` may also be a binary file object."""
+CAPTION_HEIGHT = 14  # pixels of the white bar above captioned GIFs
+
+
+def save_gif(frames: torch.Tensor, path, scale: int = 3, fps: int = 4, captions: list[str] | None = None,
+             gap: int = 2) -> None:
+    """[T, C, H, W] in [0, 1] -> an endlessly looping GIF; `path` may also be a binary file object. `captions`: one
+    per panel of a `tile`d video (panels of equal width, `gap` pixels apart), written above each."""
     images = _images(frames, scale)
+    if captions:
+        images = [_captioned(image, captions, gap * scale) for image in images]
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+
+
+def _captioned(image: Image.Image, captions: list[str], gap: int) -> Image.Image:
+    panel = (image.width - gap * (len(captions) - 1)) // len(captions)
+    out = Image.new("RGB", (image.width, image.height + CAPTION_HEIGHT), "white")
+    out.paste(image, (0, CAPTION_HEIGHT))
+    draw = ImageDraw.Draw(out)
+    for i, caption in enumerate(captions):
+        draw.text((i * (panel + gap) + 2, 1), caption, fill="black")
+    return out
 
 
 def save_strip(frames: torch.Tensor, path: Path, scale: int = 3) -> None:

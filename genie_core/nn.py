@@ -88,7 +88,8 @@ class STBlock(nn.Module):
 
 
 def _heads(attention: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """timm Attention's queries, keys and values for [L, S, D]: each [L, heads, S, head_dim], keys and queries normed."""
+    """timm Attention's queries, keys and values for [L, S, D]: each [L, heads, S, head_dim], keys and queries
+    normed."""
     qkv = attention.qkv(x).reshape(x.shape[0], x.shape[1], 3, attention.num_heads, attention.head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     return attention.q_norm(q), attention.k_norm(k), v
@@ -161,7 +162,8 @@ class FrameCache:
 class STTransformer(nn.Module):
     """A stack of STBlocks with a final LayerNorm. Input and output [B, T, N, D]."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True, temporal: bool = True):
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
+                 temporal: bool = True):
         super().__init__()
         self.blocks = nn.ModuleList(STBlock(dim, heads, mlp_ratio, qk_norm, temporal) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
@@ -216,7 +218,8 @@ class SpaceTimePositions(nn.Module):
             return x + self.spatial[None, None] + self.temporal.index_select(0, first_frame.view(1))[None, :, None]
         end = first_frame + x.shape[1]
         if end > self.temporal.shape[0]:
-            raise ValueError(f"sequence of {end} frames is longer than the {self.temporal.shape[0]} this model was built for")
+            raise ValueError(f"sequence of {end} frames is longer than the {self.temporal.shape[0]} this model was "
+                             f"built for")
         return x + self.spatial[None, None] + self.temporal[None, first_frame:end, None]
 
 

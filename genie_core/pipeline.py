@@ -35,11 +35,13 @@ from torch.distributed.fsdp import MixedPrecision
 
 from genie_core.atomic import atomic_dir
 from genie_core.checkpoint import load_components, save_components
+from genie_core.config import config_to_dict
 from genie_core.data import (EpisodeIndex, WindowDataset, build_dataset, evenly_spaced, source_identity,
                              true_action_count)
 from genie_core.errors import GenieError
 from genie_core.evaluation import EvalSettings, Evaluation, run_data
 from genie_core.interfaces import DataSpec, DynamicsModel, LatentActionModel, TokenSpec, VideoSpec
+from genie_core.machine import describe as describe_machine
 from genie_core.media import save_gif, save_strip, tile
 from genie_core.metrics import psnr
 from genie_core.recipe import Recipe, recipe_from_table
@@ -65,7 +67,8 @@ def stage_settings(recipe: Recipe, stage: str) -> dict:
         settings |= {"seed": d["run"]["seed"], "tokenizer": d["tokenizer"], "train.tokenizer": d["train"]["tokenizer"],
                      "precision": d["run"]["mixed_precision"]}
     if stage in ("dynamics", "report"):
-        settings |= {"action_model": d["action_model"], "dynamics": d["dynamics"], "train.dynamics": d["train"]["dynamics"]}
+        settings |= {"action_model": d["action_model"], "dynamics": d["dynamics"],
+                     "train.dynamics": d["train"]["dynamics"]}
     if stage == "report":
         settings |= {"sampler": d["sampler"], "eval": d["eval"], "world": d["world"]}
     # the plugin versions that produced it: the source's for the data, every component's after that
@@ -196,6 +199,7 @@ class Pipeline:
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.log = log
+        self._stage_start = time.perf_counter()  # when the stage in progress started: its record keeps the time
 
     # ------------------------------------------------------------------------------------------ bookkeeping
 
@@ -207,7 +211,8 @@ class Pipeline:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def status(self, stage: str) -> str:
-        """'done', 'stale' (finished under other settings, or on an earlier stage's output since redone) or 'missing'."""
+        """'done', 'stale' (finished under other settings, or on an earlier stage's output since redone) or
+        'missing'."""
         record = self._record(stage)
         if record is None:
             return "missing"
@@ -222,7 +227,8 @@ class Pipeline:
         upstream = _upstream(stage)
         record = {"stage": stage, "id": uuid.uuid4().hex, "input": upstream and self._record(upstream)["id"],
                   "fingerprint": fingerprint(stage_settings(self.recipe, stage)),
-                  "settings": stage_settings(self.recipe, stage), "summary": summary}
+                  "settings": stage_settings(self.recipe, stage), "summary": summary,
+                  "seconds": round(time.perf_counter() - self._stage_start, 1)}  # this process's wall time
         (folder / STAGE_FILE).write_text(json.dumps(record, indent=2, default=str))
 
     def run(self, redo_from: str | None = None, resume: bool = False) -> dict:
@@ -253,7 +259,8 @@ class Pipeline:
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.json").write_text(json.dumps(self.recipe.table, indent=2))
-        if fsdp is not None and self.accelerator.distributed_type.value != "FSDP" and self.accelerator.num_processes > 1:
+        several = self.accelerator.num_processes > 1
+        if fsdp is not None and self.accelerator.distributed_type.value != "FSDP" and several:
             # Accelerate shards with FSDP only on GPUs; on CPU processes it falls back to DDP without a word.
             self.log(f"run.distributed = 'fsdp': Accelerate runs FSDP on GPUs only; these "
                      f"{self.accelerator.num_processes} {self.accelerator.device.type} processes use DDP")
@@ -277,10 +284,10 @@ class Pipeline:
             if state == "stale":
                 self.log(f"stage {stage}: its settings or inputs changed since it ran, redoing it")
             redo = True  # everything after a redone stage depends on it
-            start = time.perf_counter()
+            self._stage_start = time.perf_counter()
             getattr(self, f"stage_{stage}")()
             self.accelerator.wait_for_everyone()  # no process reads a stage before the main one has written it
-            self.log(f"stage {stage}: finished in {time.perf_counter() - start:.1f} s")
+            self.log(f"stage {stage}: finished in {time.perf_counter() - self._stage_start:.1f} s")
 
     # ------------------------------------------------------------------------------------------ stages
 
@@ -294,6 +301,10 @@ class Pipeline:
         cfg = self.recipe.data
         if cfg.path:  # built before: check it, use it in place
             manifest = EpisodeIndex.open(cfg.path).manifest
+            built, choice = manifest.get("source") or {}, self.recipe.components["source"]
+            if (built.get("name"), built.get("config")) != (choice.name, config_to_dict(choice.config)):
+                self.log(f"note: data.path {cfg.path} was built by source '{built.get('name')}' with "
+                         f"{built.get('config')}; this recipe's [source] table does not describe that footage")
         else:
             choice = self.recipe.components["source"]
             source = choice.info.cls(choice.config, DataSpec(resolution=cfg.resolution))
@@ -303,9 +314,9 @@ class Pipeline:
             raise GenieError(f"{self.data_root}: frames are {manifest['resolution']} pixels square, the recipe's "
                              f"data.resolution is {cfg.resolution}")
         self.stage_dir("data").mkdir(parents=True, exist_ok=True)
+        splits = {k: {"episodes": v["episodes"], "frames": v["frames"]} for k, v in manifest["splits"].items()}
         self._finish(self.stage_dir("data"), "data", {"root": str(self.data_root), "frames": manifest["frames"],
-                                                       "splits": {k: {"episodes": v["episodes"], "frames": v["frames"]} for k, v in manifest["splits"].items()},
-            "skipped": manifest["skipped"]})
+                                                       "splits": splits, "skipped": manifest["skipped"]})
 
     @property
     def index(self) -> EpisodeIndex:
@@ -329,7 +340,8 @@ class Pipeline:
 
         def validate(step: int) -> dict:  # held-out reconstruction, and a GIF of it: truth | reconstruction
             recon = tokenizer.decode(tokenizer.encode(val))
-            save_gif(tile([val[0].cpu(), recon[0].cpu()]), self._sample_path(f"tokenizer-{step:07d}.gif"), scale=2)
+            save_gif(tile([val[0].cpu(), recon[0].cpu()]), self._sample_path(f"tokenizer-{step:07d}.gif"), scale=2,
+                     captions=["truth", "reconstruction"])
             return {"val_psnr_db": psnr(recon, val).mean().item()}
 
         summary = train(self.accelerator, TokenizerTask(tokenizer), self.dataset("train", cfg.seq_len), cfg,
@@ -404,7 +416,7 @@ class Pipeline:
             steps = min(4, val.shape[1] - 1)
             rollout = world.rollout(val[:, 0], actions[:, :steps], generator)
             save_gif(tile([val[0, : steps + 1].cpu(), rollout[0].cpu()]), self._sample_path(f"world-{step:07d}.gif"),
-                     scale=2)
+                     scale=2, captions=["truth", "generated"])
             return {"val_lam_psnr_db": psnr(lam_recon, val[:, 1:]).mean().item(),
                     "val_next_frame_psnr_db": psnr(rollout[:, 1], val[:, 1]).mean().item()}
 
@@ -420,7 +432,8 @@ class Pipeline:
             lam_cfg = attrs.evolve(cfg, steps=cfg.lam_steps, warmup_steps=min(cfg.warmup_steps, cfg.lam_steps))
             summary = train(self.accelerator, LatentActionTask(action_model), data, lam_cfg, seed,
                             self.run_dir / "logs" / "lam.jsonl", "lam", resume=self.resume,
-                            checkpoint_dir=ckpt["checkpoint_dir"].parent / "dynamics-lam", fingerprint=ckpt["fingerprint"])
+                            checkpoint_dir=ckpt["checkpoint_dir"].parent / "dynamics-lam",
+                            fingerprint=ckpt["fingerprint"])
             if self.main:
                 with atomic_dir(done) as folder:
                     save_components(folder, {"action_model": (name, rebuilt(action_model, summary["weights"],
@@ -454,7 +467,8 @@ class Pipeline:
         for action in range(world.num_actions):
             actions = torch.full((1, ev.rollout_steps), action, device=device)
             panels.append(world.rollout(prompt, actions, generator)[0].cpu())
-        save_gif(tile(panels), self.run_dir / "rollout.gif", scale=ev.gif_scale)
+        save_gif(tile(panels), self.run_dir / "rollout.gif", scale=ev.gif_scale,
+                 captions=[f"action {action}" for action in range(world.num_actions)])
         save_strip(panels[0], self.run_dir / "rollout.png", scale=ev.gif_scale)
 
         stages = {s: json.loads((self.stage_dir(s) / STAGE_FILE).read_text())["summary"] for s in STAGES[:-1]}
@@ -476,6 +490,7 @@ class Pipeline:
             "num_actions": world.num_actions,
             "rollout_gif": "rollout.gif (one panel per latent action, each held for every step)",
             "stages": stages,
+            "machine": describe_machine(),
         }
         (self.run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (self.run_dir / "report.md").write_text(report_markdown(report, t))
@@ -508,7 +523,8 @@ def report_markdown(report: dict, t: int) -> str:
         f"| tokenizer reconstruction PSNR (dB) | {_fmt(report['tokenizer_psnr_db'], 'frames')} |",
         f"| controllability dtPSNR at t={t} (dB) | {_fmt(report[f'dtpsnr_t{t}_db'], 'windows')} |",
         f"| dynamics PSNR at t={t}, inferred actions (dB) | {_fmt(report[f'dynamics_psnr_t{t}_db'], 'windows')} |",
-        f"| baseline: the prompt frame again, PSNR at t={t} (dB) | {_fmt(report[f'copy_prompt_psnr_t{t}_db'], 'windows')} |",
+        f"| baseline: the prompt frame again, PSNR at t={t} (dB) | "
+        f"{_fmt(report[f'copy_prompt_psnr_t{t}_db'], 'windows')} |",
         f"| baseline: the prompt's tokens again, PSNR at t={t} (dB) | "
         f"{_fmt(report[f'copy_prompt_tokens_psnr_t{t}_db'], 'windows')} |",
         f"| dynamics minus the prompt frame again, at t={t} (dB, paired) | "
@@ -517,7 +533,8 @@ def report_markdown(report: dict, t: int) -> str:
         f"| latent vs true actions NMI | {nmi} |",
         f"| latent actions used / perplexity | {lam['used']}/{lam['size']} / {lam['perplexity']:.2f} |",
         "",
-        f"Training: tokenizer {train_tok['steps_per_second']:.2f} steps/s, final loss {train_tok['final']['loss']:.4f}; "
+        f"Training: tokenizer {train_tok['steps_per_second']:.2f} steps/s, "
+        f"final loss {train_tok['final']['loss']:.4f}; "
         f"LAM + dynamics {train_dyn['steps_per_second']:.2f} steps/s, final loss {train_dyn['final']['loss']:.4f}.",
         "",
         *(["**Warning**: the evaluation windows overlap (more windows than the held-out footage holds apart), so "

@@ -54,9 +54,11 @@ def fidelity_by_step(psnr: dict[str, list[dict]], ssim: dict[str, list[dict]], p
     save(fig, path, title)
 
 
-def action_usage(usage: list[int], contingency: list[list[int]] | None, path: Path, title: str) -> None:
+def action_usage(usage: list[int], contingency: list[list[int]] | None, path: Path, title: str,
+                 true_names: list[str] | None = None) -> None:
     """How often each latent action was inferred, and (when the data has true actions) which true actions each
-    latent action came with, as a share of that latent action's transitions."""
+    latent action came with, as a share of that latent action's transitions; true actions by name when the source
+    names them."""
     panels = 2 if contingency else 1
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels + 1, 4), squeeze=False)
     bars = axes[0][0]
@@ -72,6 +74,8 @@ def action_usage(usage: list[int], contingency: list[list[int]] | None, path: Pa
         heat.set_xlabel("true action")
         heat.set_ylabel("latent action")
         heat.set_yticks(range(len(rows)))
+        if true_names and len(true_names) == len(rows[0]):
+            heat.set_xticks(range(len(true_names)), true_names, rotation=90, fontsize=7)
         heat.set_title("P(true action | latent action)")
         fig.colorbar(image, ax=heat)
     save(fig, path, title)

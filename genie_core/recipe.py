@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 
 from genie_core.config import (DataConfig, DynamicsTrainConfig, EvalConfig, RunConfig, TrainConfig, WorldConfig,
-                               build_config, config_to_dict)
+                               build_config, config_to_dict, trackers_not_installed)
 from genie_core.errors import PluginError, RecipeError
 from genie_core.interfaces import KINDS
 from genie_core.registry import ComponentInfo, Registry, get_registry
@@ -103,9 +103,13 @@ def read_recipe_table(path: str | Path) -> dict[str, Any]:
 
 def load_recipe(path: str | Path, overrides: list[str] = (), registry: Registry | None = None,
                 notes: list[str] | None = None) -> Recipe:
-    """Reads, overrides and checks a recipe. Raises RecipeError listing every problem; builds no model. Options
-    dropped by a component swap are added to `notes`."""
-    return recipe_with_overrides(read_recipe_table(path), list(overrides), str(path), registry, notes)
+    """Reads, overrides and checks a recipe to run here. Raises RecipeError listing every problem; builds no model.
+    Options dropped by a component swap are added to `notes`."""
+    recipe = recipe_with_overrides(read_recipe_table(path), list(overrides), str(path), registry, notes)
+    missing = trackers_not_installed(recipe.run.trackers)  # a run folder loads without them; a new run needs them
+    if missing:
+        raise RecipeError([f"{path} [run]: key 'trackers': {problem}" for problem in missing])
+    return recipe
 
 
 def recipe_with_overrides(written: dict[str, Any], overrides: list[str], source: str,
@@ -158,17 +162,19 @@ def recipe_from_table(table: dict[str, Any], source: str, registry: Registry | N
             return {}
         return value
 
-    core = {name: build_config(cls, section(name), f"{source} [{name}]", problems) for name, cls in CORE_SECTIONS.items()}
+    core = {name: build_config(cls, section(name), f"{source} [{name}]", problems)
+            for name, cls in CORE_SECTIONS.items()}
 
     components = {}
     for kind in KINDS:
         options = dict(section(kind))
+        registered = f"registered {kind} names: {', '.join(registry.names(kind))}"
         if kind not in table:
-            problems.append(f"{source}: missing table [{kind}]; registered {kind} names: {', '.join(registry.names(kind))}")
+            problems.append(f"{source}: missing table [{kind}]; {registered}")
             continue
         name = options.pop("name", None)
         if not isinstance(name, str):
-            problems.append(f"{source} [{kind}]: missing key 'name'; registered {kind} names: {', '.join(registry.names(kind))}")
+            problems.append(f"{source} [{kind}]: missing key 'name'; {registered}")
             continue
         try:
             info = registry.get(kind, name)
@@ -219,7 +225,8 @@ def check_lengths(train: dict, eval_cfg: EvalConfig | None, source: str) -> list
     return problems
 
 
-def check_compatibility(components: dict[str, ComponentChoice], data: DataConfig, train: dict, source: str) -> list[str]:
+def check_compatibility(components: dict[str, ComponentChoice], data: DataConfig, train: dict,
+                        source: str) -> list[str]:
     """Checks that need more than one table: each component's `check_recipe` hook, if it has one, and that the
     sampler can drive the dynamics model."""
     problems = []

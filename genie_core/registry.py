@@ -96,7 +96,8 @@ class Registrar:
             raise PluginError(f"{self.owner} registered {kind} '{name}' as {cls!r}, which is not a {base.__name__}")
         config_class = getattr(cls, "config_class", None)
         if not attrs.has(config_class):
-            raise PluginError(f"{self.owner} registered {kind} '{name}': {cls.__name__}.config_class must be an attrs class")
+            raise PluginError(f"{self.owner} registered {kind} '{name}': {cls.__name__}.config_class must be an "
+                              f"attrs class")
         for info in self.staged:
             if (info.kind, info.name) == (kind, name):
                 raise PluginError(f"duplicate {kind} '{name}': registered twice by {self.owner}")
@@ -124,7 +125,8 @@ class Registry:
         for info in registrar.staged:
             taken = self.components.get((info.kind, info.name))
             if taken is not None:
-                raise PluginError(f"duplicate {info.kind} '{info.name}': registered by {taken.owner} and by {info.owner}")
+                raise PluginError(f"duplicate {info.kind} '{info.name}': registered by {taken.owner} and by "
+                                  f"{info.owner}")
         for info in registrar.staged:
             self.components[(info.kind, info.name)] = info
 

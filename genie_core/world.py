@@ -194,7 +194,8 @@ def load_world(run_dir: Path, registry: Registry | None = None) -> World:
     if (run_dir / "report" / MANIFEST).is_file():
         parts = load_stages(run_dir, ("tokenizer", "dynamics", "report"), registry)
     else:
-        parts = load_stages(run_dir, ("tokenizer", "dynamics"), registry) | {"sampler": recipe_sampler(run_dir, registry)}
+        parts = load_stages(run_dir, ("tokenizer", "dynamics"), registry)
+        parts["sampler"] = recipe_sampler(run_dir, registry)
     return World(**parts, config=world_config(run_dir))
 
 

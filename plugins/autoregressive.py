@@ -62,7 +62,8 @@ class AutoregressiveDynamics(DynamicsModel):
         self.start = nn.Parameter(torch.randn(d) * 0.02)  # stands in for the token before the first one
         self.action_embed = nn.Embedding(spec.num_actions, d)  # additive conditioning, as in MaskGIT
         self.positions = SpaceTimePositions(d, spec.grid[0] * spec.grid[1], spec.num_frames)
-        self.blocks = nn.ModuleList(AttentionBlock(d, config.heads, qk_norm=config.qk_norm) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(AttentionBlock(d, config.heads, qk_norm=config.qk_norm)
+                                    for _ in range(config.depth))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, spec.vocab_size)
 

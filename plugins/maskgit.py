@@ -71,7 +71,10 @@ class MaskGITDynamics(DynamicsModel):
         """Action a_t explains frame t -> t + 1, so it conditions frame t + 1; frame 0 gets none (nothing added, or
         the learned no-action token). actions [B, T - 1] -> what enters each frame [B, T, D]."""
         act = self.action_embed(actions)
-        first = self.no_action.expand(act.shape[0], 1, -1) if self.prepend_action else act.new_zeros(act.shape[0], 1, act.shape[2])
+        if self.prepend_action:
+            first = self.no_action.expand(act.shape[0], 1, -1)
+        else:
+            first = act.new_zeros(act.shape[0], 1, act.shape[2])
         return torch.cat([first, act], dim=1)
 
     def _frames(self, tokens, mask, incoming, first_frame: int | torch.Tensor = 0) -> torch.Tensor:
@@ -124,7 +127,8 @@ class MaskGITDynamics(DynamicsModel):
         def step(cache, frame, action, mask, logits):
             # Compiled code is guarded on its inputs' strides, and a rollout's frames and actions are slices of
             # growing tensors: fresh copies keep every call on the one compiled graph.
-            fresh = [None if t is None else t.clone(memory_format=torch.contiguous_format) for t in (frame, action, mask)]
+            fresh = [None if t is None else t.clone(memory_format=torch.contiguous_format)
+                     for t in (frame, action, mask)]
             if not graphs:
                 return compiled(cache, *fresh, logits)
             # A captured graph may write only into tensors whose address it can rely on: the cache's buffers (a

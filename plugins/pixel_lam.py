@@ -3,6 +3,10 @@
 The encoder sees frames x_0..x_{t+1} (causal ST-transformer) and emits one latent for the transition t -> t+1; the
 decoder sees x_0..x_t plus that quantized latent and must reconstruct x_{t+1}. The tiny codebook leaves room for
 little more than what changed, which is what makes the codes controllable. Only the code ids are used at play time.
+With `predict_change` the decoder outputs x_{t+1} - x_t instead of x_{t+1}: a small decoder then spends nothing on
+redrawing the frame it was given, and the loss is all about what moved.
+With `decoder_sees_history = false` the decoder reconstructs x_{t+1} from x_t alone: the speed it could read off
+earlier frames can then not stand in for the action, which has to carry it.
 
 - "pixel-lam" (the paper's): the encoder reads pixel patches.
 - "token-lam" (the paper's Table 2 alternative): the encoder reads the frozen tokenizer's tokens instead; the decoder
@@ -37,6 +41,8 @@ class PixelLAMConfig:
     commitment_weight: float = attrs.field(default=0.25, validator=v.ge(0))
     dead_code_threshold: float = attrs.field(default=1.0, validator=v.ge(0))
     qk_norm: bool = True
+    predict_change: bool = False  # the decoder predicts x_{t+1} - x_t (added to x_t) rather than x_{t+1}
+    decoder_sees_history: bool = True  # false: the decoder sees x_t only, not x_0..x_t
     quantizer: str = "vq"  # vq (the paper's), fsq or lfq (|A| a power of two): see genie_core.nn.Quantizer
 
     def __attrs_post_init__(self):
@@ -50,11 +56,14 @@ class PixelLAM(LatentActionModel):
 
     @classmethod
     def tiny_config(cls):
-        return PixelLAMConfig(num_actions=4, patch_size=4, dim=32, encoder_depth=1, decoder_depth=1, heads=2, code_dim=8)
+        return PixelLAMConfig(num_actions=4, patch_size=4, dim=32, encoder_depth=1, decoder_depth=1, heads=2,
+                              code_dim=8)
 
     @classmethod
     def tiny_variants(cls):
-        return {kind: attrs.evolve(cls.tiny_config(), quantizer=kind) for kind in ("fsq", "lfq")}
+        variants = {kind: attrs.evolve(cls.tiny_config(), quantizer=kind) for kind in ("fsq", "lfq")}
+        return variants | {"predict-change": attrs.evolve(cls.tiny_config(), predict_change=True),
+                           "no-history": attrs.evolve(cls.tiny_config(), decoder_sees_history=False)}
 
     def __init__(self, config: PixelLAMConfig, spec: VideoSpec):
         super().__init__(config, spec)
@@ -74,6 +83,9 @@ class PixelLAM(LatentActionModel):
         self.decoder_positions = SpaceTimePositions(d, num_patches, spec.num_frames)
         self.decoder = STTransformer(d, config.decoder_depth, config.heads, qk_norm=config.qk_norm)
         self.to_pixels = torch.nn.Linear(d, patch_dim)
+        if config.predict_change:  # start as "nothing moves": the previous frame exactly
+            torch.nn.init.zeros_(self.to_pixels.weight)
+            torch.nn.init.zeros_(self.to_pixels.bias)
 
     def _encoder_embedding(self) -> tuple[torch.nn.Module, int]:
         """What embeds the encoder's input, and how many inputs each frame has: here its pixel patches."""
@@ -100,8 +112,13 @@ class PixelLAM(LatentActionModel):
     def loss(self, video: torch.Tensor) -> ActionModelOutput:
         q = self._latent_actions(video)
         past = self.decoder_embed(patchify(video[:, :-1] * 2 - 1, self.config.patch_size))  # [B, T - 1, N, D]
-        x = self.decoder(self.decoder_positions(past + q.quantized[:, :, None]))
-        recon = unpatchify(self.to_pixels(x), self.config.patch_size, self.grid, self.spec.channels) * 0.5 + 0.5
+        x = self.decoder_positions(past + q.quantized[:, :, None])
+        if self.config.decoder_sees_history:
+            x = self.decoder(x)
+        else:  # each transition on its own: frames folded into the batch
+            x = self.decoder(x.flatten(0, 1)[:, None]).view(x.shape)
+        recon = unpatchify(self.to_pixels(x), self.config.patch_size, self.grid, self.spec.channels) * 0.5
+        recon = recon + (video[:, :-1] if self.config.predict_change else 0.5)
         mse = F.mse_loss(recon, video[:, 1:])
         metrics = {"mse": mse.detach(), "commit": q.aux_loss.detach(), "perplexity": q.perplexity, "usage": q.usage}
         return ActionModelOutput(loss=mse + q.aux_loss, actions=q.indices, recon=recon, metrics=metrics)

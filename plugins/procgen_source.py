@@ -3,9 +3,9 @@
 A unit is one level seed. Each level is played by `num_envs` environments stepped together in one vectorised call
 for steps_per_level steps in all, each choosing a random action and holding it for `action_repeat` steps (1, the
 paper's policy: a fresh action at every step). The action is drawn uniformly from the 15 button combinations (the
-paper's `action_choice = "buttons"`), or from the classes of combinations that do different things (`"classes"`:
-left, right or neither, with or without a jump; then one combination of that class), so the agent is not idle most
-of the time (8 of the 15 combinations do nothing in CoinRun). Training
+paper's `action_choice = "buttons"`), or from the classes of combinations that do different things (`"classes"`, for
+the games in ACTION_CLASSES: in CoinRun left, right or neither, with or without a jump; then one combination of that
+class), so the agent is not idle most of the time (8 of the 15 combinations do nothing in CoinRun). Training
 levels are seeds [first_level, first_level + train_levels); validation levels are the next val_levels seeds, never
 trained on.
 """
@@ -42,7 +42,8 @@ class ProcgenConfig:
     """Defaults: the paper's CoinRun data set (10,000 levels x 1,000 steps, hard mode)."""
 
     game: str = "coinrun"
-    distribution_mode: str = attrs.field(default="hard", validator=v.in_(("easy", "hard", "extreme", "memory", "exploration")))
+    distribution_mode: str = attrs.field(default="hard",
+                                         validator=v.in_(("easy", "hard", "extreme", "memory", "exploration")))
     first_level: int = attrs.field(default=0, validator=v.ge(0))  # training levels: [first_level, + train_levels)
     train_levels: int = attrs.field(default=10_000, validator=positive)
     val_levels: int = attrs.field(default=100, validator=positive)
@@ -66,7 +67,12 @@ class ProcgenSource(VideoSource):
         if data.path:  # footage built before is used as it is: this source is not run, procgen need not be here
             return []
         names = procgen().env.ENV_NAMES
-        return [] if config.game in names else [f"'game' {config.game!r} is not a procgen game; games: {', '.join(names)}"]
+        if config.game not in names:
+            return [f"'game' {config.game!r} is not a procgen game; games: {', '.join(names)}"]
+        if config.action_choice == "classes" and config.game not in ACTION_CLASSES:
+            return [f"'action_choice' 'classes' needs to know which of {config.game}'s buttons do the same; it is "
+                    f"known for {', '.join(ACTION_CLASSES)}; use 'buttons' for {config.game}"]
+        return []
 
     def units(self):
         c = self.config
@@ -78,7 +84,8 @@ class ProcgenSource(VideoSource):
         return list(ACTION_NAMES)
 
     def action_classes(self):
-        return list(ACTION_CLASSES)
+        classes = ACTION_CLASSES.get(self.config.game)
+        return list(classes) if classes else None
 
     def make_env(self, level: int, num: int):
         c = self.config
@@ -102,8 +109,9 @@ class ProcgenSource(VideoSource):
         if c.action_choice == "buttons":
             held = rng.integers(env.ac_space.eltype.n, size=draws)
         else:  # a class, then one of its combinations: the combinations sorted by class, each class a run
-            names = list(dict.fromkeys(ACTION_CLASSES))
-            class_of = np.array([names.index(name) for name in ACTION_CLASSES])
+            classes = self.action_classes()
+            names = list(dict.fromkeys(classes))
+            class_of = np.array([names.index(name) for name in classes])
             by_class, sizes = np.argsort(class_of, kind="stable"), np.bincount(class_of)
             chosen, pick = rng.integers(len(names), size=draws), rng.random(draws)
             held = by_class[(np.cumsum(sizes) - sizes)[chosen] + (pick * sizes[chosen]).astype(int)]
@@ -130,10 +138,14 @@ ACTION_NAMES = ("LEFT+DOWN", "LEFT", "LEFT+UP", "DOWN", "NOOP", "UP", "RIGHT+DOW
                 "D", "A", "W", "S", "Q", "E")
 
 
-# What the buttons do in the platformers (CoinRun, Jumper, Ninja without its specials, ...): left, right or neither,
-# with or without a jump. DOWN does nothing there, nor do the special keys D..E in games without special moves.
-ACTION_CLASSES = ("LEFT", "LEFT", "LEFT+JUMP", "NOOP", "NOOP", "JUMP", "RIGHT", "RIGHT", "RIGHT+JUMP",
-                  "NOOP", "NOOP", "NOOP", "NOOP", "NOOP", "NOOP")
+# What the buttons do, for the games whose code was read (procgen/src/games/*.cpp): which combinations do the same.
+# Platformers (CoinRun, Jumper): left, right or neither, with or without a jump; DOWN and the special keys D..E do
+# nothing.
+PLATFORMER_CLASSES = ("LEFT", "LEFT", "LEFT+JUMP", "NOOP", "NOOP", "JUMP", "RIGHT", "RIGHT", "RIGHT+JUMP",
+                      "NOOP", "NOOP", "NOOP", "NOOP", "NOOP", "NOOP")
+# Eight-way movers without special moves (BigFish): every direction is its own class; the special keys do nothing.
+EIGHT_WAY_CLASSES = (*ACTION_NAMES[:4], "NOOP", *ACTION_NAMES[5:9], "NOOP", "NOOP", "NOOP", "NOOP", "NOOP", "NOOP")
+ACTION_CLASSES = {"coinrun": PLATFORMER_CLASSES, "jumper": PLATFORMER_CLASSES, "bigfish": EIGHT_WAY_CLASSES}
 
 
 @hookimpl

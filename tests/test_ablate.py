@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO
 
@@ -29,13 +31,16 @@ overrides = ["dynamics.depth=0"]
 [[variant]]
 name = "cooler-token-lam"
 overrides = ["action_model.name=token-lam", "sampler.temperature=0.5"]
+[[variant]]
+name = "bigfish"
+overrides = ["source.game=bigfish"]
 ''')
     out, runs = tmp_path / "out", tmp_path / "runs"
     done = subprocess.run([sys.executable, str(ABLATE), str(ablation), "--out", str(out), "--runs", str(runs)],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 1, done.stderr[-2000:]  # one variant failed
     rows = {r["variant"]: r for r in json.loads((out / "ablation.json").read_text())["rows"]}
-    assert list(rows) == ["base", "token-lam", "broken", "cooler-token-lam"]
+    assert list(rows) == ["base", "token-lam", "broken", "cooler-token-lam", "bigfish"]
     base, token, broken = rows["base"], rows["token-lam"], rows["broken"]
     assert base["status"] == token["status"] == "ok" and broken["status"] == "failed"
     assert "dynamics" in broken["error"] and "depth" in broken["error"]  # the recipe's own one-line complaint
@@ -46,8 +51,14 @@ overrides = ["action_model.name=token-lam", "sampler.temperature=0.5"]
     tokenizer_id = [json.loads((runs / f"mini-{v}" / "tokenizer" / "stage.json").read_text())["id"]
                     for v in ("base", "token-lam")]
     assert tokenizer_id[0] == tokenizer_id[1] and token["tokenizer_psnr_db"] == base["tokenizer_psnr_db"]
-    built = [p.parent.name for p in runs.rglob("manifest.json")]
-    assert len(built) == 1 and built[0].startswith("data-")  # the footage was built once, beside the runs, and shared
+    built = sorted(p.parent for p in runs.glob("data-*/manifest.json"))
+    assert len(built) == 2  # the footage was built once per game, beside the runs, and shared by the coinrun variants
+    games = {json.loads((p / "manifest.json").read_text())["source"]["config"]["game"]: p for p in built}
+    assert set(games) == {"coinrun", "bigfish"}
+    assert rows["bigfish"]["status"] == "ok" and rows["bigfish"]["reused"] == ""
+    for variant, game in (("base", "coinrun"), ("bigfish", "bigfish")):  # each trained on its own game's footage
+        recipe = json.loads((runs / f"mini-{variant}" / "recipe.json").read_text())
+        assert Path(recipe["data"]["path"]) == games[game] and recipe["source"]["game"] == game
     for row in (base, token):
         assert row["tokenizer_params"] > 0 and row["dynamics_params"] > 0 and row["peak_memory_mib"] > 0
         assert row["tokenizer_steps_per_s"] > 0 and row["dynamics_samples_per_s"] > 0
@@ -56,7 +67,8 @@ overrides = ["action_model.name=token-lam", "sampler.temperature=0.5"]
     assert meta["environment"]["git_commit"] and "vector-quantize-pytorch" in meta["environment"]["libraries"]
     with open(out / "ablation.csv") as f:
         table = list(csv.DictReader(f))
-    assert [r["variant"] for r in table] == ["base", "token-lam", "broken", "cooler-token-lam"] and table[2]["error"]
+    assert [r["variant"] for r in table] == ["base", "token-lam", "broken", "cooler-token-lam", "bigfish"]
+    assert table[2]["error"]
     assert "| base | ok |" in (out / "ablation.md").read_text() and (out / "ablation.png").stat().st_size > 0
 
     # --only reruns just that variant (the others keep their rows); it reuses the tokenizer the token-lam run kept,
@@ -64,7 +76,7 @@ overrides = ["action_model.name=token-lam", "sampler.temperature=0.5"]
     again = subprocess.run([sys.executable, str(ABLATE), str(ablation), "--out", str(out), "--runs", str(runs),
                             "--only", "base"], capture_output=True, text=True, cwd=tmp_path)
     rerun = {r["variant"]: r for r in json.loads((out / "ablation.json").read_text())["rows"]}
-    assert again.returncode == 1 and list(rerun) == ["base", "token-lam", "broken", "cooler-token-lam"]
+    assert again.returncode == 1 and list(rerun) == ["base", "token-lam", "broken", "cooler-token-lam", "bigfish"]
     assert rerun["base"]["reused"] == "tokenizer" and rerun["base"]["dtpsnr_db"] == base["dtpsnr_db"]
     assert rerun["token-lam"] == token
 
@@ -89,3 +101,102 @@ def test_world_curve_scores_the_world_during_training(played_run, tmp_path):
     assert (tmp_path / "world-curve-t.png").stat().st_size > 0
     after = sorted((p.relative_to(played_run), p.stat().st_mtime_ns) for p in played_run.rglob("*") if p.is_file())
     assert after == before
+
+
+class StepSource:
+    """Footage of a bright square that each action moves one way (0 still, 1 left, 2 right, 3 down): with
+    `shown=False` the square moves at random whatever the action says."""
+
+    def __init__(self, shown: bool):
+        self.shown = shown
+
+    def episodes(self, seed: int):
+        import numpy as np
+
+        from genie_core.interfaces import Episode
+
+        rng = np.random.default_rng(seed)
+        actions = rng.integers(0, 4, 30)
+        moves = actions if self.shown else rng.integers(0, 4, 30)
+        y, x, frames = 6, 6, []
+        for move in moves:
+            frame = np.zeros((16, 16, 3), dtype=np.uint8)
+            frame[y:y + 4, x:x + 4] = 255
+            frames.append(frame)
+            x = min(12, max(0, x + {1: -1, 2: 1}.get(int(move), 0)))
+            y = (y + (int(move) == 3)) % 12
+        yield Episode(frames=np.stack(frames), actions=actions.astype(np.int16))
+
+
+def test_action_signal_tells_footage_that_shows_its_actions_from_footage_that_does_not(tmp_path):
+    """benchmarks/action_signal.py: a probe trained with the labels finds the actions where the frames show them,
+    and nothing where they do not."""
+    import attrs
+
+    from genie_core.config import DataConfig
+    from genie_core.data import build_dataset, source_identity
+    from genie_core.interfaces import DataSpec, VideoSource
+    from genie_core.registry import Owner
+
+    @attrs.define(frozen=True)
+    class Shown:
+        shown: bool = True
+
+    class Squares(VideoSource):
+        config_class = Shown
+
+        def units(self):
+            return {"train": [str(i) for i in range(12)], "val": [str(i) for i in range(12, 16)]}
+
+        def record(self, unit):
+            return StepSource(self.config.shown).episodes(int(unit))
+
+        def action_names(self):
+            return ["STILL", "LEFT", "RIGHT", "DOWN"]
+
+    paths = []
+    for shown in (True, False):
+        source = Squares(Shown(shown), DataSpec(resolution=16))
+        path = tmp_path / f"shown-{shown}"
+        build_dataset(source, source_identity(source, "squares", Owner("squares", "tests", "0")),
+                      DataConfig(resolution=16, min_episode_frames=4), path, log=lambda *_: None)
+        paths.append(str(path))
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "action_signal.py"), *paths, "--steps", "300",
+                           "--name", "t", "--out", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shown, hidden = json.loads((tmp_path / "action-signal-t.json").read_text())["rows"]
+    assert shown["accuracy"] > 0.8 and shown["nmi"] > 0.5, shown
+    assert hidden["nmi"] < 0.1 and hidden["accuracy"] < 0.5, hidden
+    assert shown["classes_nmi"] is None  # the source declares no classes
+
+
+def test_readme_numbers_come_from_the_run(played_run, tmp_path):
+    """benchmarks/readme_numbers.py writes a run's table into its block of a Markdown file, from the run's report:
+    the held-out numbers with their intervals, the time of every stage and the machine that measured them."""
+    report = json.loads((played_run / "report.json").read_text())
+    name = report["run"]
+    page = tmp_path / "README.md"
+    page.write_text(f"before\n<!-- numbers: {name} -->\nold table\n<!-- /numbers -->\nafter\n")
+    script = REPO / "benchmarks" / "readme_numbers.py"
+    done = subprocess.run([sys.executable, str(script), str(played_run), "--update", str(page)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    text = page.read_text()
+    assert text.startswith(f"before\n<!-- numbers: {name} -->\n| | value |")
+    assert text.endswith("<!-- /numbers -->\nafter\n")
+    world = report["dynamics_psnr_t4_db"]
+    assert f"| dynamics PSNR at t=4, inferred actions | {world['mean']:.2f} ± {world['ci95']:.2f} dB" in text
+    assert "old table" not in text and "time per stage | data " in text and "report " in text
+    assert f"torch {report['machine']['torch']}" in text
+    # a file without the run's block is refused by name
+    page.write_text("no blocks here\n")
+    done = subprocess.run([sys.executable, str(script), str(played_run), "--update", str(page)], capture_output=True,
+                          text=True)
+    assert done.returncode == 1 and f"no block `<!-- numbers: {name} -->`" in done.stderr
+
+
+def test_the_readme_tables_are_generated_blocks():
+    """The README's numbers of the main recipes sit in blocks that readme_numbers.py rewrites from the runs."""
+    text = (REPO / "README.md").read_text()
+    for name in ("coinrun-tiny", "coinrun-small"):
+        assert re.search(rf"<!-- numbers: {name} -->\n\| \| value \|\n.*?\n<!-- /numbers -->", text, re.S), name

@@ -91,7 +91,8 @@ def test_loss_is_cross_entropy_on_frames_after_the_prompt():
     dyn = dynamics()
     tokens, actions = window()
     out = dyn.loss(tokens, actions)
-    expected = torch.nn.functional.cross_entropy(out.logits[:, 1:].reshape(-1, SPEC.vocab_size), tokens[:, 1:].reshape(-1))
+    expected = torch.nn.functional.cross_entropy(out.logits[:, 1:].reshape(-1, SPEC.vocab_size),
+                                                 tokens[:, 1:].reshape(-1))
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert torch.allclose(out.loss, expected)
     assert set(out.metrics) == {"ce", "accuracy"}

@@ -102,7 +102,8 @@ def test_world_rollout_past_its_context_is_the_same_cached(window, dynamics_name
     for cache in (False, True):
         world = tiny_world(cache, window, dynamics_name=dynamics_name)
         prompt = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-        actions = torch.randint(0, world.num_actions, (2, 3 * world.context), generator=torch.Generator().manual_seed(4))
+        actions = torch.randint(0, world.num_actions, (2, 3 * world.context),
+                                generator=torch.Generator().manual_seed(4))
         videos.append(world.rollout(prompt, actions, torch.Generator().manual_seed(1)))
     assert videos[0].shape[1] == 3 * world.context + 1
     assert torch.equal(videos[0], videos[1])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from conftest import TINY_VIDEO, build, video
 from genie_core.atomic import atomic_dir
 from genie_core.checkpoint import load_components, save_components
 from genie_core.errors import GenieError
+from genie_core.registry import get_registry
 
 
 def test_failed_write_leaves_the_previous_folder_untouched(tmp_path):
@@ -44,6 +47,20 @@ def test_components_round_trip(tmp_path):
     assert loaded.config == tok.config and loaded.spec == tok.spec
     assert torch.equal(loaded.encode(x), tok.encode(x))
     assert torch.equal(loaded.decode(tok.encode(x)), tok.decode(tok.encode(x)))
+
+
+def test_a_missing_plugin_is_named_by_its_package(tmp_path):
+    """components.json records who registered each component, so a run whose plugin is gone says what to install."""
+    tok = build("tokenizer", "st-vivit", TINY_VIDEO)
+    save_components(tmp_path, {"tokenizer": ("st-vivit", tok)})
+    manifest = json.loads((tmp_path / "components.json").read_text())
+    owner = get_registry().get("tokenizer", "st-vivit").owner
+    assert (manifest["tokenizer"]["package"], manifest["tokenizer"]["version"]) == (owner.package, owner.version)
+    manifest["tokenizer"].update(name="fancy-tokenizer", package="genie-fancy", version="0.3")
+    (tmp_path / "components.json").write_text(json.dumps(manifest))
+    with pytest.raises(GenieError, match=r"unknown tokenizer 'fancy-tokenizer'; registered tokenizer names: .*"
+                                         r"registered by package genie-fancy 0.3: install that package"):
+        load_components(tmp_path)
 
 
 def test_missing_weights_is_a_clear_error(tmp_path):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from genie_core.cli import main
+from genie_core.media import CAPTION_HEIGHT
 
 SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
 
@@ -34,9 +35,11 @@ def test_run_writes_checkpoints_report_and_pictures(run_dir):
     assert all(k in report for k in ("dynamics_psnr_t4_db", "stages", "components"))
     with Image.open(run_dir / "rollout.gif") as gif:
         assert gif.n_frames == 3 + 1  # the prompt and rollout_steps generated frames
-        assert gif.size == (4 * 64 + 3 * 2, 64)  # one panel per latent action, 2-pixel gaps
+        # one panel per latent action, 2-pixel gaps, under a bar that names each panel's action
+        assert gif.size == (4 * 64 + 3 * 2, CAPTION_HEIGHT + 64)
     assert not list(run_dir.glob("*.tmp")), "no temporary folder is left behind"
-    assert list((run_dir / "logs" / "coinrun-smoke").glob("events.out.tfevents.*")), "TensorBoard is the default tracker"
+    events = list((run_dir / "logs" / "coinrun-smoke").glob("events.out.tfevents.*"))
+    assert events, "TensorBoard is the default tracker"
 
 
 def test_rerun_skips_finished_stages(run_dir, capsys):
@@ -56,11 +59,12 @@ def test_changed_setting_redoes_only_the_stages_it_affects(run_dir, capsys):
         assert gif.n_frames == 3
 
 
-def test_sample_from_a_prompt_image(run_dir, tmp_path, capsys):
+def test_sample_from_a_prompt_image(run_dir, tmp_path):
     prompt = tmp_path / "prompt.png"
     Image.fromarray((torch.rand(40, 50, 3) * 255).byte().numpy()).save(prompt)  # any size: resized to 64x64
     out = tmp_path / "play" / "sample.gif"
-    args = ["sample", str(run_dir), "--prompt", str(prompt), "--actions", "0,1,2,3,0", "--out", str(out), "--scale", "2"]
+    args = ["sample", str(run_dir), "--prompt", str(prompt), "--actions", "0,1,2,3,0", "--out", str(out),
+            "--scale", "2"]
     assert main(args) == 0
     with Image.open(out) as gif:
         assert gif.n_frames == 6 and gif.size == (128, 128)
@@ -125,7 +129,8 @@ def test_redone_earlier_stage_makes_later_stages_stale(run_dir, capsys):
 def test_sample_out_must_be_a_gif(run_dir, tmp_path, capsys):
     prompt = tmp_path / "prompt.png"
     Image.new("RGB", (64, 64)).save(prompt)
-    assert main(["sample", str(run_dir), "--prompt", str(prompt), "--actions", "0", "--out", str(tmp_path / "x.png")]) == 2
+    bad = tmp_path / "x.png"
+    assert main(["sample", str(run_dir), "--prompt", str(prompt), "--actions", "0", "--out", str(bad)]) == 2
     assert "must end in .gif" in capsys.readouterr().err
 
 
@@ -134,7 +139,8 @@ def test_sample_rolls_past_the_trained_context(run_dir, tmp_path):
     prompt = tmp_path / "prompt.png"
     Image.new("RGB", (64, 64), (200, 120, 40)).save(prompt)
     out = tmp_path / "long.gif"
-    assert main(["sample", str(run_dir), "--prompt", str(prompt), "--actions", ",".join(["1"] * 9), "--out", str(out)]) == 0
+    nine = ",".join(["1"] * 9)
+    assert main(["sample", str(run_dir), "--prompt", str(prompt), "--actions", nine, "--out", str(out)]) == 0
     with Image.open(out) as gif:
         assert gif.n_frames == 10
 
@@ -162,7 +168,8 @@ def test_token_input_action_model_trains_saves_and_plays(tmp_path):
     assert json.loads((out / "eval" / "eval.json").read_text())["actions_vs_true"]["nmi"] >= 0
     prompt = tmp_path / "prompt.png"
     Image.new("RGB", (64, 64)).save(prompt)
-    assert main(["sample", str(out), "--prompt", str(prompt), "--actions", "0,1,2", "--out", str(tmp_path / "t.gif")]) == 0
+    gif = tmp_path / "t.gif"
+    assert main(["sample", str(out), "--prompt", str(prompt), "--actions", "0,1,2", "--out", str(gif)]) == 0
 
 
 def test_every_tokenizer_and_the_autoregressive_pair_run_end_to_end(tmp_path):

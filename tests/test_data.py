@@ -214,6 +214,24 @@ def test_procgen_policy_can_hold_its_actions():
     assert all(share > 0 for share in shares.values()) and shares["NOOP"] < 0.35, shares
 
 
+def test_procgen_classes_follow_the_game():
+    """Which buttons do the same depends on the game: a platformer's jump, a fish's eight directions. A game whose
+    classes are not known has none, and drawing by class there is refused with the games that have them."""
+    info = get_registry().get("source", "procgen")
+    config = attrs.evolve(info.cls.tiny_config(), steps_per_level=120, num_envs=1, action_choice="classes")
+    assert info.cls(attrs.evolve(config, game="jumper"), DataSpec(resolution=32)).action_classes()[:3] == [
+        "LEFT", "LEFT", "LEFT+JUMP"]
+    fish = info.cls(attrs.evolve(config, game="bigfish"), DataSpec(resolution=32))
+    assert set(fish.action_classes()) == {"LEFT+DOWN", "LEFT", "LEFT+UP", "DOWN", "NOOP", "UP", "RIGHT+DOWN",
+                                          "RIGHT", "RIGHT+UP"}
+    drawn = np.concatenate([e.actions[:-1] for e in fish.record("level-0")])
+    assert set(np.array(fish.action_classes())[drawn]) == set(fish.action_classes())  # every direction, and none
+    maze = attrs.evolve(config, game="maze")
+    assert info.cls(maze, DataSpec(resolution=32)).action_classes() is None
+    problem, = info.cls.check_recipe(maze, DataConfig(), None)
+    assert "'action_choice' 'classes'" in problem and "coinrun, jumper, bigfish" in problem and "'buttons'" in problem
+
+
 def source_classes_cover_every_action(source) -> bool:
     return len(source.action_classes()) == len(source.action_names()) == 15 and set(source.action_classes()) == {
         "LEFT", "LEFT+JUMP", "NOOP", "JUMP", "RIGHT", "RIGHT+JUMP"}
@@ -278,6 +296,9 @@ def test_a_run_uses_a_data_set_built_before_and_checks_its_resolution(tmp_path, 
     assert main(["run", smoke, f"data.path={str(data)!r}", "--out", str(tmp_path / "run")]) == 0
     record = json.loads((tmp_path / "run" / "data" / "stage.json").read_text())
     assert record["summary"]["root"] == str(data) and not (tmp_path / "run" / "data" / "manifest.json").exists()
-    capsys.readouterr()
+    assert "note: data.path" not in capsys.readouterr().out  # the footage is what the recipe's [source] describes
+    # a [source] table that does not describe the footage is said to be unused (the footage is used as it is)
+    assert main(["run", smoke, f"data.path={str(data)!r}", "source.game=jumper", "--out", str(tmp_path / "r1")]) == 0
+    assert f"note: data.path {data} was built by source 'procgen' with {{'game': 'coinrun'" in capsys.readouterr().out
     assert main(["run", smoke, f"data.path={str(data)!r}", "data.resolution=32", "--out", str(tmp_path / "r2")]) == 2
     assert "frames are 64 pixels square, the recipe's data.resolution is 32" in capsys.readouterr().err

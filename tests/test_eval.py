@@ -9,6 +9,7 @@ ignores it and adds sampling noise (a world without control).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import attrs
@@ -150,7 +151,8 @@ def evaluate(world, index, **settings):
 
 def test_a_perfect_world_scores_perfectly(levels):
     result = evaluate(known_world(obeys_actions=True), levels)
-    assert result["tokenizer_psnr_db"]["mean"] == 100.0 and result["tokenizer_ssim"]["mean"] == pytest.approx(1.0, abs=1e-3)
+    assert result["tokenizer_psnr_db"]["mean"] == 100.0
+    assert result["tokenizer_ssim"]["mean"] == pytest.approx(1.0, abs=1e-3)
     assert result["horizon"] == FRAMES - 1
     assert [s["mean"] for s in result["dynamics_psnr_by_step_db"]] == [100.0] * (FRAMES - 1)
     assert all(s["mean"] == pytest.approx(1.0, abs=1e-3) for s in result["dynamics_ssim_by_step"])
@@ -225,8 +227,10 @@ def smoke_run(tmp_path_factory):
 
 def test_eval_writes_results_and_reproduces_the_report(smoke_run, capsys):
     assert main(["eval", str(smoke_run / "dynamics")]) == 0  # a folder inside the run is enough
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| dtPSNR t=4 (dB) |" in printed and "| latent vs true actions NMI |" in printed
+    assert "eval tokenizer" in captured.err and "eval world" in captured.err  # progress bars, not silence
     folder = smoke_run / "eval"
     for name in ("eval.json", "eval.md", "fidelity_by_step.png", "actions.png"):
         assert (folder / name).is_file(), name
@@ -236,6 +240,12 @@ def test_eval_writes_results_and_reproduces_the_report(smoke_run, capsys):
     assert result["tokenizer_psnr_db"] == report["tokenizer_psnr_db"]
     assert result["dtpsnr_db"]["4"] == report["dtpsnr_t4_db"]
     assert result["actions_vs_true"]["transitions"] > 0  # procgen footage carries the true actions
+    # the mapping as a table of true actions by name, not a bare list
+    names = json.loads((smoke_run / "data" / "manifest.json").read_text())["action_names"]
+    text = (folder / "eval.md").read_text()
+    assert "| latent action | transitions | true action it maps to |" in text
+    assert not re.search(r"\[\d+(, \d+)*\]", text)
+    assert f"| 0 | {result['lam_usage'][0]} | {names[result['actions_vs_true']['latent_to_real'][0]]} (" in text
     assert len(result["dynamics_psnr_by_step_db"]) == result["horizon"] == 5
 
 

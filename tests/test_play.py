@@ -8,6 +8,7 @@ import http.client
 import io
 import json
 import shutil
+import sys
 import threading
 import time
 
@@ -240,7 +241,8 @@ def test_arrow_keys_follow_the_latent_to_true_mapping(tmp_path):
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
     (run / "data").mkdir()
-    (run / "eval" / "eval.json").write_text(json.dumps({"actions_vs_true": {"real_to_latent": {"1": 3, "7": 0, "5": 2}}}))
+    mapping = {"actions_vs_true": {"real_to_latent": {"1": 3, "7": 0, "5": 2}}}
+    (run / "eval" / "eval.json").write_text(json.dumps(mapping))
     names = ["LEFT+DOWN", "LEFT", "LEFT+UP", "DOWN", "NOOP", "UP", "RIGHT+DOWN", "RIGHT", "RIGHT+UP"]
     (run / "data" / "manifest.json").write_text(json.dumps({"action_names": names}))
     assert arrow_keys(run) == {"ArrowLeft": 3, "ArrowRight": 0, "ArrowUp": 2}  # DOWN was never seen
@@ -250,17 +252,43 @@ def test_arrow_keys_follow_the_latent_to_true_mapping(tmp_path):
 
 def test_terminal_play(played_run, tmp_path, monkeypatch, capsys):
     frames = tmp_path / "frames"
-    monkeypatch.setattr("sys.stdin", io.StringIO("0 1\nu\n2 9 jump\n3\nq\n1\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("0 1\nu\n2 9 jump\nr\n3\nq\n1\n"))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # as in a terminal
     assert main(["play", str(played_run), "--terminal", "--frames-dir", str(frames), "--width", "32"]) == 0
     out = capsys.readouterr().out
     assert "\x1b[38;2;" in out and "▀" in out  # frames drawn as coloured half-blocks
     assert "action 9 is out of range; this world has actions 0..3" in out
     assert "'jump' is not a command" in out
-    # prompt, 0, 1, undo, 2, 3; the 1 after q is never played
-    assert sorted(p.name for p in frames.glob("frame-*.png")) == [f"frame-{i:04d}.png" for i in range(4)]
-    assert Image.open(frames / "session.gif").n_frames == 4
+    # prompt, 0, 1, undo, 2, reset, 3: seven frames shown, each saved under its own number (none overwritten);
+    # the 1 after q is never played
+    assert sorted(p.name for p in frames.glob("frame-*.png")) == [f"frame-{i:04d}.png" for i in range(7)]
+    assert Image.open(frames / "session.gif").n_frames == 2  # the session since the reset: prompt and 3
     drawn = [line for line in out.splitlines() if "▀" in line]
-    assert len(drawn) == 6 * 16  # six frames shown, 32 characters wide -> 16 rows of two pixels each
+    assert len(drawn) == 7 * 16  # 32 characters wide -> 16 rows of two pixels each
+
+
+def test_terminal_play_writes_no_colour_codes_into_a_pipe(played_run, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("0 1\nq\n"))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert main(["play", str(played_run), "--terminal"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out and "▀" not in out
+    assert "frame 2 · action 1" in out  # what happened is still said
+
+
+def test_arrow_keys_follow_an_evaluation_written_elsewhere(played_run, tmp_path, capsys):
+    """`genie play RUN --eval DIR`: the arrow keys follow the mapping of `genie eval RUN --out DIR`; a folder
+    without eval.json is refused by name."""
+    out = tmp_path / "elsewhere"
+    assert main(["eval", str(played_run), "--windows", "4", "--out", str(out)]) == 0
+    mapping = json.loads((out / "eval.json").read_text())["actions_vs_true"]["real_to_latent"]
+    names = json.loads((played_run / "data" / "manifest.json").read_text())["action_names"]
+    expected = {f"Arrow{name.title()}": mapping[str(names.index(name))] for name in ("LEFT", "RIGHT", "UP", "DOWN")
+                if str(names.index(name)) in mapping}
+    assert expected and PlayWorld.load(played_run, eval_dir=out).keys == expected
+    capsys.readouterr()
+    assert main(["play", str(played_run), "--terminal", "--eval", str(tmp_path)]) == 2
+    assert f"--eval {tmp_path}: no eval.json there" in capsys.readouterr().err
 
 
 def test_terminal_play_compiled_shows_the_same_frames(played_run, tmp_path, monkeypatch, capsys):
@@ -277,7 +305,8 @@ def test_terminal_play_compiled_shows_the_same_frames(played_run, tmp_path, monk
     assert "compiled in" in capsys.readouterr().err
     pictures = [sorted(frames[k].glob("frame-*.png")) for k in (False, True)]
     assert len(pictures[0]) == 8
-    assert [np.asarray(Image.open(a)).tolist() for a in pictures[0]] == [np.asarray(Image.open(b)).tolist() for b in pictures[1]]
+    plain, compiled = ([np.asarray(Image.open(p)).tolist() for p in pictures[k]] for k in (0, 1))
+    assert plain == compiled
 
 
 def test_compile_errors(played_run):
@@ -287,8 +316,8 @@ def test_compile_errors(played_run):
         play.compile_steps()
     play = PlayWorld.load(played_run)
 
-    def broken(**options):
-        def step(*args):
+    def broken(**_options):
+        def step(*_args):
             raise RuntimeError("Compiler: cc not found\nmore detail")
         play.world.dynamics._cached_step = step
     play.world.dynamics.compile_cached_steps = broken
@@ -380,7 +409,8 @@ def test_a_world_plays_from_a_training_checkpoint(played_run, tmp_path, monkeypa
     assert any(k.startswith("action_model.") for k in saved) == (lam_steps == 0)  # else from dynamics-lam-done
     for play in (newest, named):
         weights = play.world.dynamics.state_dict()
-        assert all(torch.equal(weights[k.removeprefix("dynamics.")], v) for k, v in saved.items() if k.startswith("dynamics."))
+        assert all(torch.equal(weights[k.removeprefix("dynamics.")], v)
+                   for k, v in saved.items() if k.startswith("dynamics."))
     finished = PlayWorld.load(run)
     assert not all(torch.equal(a, b) for a, b in zip(finished.world.dynamics.state_dict().values(),
                                                      newest.world.dynamics.state_dict().values()))
@@ -395,7 +425,8 @@ def test_checkpoints_that_hold_no_world_are_refused(played_run, tmp_path, monkey
                  "train.dynamics.checkpoint_every=2"]
     assert main(["run", str(REPO / "recipes" / "coinrun-smoke.toml"), "--out", str(run), *overrides]) == 0
     assert main(["play", str(run / "checkpoints" / "tokenizer"), "--terminal"]) == 2
-    assert "a checkpoint of the tokenizer stage; only the dynamics stage's checkpoints hold a world" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "a checkpoint of the tokenizer stage; only the dynamics stage's checkpoints hold a world" in err
     recipe = json.loads((run / "recipe.json").read_text())
     recipe["dynamics"]["dim"] = 64  # the run restarted with other settings since the checkpoint
     (run / "recipe.json").write_text(json.dumps(recipe))

@@ -68,17 +68,17 @@ def test_keys_play_the_world_in_the_browser(played_run, browser, tmp_path):
         assert len(browser.find_elements(By.CSS_SELECTOR, "#actions button")) == 4
         assert len(browser.find_elements(By.CSS_SELECTOR, "#prompts img")) >= 1
 
-        ActionChains(browser).send_keys("2").perform()  # a tap: one frame
+        ActionChains(browser).send_keys("1").perform()  # a tap: one frame
         wait_for(lambda: frames() == 2, what="the frame of a tapped key")
-        ActionChains(browser).key_down("3").perform()  # held: frames keep coming until it is released
+        ActionChains(browser).key_down("2").perform()  # held: frames keep coming until it is released
         wait_for(lambda: frames() >= 5, what="frames while a key is held")
-        ActionChains(browser).key_up("3").perform()
+        ActionChains(browser).key_up("2").perform()
         time.sleep(0.5)
         settled = frames()
         time.sleep(1.0)
         assert frames() == settled, "no frame after the key was released"
         session = next(iter(server.sessions.values()))
-        assert session.actions == [1] + [2] * (settled - 2)  # key 2 is action 1, key 3 action 2
+        assert session.actions == [1] + [2] * (settled - 2)  # key N plays action N, as in the terminal
 
         before = shown()
         browser.find_element(By.ID, "undo").click()
@@ -88,7 +88,7 @@ def test_keys_play_the_world_in_the_browser(played_run, browser, tmp_path):
         assert "frames/s" in browser.find_element(By.ID, "status").text
         assert browser.execute_script("return document.getElementById('frame').naturalWidth") == 64
 
-        ActionChains(browser).send_keys("9").perform()  # only 4 actions: not a key of this world, nothing happens
+        ActionChains(browser).send_keys("4").perform()  # actions 0..3: not a key of this world, nothing happens
         time.sleep(0.5)
         assert frames() == settled - 1
         broken = tmp_path / "broken.png"

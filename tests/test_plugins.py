@@ -64,7 +64,8 @@ class FakeSite:
         self.modules: list[str] = []
 
     def add(self, package: str, modules: dict[str, str], version: str = "1.0"):
-        """Writes the distribution `package` with these module sources and one entry point (named like it) per module."""
+        """Writes the distribution `package` with these module sources and one entry point (named like it) per
+        module."""
         for module, source in modules.items():
             (self.root / f"{module}.py").write_text(textwrap.dedent(source))
             self.modules.append(module)
@@ -170,7 +171,7 @@ def test_cli_plugins_prints_kind_name_package_version(capsys):
         assert rows[(kind, name)][2:4] == [BUILTIN_PACKAGE, version], rows[(kind, name)]
 
 
-# --------------------------------------------------------------------------------------------------- the example package
+# ------------------------------------------------------------------------------------------------ the example package
 
 
 def test_example_plugin_is_found_through_its_installed_entry_point():
@@ -284,7 +285,8 @@ def test_duplicate_name_is_fatal_in_strict_mode(site, monkeypatch):
         load_registry()
     assert BUILTIN_PACKAGE in str(info.value) and "fake-dup-pkg" in str(info.value)
     culprit = str(info.value).split("failed to load")[0]
-    assert "fake-dup-pkg" in culprit, f"the error must blame the plugin that came second, not the built-in: {info.value}"
+    assert "fake-dup-pkg" in culprit, f"the error must blame the plugin that came second, not the built-in: " \
+                                      f"{info.value}"
 
 
 def test_duplicate_between_two_third_party_plugins_names_both(site):

@@ -110,7 +110,8 @@ def test_sampler_must_fit_the_dynamics_model(tmp_path):
     with pytest.raises(RecipeError) as info:
         load_recipe(path, ["dynamics.name=no-masking"], registry=registry)
     [problem] = info.value.problems
-    assert "[sampler] (maskgit): needs a dynamics model that supports masking; dynamics 'no-masking' does not" in problem
+    expected = "[sampler] (maskgit): needs a dynamics model that supports masking; dynamics 'no-masking' does not"
+    assert expected in problem
 
 
 def test_dynamics_windows_must_fit_the_tokenizer_and_eval(tmp_path):
@@ -152,3 +153,20 @@ def test_swapping_a_component_drops_the_old_ones_options(capsys):
     assert any("'true-actions' replaces 'pixel-lam'" in n and " dim," in n for n in notes)
     with pytest.raises(RecipeError, match="unknown key 'dim'"):
         load_recipe(smoke, ["action_model.name=true-actions", "action_model.dim=64"])  # meant for the new one
+
+
+def test_trackers_are_known_and_installed(capsys):
+    """A tracker that is misspelt, or not installed, would log nothing: the recipe check says so and names the
+    choices. run.trackers=none and the installed tensorboard pass."""
+    smoke = str(REPO / "recipes" / "coinrun-smoke.toml")
+    assert main(["validate", smoke, "run.trackers=none"]) == 0
+    assert main(["validate", smoke, "run.trackers=tensorboard"]) == 0
+    capsys.readouterr()
+    assert main(["validate", smoke, "run.trackers=tensorbord"]) == 2
+    err = capsys.readouterr().err
+    assert "key 'trackers': unknown tracker 'tensorbord'" in err and "tensorboard, wandb" in err
+    from accelerate.tracking import is_wandb_available
+
+    if not is_wandb_available():
+        assert main(["validate", smoke, "run.trackers=tensorboard,wandb"]) == 2
+        assert "tracker 'wandb' is not installed here (pip install wandb)" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from genie_core.errors import TrainingDiverged
 from genie_core.training import TokenizerTask, rebuilt, train
 
 SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on two cores: one thread each
 LONGER = ["train.dynamics.steps=40", "train.dynamics.checkpoint_every=5", "train.dynamics.log_every=1",
           "train.dynamics.eval_every=10", "run.trackers=none"]
 
@@ -155,7 +156,7 @@ def test_two_processes_agree_on_weights_and_read_different_data(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(textwrap.dedent(TWO_RANKS.format(tests=str(REPO / "tests"), tmp=str(tmp_path))))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert a["world"] == b["world"] == 2
@@ -172,7 +173,8 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
 
 
 def test_fp16_on_cpu_says_it_trains_in_float32(tmp_path, capsys):
-    """Accelerate runs fp16 (autocast + gradient scaler) on GPUs only; on a CPU the run says so instead of pretending."""
+    """Accelerate runs fp16 (autocast + gradient scaler) on GPUs only; on a CPU the run says so instead of
+    pretending."""
     assert main(["run", SMOKE, "run.mixed_precision=fp16", "run.cpu=true", "run.trackers=none",
                  "train.tokenizer.steps=2", "train.dynamics.steps=2", "--out", str(tmp_path / "fp16")]) == 0
     assert "run.mixed_precision = 'fp16': needs a GPU; on cpu this run trains in float32" in capsys.readouterr().out
@@ -224,7 +226,7 @@ def test_evaluation_split_across_processes_gives_the_same_report(tmp_path):
     subprocess.run(["cp", "-r", str(one), str(two)], check=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "genie_core.cli", "run", SMOKE, *few, "run.cpu=true", "--out", str(two), "--redo-from", "report"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = (json.loads((run / "report.json").read_text()) for run in (one, two))
     for key in ("tokenizer_psnr_db", "dtpsnr_t4_db", "dynamics_psnr_t4_db"):
@@ -241,7 +243,7 @@ def test_tiny_recipe_on_two_processes(tmp_path):
            "run.cpu=true", "run.trackers=none", "run.distributed=fsdp"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "genie_core.cli", "run", tiny, *few, "--out", str(tmp_path / "tiny")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "tiny" / "report.json").read_text())
     assert report["stages"]["dynamics"]["final"]["step"] == 2 and report["num_actions"] == 6

@@ -142,7 +142,8 @@ class PlayServer:
         """Drops the sessions nobody used for `idle_seconds` (their event streams end)."""
         now = time.monotonic()
         with self.lock:
-            for sid in [s for s, session in self.sessions.items() if now - session.last_used > self.limits.idle_seconds]:
+            idle = [s for s, session in self.sessions.items() if now - session.last_used > self.limits.idle_seconds]
+            for sid in idle:
                 self._drop(sid)
 
     def _drop(self, sid: str) -> None:

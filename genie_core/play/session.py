@@ -28,12 +28,16 @@ SAMPLER_KNOBS = ("steps", "temperature")  # what the page's sliders set, where t
 MAX_PROMPTS = 12
 
 
-def arrow_keys(run_dir: Path) -> dict[str, int]:
-    """Arrow key -> latent action, through the latent <-> true action mapping that `genie eval` fits
-    (RUN/eval/eval.json) and the true actions' names in the run's data set. Empty when either is missing."""
+def arrow_keys(run_dir: Path, eval_dir: Path | None = None) -> dict[str, int]:
+    """Arrow key -> latent action, through the latent <-> true action mapping that `genie eval` fits (eval.json in
+    `eval_dir`, by default RUN/eval) and the true actions' names in the run's data set. Empty when either is
+    missing, except a named `eval_dir` without eval.json: that is an error."""
     from genie_core.evaluation import run_data
 
-    eval_json, manifest = run_dir / "eval" / "eval.json", run_data(run_dir) / "manifest.json"
+    if eval_dir is not None and not (Path(eval_dir) / "eval.json").is_file():
+        raise GenieError(f"--eval {eval_dir}: no eval.json there; give the folder `genie eval RUN --out DIR` wrote")
+    eval_json = Path(eval_dir or run_dir / "eval") / "eval.json"
+    manifest = run_data(run_dir) / "manifest.json"
     if not (eval_json.is_file() and manifest.is_file()):
         return {}
     mapping = (json.loads(eval_json.read_text()).get("actions_vs_true") or {}).get("real_to_latent", {})
@@ -122,10 +126,11 @@ class PlayWorld:
     compute: Compute = attrs.field(factory=Compute)
 
     @classmethod
-    def load(cls, path: Path, device: str | torch.device = "cpu") -> "PlayWorld":
+    def load(cls, path: Path, device: str | torch.device = "cpu", eval_dir: Path | None = None) -> "PlayWorld":
         """The world of a run folder (or of a folder inside one, such as RUN/dynamics), or of a training checkpoint
         of its dynamics stage (RUN/checkpoints/dynamics/step-N, or RUN/checkpoints/dynamics for the newest): a
-        world can be played while it trains."""
+        world can be played while it trains. `eval_dir`: where `genie eval` wrote the action mapping the arrow
+        keys follow (default RUN/eval)."""
         from genie_core.evaluation import resolve_run
         from genie_core.pipeline import load_checkpoint_world, training_checkpoint
 
@@ -139,7 +144,7 @@ class PlayWorld:
         world.to(device)
         for module in (world.tokenizer, world.action_model, world.dynamics):
             module.eval()
-        return cls(world, name, arrow_keys(run_dir), validation_prompts(run_dir, world.tokenizer.spec.height))
+        return cls(world, name, arrow_keys(run_dir, eval_dir), validation_prompts(run_dir, world.tokenizer.spec.height))
 
     def compile_steps(self, mode: str | None = None) -> float:
         """Compiles the dynamics model's cached sampling step (torch.compile; `mode` e.g. "reduce-overhead") and

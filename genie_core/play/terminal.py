@@ -1,6 +1,8 @@
 """`genie play RUN --terminal`: play without a browser. Frames are drawn as coloured half-blocks (24-bit ANSI
-colour, two pixels per character cell) and can also be saved as PNGs; commands are read line by line, so a session
-can also be scripted (`printf '1 1 3\\nq\\n' | genie play RUN --terminal`)."""
+colour, two pixels per character cell; only when the output is a terminal, so no colour codes land in a file or a
+pipe) and can also be saved as PNGs, numbered in the order they were shown (an undo or reset never overwrites one);
+commands are read line by line, so a session can also be scripted
+(`printf '1 1 3\\nq\\n' | genie play RUN --terminal`)."""
 
 from __future__ import annotations
 
@@ -40,12 +42,16 @@ def play_in_terminal(play: PlayWorld, prompt: torch.Tensor, seed: int, options: 
     if frames_dir is not None:
         frames_dir.mkdir(parents=True, exist_ok=True)
 
+    shown = 0  # frames shown so far: the saved files' numbers, so that none is written twice
+
     def show(note: str) -> None:
+        nonlocal shown
         index = len(session.frames) - 1
         if blocks:
             stdout.write(half_blocks(session.frames[-1], width) + "\n")
         if frames_dir is not None:
-            Image.fromarray(session.frames[-1]).save(frames_dir / f"frame-{index:04d}.png")
+            Image.fromarray(session.frames[-1]).save(frames_dir / f"frame-{shown:04d}.png")
+        shown += 1
         fps = session.fps()
         stdout.write(f"frame {index}{' · ' + note if note else ''}{f' · {fps:.1f} frames/s' if fps else ''}\n")
         stdout.flush()

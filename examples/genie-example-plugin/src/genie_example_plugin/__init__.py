@@ -31,7 +31,8 @@ __version__ = "0.1.0"
 
 def power_of_two(instance, attribute, value):  # noqa: ARG001 - attrs validator signature
     if value < 2 or value & (value - 1):
-        raise ValueError(f"'{attribute.name}' must be a power of two >= 2 (one stride-2 convolution per halving): {value}")
+        raise ValueError(f"'{attribute.name}' must be a power of two >= 2 (one stride-2 convolution per halving): "
+                         f"{value}")
 
 
 @attrs.define(frozen=True, kw_only=True)
