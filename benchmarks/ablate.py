@@ -240,6 +240,11 @@ def main(argv=None) -> int:
                             *overrides, "--out", str(data)], check=True)
         return data
 
+    versions = {name: importlib.metadata.version(name) for name in LIBRARIES}
+    shown = [o.replace(str(Path.cwd()) + "/", "") for o in shared]  # paths as the user typed them, not absolute
+    shown.append(f"data.path={footage([])}")  # the base's; variants that change the footage name theirs in overrides
+    meta = {"name": args.ablation.stem, "ablation_file": str(args.ablation), "base": spec["base"],
+            "overrides": shown, "environment": environment() | {"libraries": versions}}
     previous = {}
     if (out / "ablation.json").is_file():
         previous = {r["variant"]: r for r in json.loads((out / "ablation.json").read_text())["rows"]}
@@ -267,13 +272,9 @@ def main(argv=None) -> int:
         error = f": {row['error']}" if row["error"] else ""
         print(f"   {row['status']} in {row['seconds']:.0f} s{error}", flush=True)
         rows.append(row)
+        write_outputs(out, meta, rows, base.eval.dtpsnr_t)  # after every variant: a stopped ablation keeps its rows
 
-    versions = {name: importlib.metadata.version(name) for name in LIBRARIES}
-    shown = [o.replace(str(Path.cwd()) + "/", "") for o in shared]  # paths as the user typed them, not absolute
-    shown.append(f"data.path={footage([])}")  # the base's; variants that change the footage name theirs in overrides
-    meta = {"name": args.ablation.stem, "ablation_file": str(args.ablation), "base": spec["base"],
-            "overrides": shown, "environment": environment() | {"libraries": versions}}
-    write_outputs(out, meta, rows, base.eval.dtpsnr_t)
+    write_outputs(out, meta, rows, base.eval.dtpsnr_t)  # every row, the ones kept from before (--only) too
     print((out / "ablation.md").read_text())
     print(f"saved {out}/ablation.{{json,csv,md,png}}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
