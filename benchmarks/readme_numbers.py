@@ -27,7 +27,8 @@ def cell(stat: dict, digits: int = 2, unit: str = " dB") -> str:
 def machine_line(machine: dict | None) -> str:
     if not machine:
         return "not recorded (a run from before reports kept it)"
-    device = machine["gpu"] or f"CPU ({machine['cpu_cores']} cores, {machine['cpu_threads']} threads)"
+    threads = machine["cpu_threads"]
+    device = machine["gpu"] or f"CPU ({machine['cpu_cores']} cores, {threads} thread{'s' * (threads != 1)})"
     return f"{machine['machine']}, {device}; Python {machine['python']}, torch {machine['torch']}"
 
 
