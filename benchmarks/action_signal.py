@@ -9,7 +9,7 @@ between its predictions and the true actions, raw and by the source's classes of
 measure the evaluation reports for latent actions). A latent action model learns without the labels from the same
 frames, so the probe's NMI is a rough ceiling for its NMI on that footage: frames in which even a supervised probe
 cannot tell the actions apart carry little action signal to discover. Settings of the policy that made the footage
-(how long actions are held, which are drawn) can be compared this way in a minute, before any model is trained.
+(how long actions are held, which are drawn) can be compared this way in minutes, before any model is trained.
 Prints a table; saves benchmarks/results/action-signal-NAME.json (or --out).
 """
 
