@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from genie_core.data import EpisodeIndex, WindowDataset, evenly_spaced, true_action_count
-from genie_core.metrics import action_agreement
+from genie_core.metrics import action_agreement, action_class_lookup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage_throughput import RESULTS, environment  # noqa: E402
@@ -79,8 +79,7 @@ def probe(path: Path, context: int, steps: int, batch_size: int, train_windows: 
               "nmi": raw["nmi"], "classes_nmi": None}
     classes = index.manifest.get("action_classes")
     if classes:  # the same predictions, both sides read as classes
-        names = sorted(set(classes))
-        class_of = torch.tensor([names.index(c) for c in classes])
+        names, class_of = action_class_lookup(classes)
         result["classes_nmi"] = action_agreement(class_of[predicted], class_of[val_y], len(names))["nmi"]
     return result
 

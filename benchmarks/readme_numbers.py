@@ -43,8 +43,9 @@ def numbers_table(run: Path) -> tuple[str, str]:
     seconds = {}
     for stage, label in STAGE_NAMES.items():
         record = run / stage / "stage.json"
-        if record.is_file() and json.loads(record.read_text()).get("seconds") is not None:
-            seconds[label] = json.loads(record.read_text())["seconds"]
+        stage_seconds = json.loads(record.read_text()).get("seconds") if record.is_file() else None
+        if stage_seconds is not None:
+            seconds[label] = stage_seconds
     times = ", ".join(f"{label} {value:.0f} s" for label, value in seconds.items())
     total = f" ({sum(seconds.values()) / 60:.1f} minutes in all)" if len(seconds) == len(STAGE_NAMES) else ""
     rows = [

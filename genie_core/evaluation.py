@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from genie_core.data import EpisodeIndex, WindowDataset, evenly_spaced
 from genie_core.errors import GenieError
-from genie_core.metrics import action_agreement, codebook_stats, mean_and_ci, psnr, ssim
+from genie_core.metrics import action_agreement, action_class_lookup, codebook_stats, mean_and_ci, psnr, ssim
 from genie_core.world import World
 
 Measure = Callable[[torch.Tensor, torch.Generator, list[int]], list[torch.Tensor]]
@@ -173,8 +173,7 @@ class Evaluation:
         classes = self.index.manifest.get("action_classes")
         if not classes:
             return None
-        names = list(dict.fromkeys(classes))
-        class_of = torch.tensor([names.index(c) for c in classes] + [-1])  # -1 (no action) stays -1
+        names, class_of = action_class_lookup(classes)
         result = action_agreement(inferred, class_of[true_actions], self.world.num_actions,
                                   self.settings.labelled_fraction, self.settings.seed)
         return None if result is None else result | {"classes": names}

@@ -66,6 +66,13 @@ def codebook_stats(counts: torch.Tensor) -> dict[str, float]:
     return {"size": counts.numel(), "used": used, "usage": used / counts.numel(), "perplexity": math.exp(entropy)}
 
 
+def action_class_lookup(classes: list[str]) -> tuple[list[str], torch.Tensor]:
+    """The distinct class names (in first-seen order) and a lookup tensor from true action to class index; index -1
+    (no action) maps to -1."""
+    names = list(dict.fromkeys(classes))
+    return names, torch.tensor([names.index(c) for c in classes] + [-1])
+
+
 def action_agreement(latent: torch.Tensor, real: torch.Tensor, num_latent: int, labelled_fraction: float = 0.1,
                      seed: int = 0) -> dict | None:
     """Do the discovered actions mean anything? Latent actions against the true ones of the same transitions.
