@@ -67,9 +67,9 @@ def reuse_finished_stages(run_dir: Path, runs_root: Path, recipe) -> dict[str, s
     """Copies into a new variant's run folder the stages an earlier run under `runs_root` finished with the same
     settings on the same input (a chain from the data record on: every variant reads the one data set through
     data.path); the pipeline then skips them. Returns {stage: its record id} of what was copied."""
-    from genie_core.pipeline import STAGE_FILE, fingerprint, stage_settings
+    from genie_core.run.stages import STAGE_FILE, stage_fingerprint
 
-    wanted = {stage: fingerprint(stage_settings(recipe, stage)) for stage in ("data", *STAGES)}
+    wanted = {stage: stage_fingerprint(recipe, stage) for stage in ("data", *STAGES)}
     best, source = {}, None  # the run that shares the longest chain of stages
     for other in sorted(p for p in runs_root.iterdir() if p.is_dir() and p != run_dir):
         chain, parent = {}, None
@@ -96,10 +96,9 @@ def run_variant(recipe_path: str, overrides: list[str], run_dir: Path, runs_root
     """One variant, in this (child) process: the pipeline end to end, then its numbers."""
     import torch
 
-    from genie_core.pipeline import Pipeline
     from genie_core.recipe import load_recipe
-
-    from genie_core.pipeline import STAGE_FILE
+    from genie_core.run.stages import STAGE_FILE
+    from genie_core.training.pipeline import Pipeline
 
     recipe = load_recipe(recipe_path, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +180,7 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], t: int) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str, t: int) -> None:
-    from genie_core.plots import plt, save
+    from genie_core.eval.plots import plt, save
 
     panels = [("tokenizer_psnr_db", "tokenizer PSNR (dB)"), ("dynamics_minus_copy_db", f"dynamics - copy-prompt t={t}"),
               ("dtpsnr_db", f"dtPSNR t={t} (dB)"), ("actions_nmi", "latent vs true actions NMI"),
@@ -220,8 +219,8 @@ def main(argv=None) -> int:
         return 0
 
     from genie_core.errors import GenieError
-    from genie_core.pipeline import fingerprint, stage_settings
     from genie_core.recipe import load_recipe
+    from genie_core.run.stages import stage_fingerprint
 
     out.mkdir(parents=True, exist_ok=True)
     runs_root.mkdir(parents=True, exist_ok=True)
@@ -234,7 +233,7 @@ def main(argv=None) -> int:
             recipe = load_recipe(spec["base"], [*shared, *overrides])
         except GenieError:  # a broken variant: its own process says what is wrong, in its row
             recipe, overrides = base, []
-        data = runs_root / f"data-{fingerprint(stage_settings(recipe, 'data'))}"
+        data = runs_root / f"data-{stage_fingerprint(recipe, 'data')}"
         if not (data / "manifest.json").is_file():
             subprocess.run([sys.executable, "-m", "genie_core.cli", "data", "build", spec["base"], *shared,
                             *overrides, "--out", str(data)], check=True)

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from genie_core.data import EpisodeIndex, WindowDataset, evenly_spaced, true_action_count
-from genie_core.metrics import action_agreement, action_class_lookup
+from genie_core.data.footage import EpisodeIndex, WindowDataset, evenly_spaced, true_action_count
+from genie_core.eval.metrics import action_agreement, action_class_lookup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage_throughput import RESULTS, environment  # noqa: E402

@@ -85,7 +85,7 @@ def run_point(kind: str, frames: int, argv: list[str]) -> dict:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    from genie_core.plots import loglog, plt, save
+    from genie_core.eval.plots import loglog, plt, save
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for kind, label in KINDS.items():

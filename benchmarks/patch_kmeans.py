@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from genie_core.data import EpisodeIndex
-from genie_core.metrics import mean_and_ci
+from genie_core.data.footage import EpisodeIndex
+from genie_core.eval.metrics import mean_and_ci
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

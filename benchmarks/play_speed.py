@@ -2,7 +2,7 @@
 
     python benchmarks/play_speed.py recipes/coinrun-tiny.toml [KEY=VALUE ...] [--history 1,2,4,8,16,32] [--compile]
 
-For each history length h: a play session (`genie_core.world.Rollout`) that already holds h frames generates the
+For each history length h: a play session (`genie_core.world.model.Rollout`) that already holds h frames generates the
 next frames one action at a time (the sampler's steps from the recipe), each decoded to pixels through the
 tokenizer's window, as `genie play` does; frames/s is the inverse of the median time per frame. Weights are random
 (speed does not depend on them); the dynamics model is built for h + repeats + 2 frames, so its window never moves
@@ -34,7 +34,7 @@ from stage_throughput import RESULTS, environment  # noqa: E402
 from genie_core.config import WorldConfig  # noqa: E402
 from genie_core.interfaces import TokenSpec, VideoSpec  # noqa: E402
 from genie_core.recipe import load_recipe  # noqa: E402
-from genie_core.world import Rollout, World  # noqa: E402
+from genie_core.world.model import Rollout, World  # noqa: E402
 
 
 def session(world: World, history_len: int, steps: int, device) -> tuple[Rollout, torch.Tensor]:
@@ -90,7 +90,7 @@ MODES = ("uncached", "cached", "cached+compiled")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    from genie_core.plots import loglog, plt, save
+    from genie_core.eval.plots import loglog, plt, save
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in MODES:

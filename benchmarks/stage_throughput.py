@@ -26,10 +26,10 @@ import torch
 from accelerate import Accelerator
 
 from genie_core.interfaces import TokenSpec, VideoSpec
-from genie_core.machine import describe as describe_machine
+from genie_core.io.machine import describe as describe_machine
 from genie_core.recipe import load_recipe
-from genie_core.training import TokenizerTask, WorldModelTask
-from genie_core.world import World
+from genie_core.training.engine import TokenizerTask, WorldModelTask
+from genie_core.world.model import World
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -71,7 +71,7 @@ def peak_memory_gib() -> float | None:
 
 
 def environment() -> dict:
-    """The machine (genie_core.machine.describe) and the git commit of the code measured."""
+    """The machine (genie_core.io.machine.describe) and the git commit of the code measured."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip()

@@ -7,7 +7,7 @@ RUN is a finished run (or ablation variant) whose data and tokenizer stages are 
 recipe for the dynamics stage (steps, model sizes, action model, sampler). Scores at every --every steps, on
 --windows evenly spaced windows of the run's validation split: dynamics PSNR at t=4 with inferred actions, the
 prompt frame again, the prompt's tokens again, dtPSNR(t=4) with its 95% interval, and latent vs true action NMI.
-Trains with the stage's own training loop (`genie_core.training.train`), one process. Point it at footage held out
+Trains with the stage's own training loop (`genie_core.training.engine.train`), one process. Point it at footage
 for tuning (a run with `source.first_level` set apart), never at the evaluation levels: this is where settings get
 chosen. Prints each point; saves JSON and a PNG to benchmarks/results/world-curve-NAME.{json,png} (or --out).
 """
@@ -23,14 +23,15 @@ import attrs
 import torch
 from accelerate import Accelerator
 
-from genie_core.data import EpisodeIndex, WindowDataset
-from genie_core.evaluation import EvalSettings, Evaluation, run_data
-from genie_core.machine import describe as describe_machine
-from genie_core.plots import save
+from genie_core.data.footage import EpisodeIndex, WindowDataset
+from genie_core.eval.evaluate import EvalSettings, Evaluation
+from genie_core.eval.plots import save
+from genie_core.io.machine import describe as describe_machine
 from genie_core.recipe import recipe_with_overrides
-from genie_core.training import WorldModelTask, train
-from genie_core.pipeline import world_models
-from genie_core.world import World, load_stages
+from genie_core.run.folder import RunFolder
+from genie_core.run.stages import world_models
+from genie_core.training.engine import Checkpointing, WorldModelTask, train
+from genie_core.world.model import World
 
 RESULTS = Path(__file__).resolve().parent / "results"
 T = 4  # generated frames after the prompt, the paper's dtPSNR horizon
@@ -91,8 +92,8 @@ def main() -> None:
     for note in notes:
         print(f"note: {note}")
     cfg = recipe.train["dynamics"]
-    tokenizer = load_stages(args.run, ("tokenizer",))["tokenizer"]
-    index = EpisodeIndex.open(run_data(args.run))
+    tokenizer = RunFolder(args.run).components("tokenizer")["tokenizer"]
+    index = EpisodeIndex.open(RunFolder(args.run).data)
     torch.manual_seed(recipe.run.seed + 1)  # as the dynamics stage
     action_model, dynamics = world_models(recipe, tokenizer, index)
     sampler = recipe.components["sampler"]
@@ -114,8 +115,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:  # its log and checkpoints are not kept: the curve is the result
         train(accelerator, WorldModelTask(action_model, dynamics, tokenizer), data,
               attrs.evolve(cfg, eval_every=args.every, checkpoint_every=0), recipe.run.seed + 1,
-              Path(scratch) / "log.jsonl", "lam+dynamics", checkpoint_dir=Path(scratch) / "checkpoints",
-              fingerprint="world-curve", validate=validate)
+              Path(scratch) / "log.jsonl", "lam+dynamics", Checkpointing(Path(scratch) / "checkpoints", "world-curve"),
+              validate)
     args.out.mkdir(parents=True, exist_ok=True)
     out = {"run": str(args.run), "overrides": args.overrides, "windows": args.windows, "t": T,
            "machine": describe_machine(),

@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--labelled-fraction", type=_fraction,
                     help="share of transitions that fit the latent -> true action mapping (default 0.1)")
     ev.add_argument("--i3d", type=Path, help="local I3D weights for FVD: the TorchScript I3D of common FVD code, or "
-                                             "a state dict of genie_core.fvd.InceptionI3d; without it no FVD")
+                                             "a state dict of genie_core.eval.fvd.InceptionI3d; without it no FVD")
     ev.add_argument("--fvd-size", type=positive_int, default=224, help="frame size fed to I3D (default 224)")
     ev.add_argument("--cpu", action="store_true", help="evaluate on the CPU even if a GPU is present")
 
@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_play(args) -> int:
     import torch
 
-    from genie_core.media import load_image
+    from genie_core.io.media import load_image
     from genie_core.play.session import PlayWorld
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
@@ -198,12 +198,13 @@ def cmd_plugins(args) -> int:  # noqa: ARG001 - every command is called with the
 
 def _load_recipe(args):
     """The recipe with its overrides; says which options a component swap dropped."""
+    from genie_core.io.log import say
     from genie_core.recipe import load_recipe
 
     notes: list[str] = []
     recipe = load_recipe(args.recipe, args.overrides, notes=notes)
     for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+        say(f"note: {note}", stderr=True)
     return recipe
 
 
@@ -215,20 +216,22 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from genie_core.pipeline import Pipeline
+    from genie_core.io.log import say
+    from genie_core.training.pipeline import Pipeline
 
     recipe = _load_recipe(args)
     run_dir = args.out or Path(recipe.run.out_dir) / recipe.run.name
-    print(f"genie run: {args.recipe} -> {run_dir}")
+    say(f"genie run: {args.recipe} -> {run_dir}")  # under torchrun: once, not once per process
     report = Pipeline(recipe, run_dir).run(redo_from=args.redo_from, resume=args.resume)
     t = recipe.eval.dtpsnr_t
-    print(f"tokenizer PSNR {report['tokenizer_psnr_db']['mean']:.2f} dB, "
-          f"dtPSNR(t={t}) {report[f'dtpsnr_t{t}_db']['mean']:.3f} dB; report: {run_dir / 'report.md'}")
+    say(f"tokenizer PSNR {report['tokenizer_psnr_db']['mean']:.2f} dB, "
+        f"dtPSNR(t={t}) {report[f'dtpsnr_t{t}_db']['mean']:.3f} dB; report: {run_dir / 'report.md'}")
     return 0
 
 
 def _source_from_cli(name: str, overrides: list[str]):
     """A source named on the command line: `key=value` go to its config, `data.key=value` to the data settings."""
+    from genie_core.capabilities import ChecksRecipe
     from genie_core.config import DataConfig, build_config
     from genie_core.recipe import apply_overrides
     from genie_core.registry import get_registry
@@ -239,7 +242,7 @@ def _source_from_cli(name: str, overrides: list[str]):
     data_table = table.pop("data", {})
     config = build_config(info.cls.config_class, table, f"source {name}", problems)
     data = build_config(DataConfig, data_table, "data", problems)
-    check = getattr(info.cls, "check_recipe", None)
+    check = info.cls.check_recipe if issubclass(info.cls, ChecksRecipe) else None
     if config is not None and data is not None and check is not None:
         problems += [f"source {name}: {problem}" for problem in check(config, data=data, train={})]
     if problems:
@@ -248,9 +251,9 @@ def _source_from_cli(name: str, overrides: list[str]):
 
 
 def cmd_data(args) -> int:
-    from genie_core.data import EpisodeIndex, build_dataset, contact_sheet, describe, source_identity
+    from genie_core.data.footage import EpisodeIndex, build_dataset, contact_sheet, describe, source_identity
     from genie_core.interfaces import DataSpec
-    from genie_core.media import save_png
+    from genie_core.io.media import save_png
     from genie_core.recipe import load_recipe
 
     if args.data_command == "info":
@@ -278,7 +281,8 @@ def cmd_data(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from genie_core.evaluation import evaluate_runs, summary_rows, table
+    from genie_core.eval.evaluate import evaluate_runs
+    from genie_core.eval.report import comparison_table
 
     chosen = {"windows": args.windows, "batch_size": args.batch_size, "seed": args.seed, "dtpsnr_t": args.dtpsnr_t,
               "horizon": args.horizon, "labelled_fraction": args.labelled_fraction}
@@ -288,18 +292,15 @@ def cmd_eval(args) -> int:
 
     if not PartialState().is_main_process:  # every process measured its share; one prints
         return 0
-    rows = [dict(summary_rows(result)) for result in results.values()]
-    metrics = list(dict.fromkeys(metric for row in rows for metric in row))
-    print(table(["metric", *results], [[m, *(row.get(m, "n/a") for row in rows)] for m in metrics]))
+    print(comparison_table(results))
     return 0
 
 
 def cmd_sample(args) -> int:
-    import attrs
     import torch
 
-    from genie_core.media import load_image, save_gif, save_strip
-    from genie_core.world import load_world
+    from genie_core.io.media import load_image, save_gif, save_strip
+    from genie_core.run.folder import load_world
 
     try:
         actions = [int(a) for a in args.actions.split(",") if a.strip()]
@@ -311,11 +312,7 @@ def cmd_sample(args) -> int:
         raise GenieError(f"--out {args.out}: must end in .gif (a .png strip is written beside it)")
     world = load_world(args.run_dir)
     changes = {k: v for k, v in (("steps", args.steps), ("temperature", args.temperature)) if v is not None}
-    if changes:
-        try:
-            world.sampler.config = attrs.evolve(world.sampler.config, **changes)
-        except (TypeError, ValueError) as error:
-            raise GenieError(f"sampler option: {error}") from None
+    world.sampler = world.sampler_with(changes)
     spec = world.tokenizer.spec
     prompt = load_image(args.prompt, (spec.height, spec.width))
     generator = torch.Generator().manual_seed(args.seed)

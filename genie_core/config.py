@@ -111,6 +111,17 @@ def build_config(cls: type, table: dict[str, Any], where: str, problems: list[st
         return None
 
 
+def checked_config(cls: type, table: dict[str, Any], where: str) -> Any:
+    """`build_config` for one table on its own: every problem raised at once as a RecipeError."""
+    from genie_core.errors import RecipeError
+
+    problems: list[str] = []
+    config = build_config(cls, table, where, problems)
+    if problems:
+        raise RecipeError(problems)
+    return config
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     return attrs.asdict(config, recurse=True)
 

@@ -25,7 +25,6 @@ import attrs
 import torch
 from torch import nn
 
-
 # --------------------------------------------------------------------------------------------------- specs
 
 
@@ -199,6 +198,9 @@ class DynamicsModel(Component, abc.ABC):
 
     # True when forward() accepts a `mask` that hides tokens of the frame being predicted (MaskGIT style).
     supports_masking: ClassVar[bool] = False
+    # True when the logits of each token depend only on the tokens before it in raster order (frame by frame, row by
+    # row): an autoregressive sampler can then draw a frame token by token with placeholders for the rest.
+    causal_in_raster_order: ClassVar[bool] = False
 
     def __init__(self, config: Any, spec: TokenSpec):
         super().__init__(config)
@@ -232,12 +234,12 @@ class Sampler(Component, abc.ABC):
     ) -> torch.Tensor:
         """history tokens [B, t, h, w] and actions [B, t] (the last one leads to the new frame) -> tokens [B, h, w]."""
 
-    # Cached sampling, optional. A dynamics model that keeps its history offers prefill(history [B, t, h, w],
-    # actions [B, t - 1]) -> cache and extend(cache, frame [B, h, w], action [B]) (MaskGIT's does); a sampler that
-    # can continue from such a cache says so here and implements sample_cached. `Rollout` then extends the cache by
-    # one frame per step instead of running the whole history again, and rebuilds it in place when the window moves
-    # if the cache has refill(other) -> bool (genie_core.nn.FrameCache does). Such a dynamics model may also offer
-    # compile_cached_steps(**options): torch.compile of its per-step work (`genie play --compile`).
+    # Cached sampling, optional. A dynamics model that keeps its history declares `genie_core.capabilities.
+    # CachedDynamics` (MaskGIT's does); a sampler that can continue from such a cache says so here and implements
+    # sample_cached. `Rollout` then extends the cache by one frame per step instead of running the whole history
+    # again, and rebuilds it in place when the window moves if the cache is a `RefillableCache`
+    # (genie_core.nn.FrameCache is). Such a dynamics model may also be `CompilableCachedSteps`: torch.compile of its
+    # per-step work (`genie play --compile`).
     def can_use_cache(self, dynamics: DynamicsModel) -> bool:
         return False
 

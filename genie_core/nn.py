@@ -15,13 +15,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import Attention, Mlp
 from torch import nn
-from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
+
+if TYPE_CHECKING:
+    from timm.layers import Attention
+
+# timm and vector-quantize-pytorch are imported where a layer is built, not here: importing timm takes seconds (it
+# brings torchvision and torch._dynamo), which every `genie` command that loads the plugins would otherwise pay.
 
 QUANTIZERS = ("vq", "fsq", "lfq")
 
@@ -54,6 +60,8 @@ class STBlock(nn.Module):
     """Spatial attention (per frame), causal temporal attention (per position), MLP; pre-norm residuals."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True, temporal: bool = True):
+        from timm.layers import Attention, Mlp
+
         super().__init__()
         self.norm_spatial = nn.LayerNorm(dim)
         self.spatial = Attention(dim, num_heads=heads, qkv_bias=True, qk_norm=qk_norm, norm_layer=nn.LayerNorm)
@@ -274,6 +282,8 @@ class Quantizer(nn.Module):
 
     def __init__(self, dim: int, codebook_size: int, codebook_dim: int, commitment_weight: float = 0.25,
                  dead_code_threshold: float = 2.0, kmeans_init: bool = True, kind: str = "vq"):
+        from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
+
         super().__init__()
         check_quantizer(kind, codebook_size)
         self.codebook_size, self.kind = codebook_size, kind
@@ -337,6 +347,8 @@ class AttentionBlock(nn.Module):
     what is the caller's: a boolean `mask` [L, L] (True = allowed) or plain causal order (`is_causal`)."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True):
+        from timm.layers import Attention, Mlp
+
         super().__init__()
         self.norm_attention = nn.LayerNorm(dim)
         self.attention = Attention(dim, num_heads=heads, qkv_bias=True, qk_norm=qk_norm, norm_layer=nn.LayerNorm)

@@ -18,8 +18,18 @@ from typing import Any
 
 import attrs
 
-from genie_core.config import (DataConfig, DynamicsTrainConfig, EvalConfig, RunConfig, TrainConfig, WorldConfig,
-                               build_config, config_to_dict, trackers_not_installed)
+from genie_core.capabilities import ChecksRecipe
+from genie_core.config import (
+    DataConfig,
+    DynamicsTrainConfig,
+    EvalConfig,
+    RunConfig,
+    TrainConfig,
+    WorldConfig,
+    build_config,
+    config_to_dict,
+    trackers_not_installed,
+)
 from genie_core.errors import PluginError, RecipeError
 from genie_core.interfaces import KINDS
 from genie_core.registry import ComponentInfo, Registry, get_registry
@@ -235,7 +245,7 @@ def check_compatibility(components: dict[str, ComponentChoice], data: DataConfig
         problems.append(f"{source} [sampler] ({sampler.name}): needs a dynamics model that supports masking; "
                         f"dynamics '{dynamics.name}' does not")
     for kind, choice in components.items():
-        check = getattr(choice.info.cls, "check_recipe", None)
+        check = choice.info.cls.check_recipe if issubclass(choice.info.cls, ChecksRecipe) else None
         if check is not None:
             for problem in check(choice.config, data=data, train=train):
                 problems.append(f"{source} [{kind}] ({choice.name}): {problem}")

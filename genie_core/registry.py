@@ -140,8 +140,22 @@ def _installed_distributions() -> dict[str, list[str]]:
     return importlib.metadata.packages_distributions()
 
 
+@functools.cache
+def _declared_distribution_of(top: str) -> tuple[str, str] | None:
+    """The first installed distribution whose top_level.txt names the package `top`. Reading those files takes tens
+    of milliseconds; packages_distributions() also lists the files of every distribution without one (a tenth of a
+    second or more, on every `genie` command), so it is asked only when no distribution declares the package."""
+    for dist in importlib.metadata.distributions():
+        if top in (dist.read_text("top_level.txt") or "").split():
+            return dist.metadata["Name"], dist.version
+    return None
+
+
 def _distribution_of(module_name: str) -> tuple[str, str]:
     top = module_name.split(".")[0]
+    declared = _declared_distribution_of(top)
+    if declared is not None:
+        return declared
     for dist in _installed_distributions().get(top, []):
         try:
             return dist, importlib.metadata.version(dist)

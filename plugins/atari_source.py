@@ -22,8 +22,9 @@ from attrs import validators as v
 from genie_core import hookimpl
 from genie_core.config import positive, unit_interval
 from genie_core.errors import GenieError
+from genie_core.extras import missing_extra, require_extra
 from genie_core.interfaces import Episode, VideoSource
-from genie_core.media import resize_frames
+from genie_core.io.media import resize_frames
 
 RESIZE_CHUNK = 256  # native frames held before resizing (a native frame is 100 KB)
 
@@ -31,6 +32,7 @@ RESIZE_CHUNK = 256  # native frames held before resizing (a native frame is 100 
 @functools.cache
 def gymnasium():
     """gymnasium with the ALE environments registered, and the emulator's start-up banner silenced."""
+    require_extra("atari", "source 'atari'")
     import ale_py
     import gymnasium as module
 
@@ -82,12 +84,21 @@ class AtariConfig:
 class AtariSource(VideoSource):
     config_class = AtariConfig
 
+    def __init__(self, config, spec):
+        require_extra("atari", "source 'atari'")  # registering needs no ale-py; playing it does
+        super().__init__(config, spec)
+
     @classmethod
     def tiny_config(cls):
         return AtariConfig(train_episodes=2, val_episodes=1, max_steps_per_episode=24)
 
     @staticmethod
     def check_recipe(config, data, train):  # noqa: ARG004 - the check_recipe signature
+        if data is not None and data.path:  # footage built before is used as it is: ale-py need not be here
+            return []
+        missing = missing_extra("atari")
+        if missing is not None:
+            return [missing]
         problem = unknown_game(config.game)
         return [] if problem is None else [problem]
 

@@ -116,7 +116,7 @@ class AutoregressiveSampler(Sampler):
     @torch.no_grad()
     def sample_next(self, dynamics, history, actions, generator=None):
         uses_mask = dynamics.supports_masking
-        if not (uses_mask or getattr(dynamics, "causal_in_raster_order", False)):
+        if not (uses_mask or dynamics.causal_in_raster_order):
             raise ValueError(f"the autoregressive sampler needs a dynamics model that is causal in raster order or "
                              f"supports masking; {type(dynamics).__name__} is neither")
         b, t, h, w = history.shape

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from attrs import validators as v
 
 from genie_core import hookimpl
+from genie_core.capabilities import CachedDynamics
 from genie_core.config import check_heads, positive, unit_interval
 from genie_core.interfaces import DynamicsModel, DynamicsOutput, Sampler, TokenSpec
 from genie_core.nn import FrameCache, SpaceTimePositions, STTransformer, draw_categorical
@@ -199,7 +200,7 @@ class MaskGITSampler(Sampler):
 
     def can_use_cache(self, dynamics) -> bool:
         """Whether to sample from the dynamics model's cache of past frames: when it has one and `cache` is on."""
-        return self.config.cache and all(hasattr(dynamics, name) for name in ("prefill", "extend", "next_frame_logits"))
+        return self.config.cache and isinstance(dynamics, CachedDynamics)
 
     @torch.no_grad()
     def sample_cached(self, dynamics, cache, action, generator=None):

@@ -23,14 +23,16 @@ from attrs import validators as v
 from genie_core import hookimpl
 from genie_core.config import positive
 from genie_core.errors import GenieError
+from genie_core.extras import missing_extra, require_extra
 from genie_core.interfaces import Episode, VideoSource
-from genie_core.media import resize_frames
+from genie_core.io.media import resize_frames
 
 NATIVE_RESOLUTION = 64  # procgen renders 64x64 observations
 
 
 def procgen():
     """The procgen module, imported quietly (gym, which it imports, prints a notice about its own age)."""
+    require_extra("procgen", "source 'procgen'")
     with contextlib.redirect_stderr(io.StringIO()):
         import procgen as module
         from procgen.env import ENV_NAMES  # noqa: F401 - loads the game list along with the module
@@ -58,6 +60,10 @@ class ProcgenConfig:
 class ProcgenSource(VideoSource):
     config_class = ProcgenConfig
 
+    def __init__(self, config, spec):
+        require_extra("procgen", "source 'procgen'")  # registering needs no procgen; playing it does
+        super().__init__(config, spec)
+
     @classmethod
     def tiny_config(cls):
         return ProcgenConfig(train_levels=2, val_levels=1, steps_per_level=24, num_envs=2)
@@ -66,6 +72,9 @@ class ProcgenSource(VideoSource):
     def check_recipe(config, data, train):  # noqa: ARG004 - the check_recipe signature
         if data.path:  # footage built before is used as it is: this source is not run, procgen need not be here
             return []
+        missing = missing_extra("procgen")
+        if missing is not None:
+            return [missing]
         names = procgen().env.ENV_NAMES
         if config.game not in names:
             return [f"'game' {config.game!r} is not a procgen game; games: {', '.join(names)}"]

@@ -34,8 +34,9 @@ from attrs import validators as v
 from genie_core import hookimpl
 from genie_core.config import non_negative, unit_interval
 from genie_core.errors import GenieError
+from genie_core.extras import missing_extra, require_extra
 from genie_core.interfaces import Episode, VideoSource
-from genie_core.media import resize_frames
+from genie_core.io.media import resize_frames
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".mkv", ".avi", ".mov")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -180,6 +181,9 @@ class VideoFolderSource(VideoSource):
             return [f"'path' {config.path!r}: no video inside (files ending {', '.join(VIDEO_EXTENSIONS)}, or "
                     f"sub-folders of {', '.join(IMAGE_EXTENSIONS)} frames)"]
         problems = []
+        missing = missing_extra("video")
+        if missing is not None and any(key.startswith(FILE) for key in keys):  # folders of frames need no PyAV
+            problems.append(f"'path' {config.path!r} holds video files; decoding them {missing}")
         splits = [split_of(key.partition(":")[2], config.val_fraction) for key in keys]
         for split, hint in (("train", "lower"), ("val", "raise")):
             if split not in splits:
@@ -207,6 +211,8 @@ class VideoFolderSource(VideoSource):
         if not keys:
             raise GenieError(f"{root}: no video inside (files ending {', '.join(VIDEO_EXTENSIONS)}, or sub-folders "
                              f"of {', '.join(IMAGE_EXTENSIONS)} frames)")
+        if any(key.startswith(FILE) for key in keys):  # before any is built, not at the first file
+            require_extra("video", f"source 'video-folder' ({root} holds video files)")
         splits: dict[str, list[str]] = {"train": [], "val": []}
         for key in keys:
             splits[split_of(key.partition(":")[2], self.config.val_fraction)].append(key)
@@ -230,7 +236,8 @@ class VideoFolderSource(VideoSource):
     # ----------------------------------------------------------------------------------------------- decoding
 
     def _decode_video(self, path: Path) -> tuple[np.ndarray, float | None]:
-        import av  # here, not at the top: PyAV is only needed by this source
+        require_extra("video", "source 'video-folder' (decoding video files)")
+        import av  # here, not at the top: PyAV is only needed for video files
 
         target = Fraction(self.config.fps).limit_denominator(1_000_000) if self.config.fps else None
         out = _Frames(self.spec.resolution, self.config.crop)

@@ -134,7 +134,7 @@ def test_action_signal_tells_footage_that_shows_its_actions_from_footage_that_do
     import attrs
 
     from genie_core.config import DataConfig
-    from genie_core.data import build_dataset, source_identity
+    from genie_core.data.footage import build_dataset, source_identity
     from genie_core.interfaces import DataSpec, VideoSource
     from genie_core.registry import Owner
 

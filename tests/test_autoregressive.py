@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from genie_core.interfaces import TokenSpec
 from genie_plugins.autoregressive import (
     AutoregressiveDynamics,
     AutoregressiveDynamicsConfig,
@@ -14,6 +12,8 @@ from genie_plugins.autoregressive import (
     AutoregressiveSamplerConfig,
 )
 from genie_plugins.maskgit import MaskGITDynamics
+
+from genie_core.interfaces import TokenSpec
 
 SPEC = TokenSpec(vocab_size=32, grid=(4, 4), num_frames=4, num_actions=4)
 N = SPEC.grid[0] * SPEC.grid[1]
@@ -188,6 +188,7 @@ def test_drives_a_masking_model_by_hiding_the_tokens_not_yet_drawn():
 def test_refuses_a_model_that_would_see_the_placeholders():
     class FullAttentionDynamics(torch.nn.Module):
         supports_masking = False
+        causal_in_raster_order = False  # (what every DynamicsModel declares)
 
     tokens, actions = window(frames=3)
     with pytest.raises(ValueError, match="raster order"):

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_VIDEO, build, video
-from genie_core.atomic import atomic_dir
-from genie_core.checkpoint import load_components, save_components
 from genie_core.errors import GenieError
+from genie_core.io.atomic import atomic_dir
 from genie_core.registry import get_registry
+from genie_core.testing import TINY_VIDEO, build, video
+from genie_core.world.components import load_components, save_components
 
 
 def test_failed_write_leaves_the_previous_folder_untouched(tmp_path):

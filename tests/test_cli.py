@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO
 from genie_core.cli import main
-from genie_core.media import CAPTION_HEIGHT
+from genie_core.io.media import CAPTION_HEIGHT
 
 SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
 
@@ -97,6 +98,11 @@ def test_sample_broken_image_and_unfinished_run(run_dir, tmp_path, capsys):
     assert main(["sample", str(run_dir), "--prompt", str(broken), "--actions", "0"]) == 2
     assert "broken.png: not an image (no image format recognised)" in capsys.readouterr().err
     assert main(["sample", str(tmp_path), "--prompt", str(broken), "--actions", "0"]) == 2
+    assert "not a run (no recipe.json or dynamics/components.json in it or above it)" in capsys.readouterr().err
+    started = tmp_path / "started"  # a run that has begun: its recipe, no finished stage yet
+    started.mkdir()
+    shutil.copy(run_dir / "recipe.json", started / "recipe.json")
+    assert main(["sample", str(started), "--prompt", str(broken), "--actions", "0"]) == 2
     assert "the tokenizer stage has not finished" in capsys.readouterr().err
 
 

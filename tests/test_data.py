@@ -13,11 +13,11 @@ import attrs
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
+
 from genie_core.cli import main
 from genie_core.config import DataConfig
-from genie_core.data import EpisodeIndex, WindowDataset, build_dataset, source_identity
+from genie_core.data.footage import EpisodeIndex, WindowDataset, build_dataset, source_identity
 from genie_core.errors import GenieError
 from genie_core.interfaces import DataSpec, Episode, VideoSource
 from genie_core.registry import Owner, get_registry
@@ -256,7 +256,7 @@ TWO_RANKS = """
 import json, sys
 import torch
 from accelerate import Accelerator
-from genie_core.data import EpisodeIndex, WindowDataset
+from genie_core.data.footage import EpisodeIndex, WindowDataset
 sys.path.insert(0, {tests!r})
 from test_data import ids_of
 

@@ -17,18 +17,26 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import REPO
 
 from genie_core.cli import main
 from genie_core.config import DataConfig
-from genie_core.data import EpisodeIndex, WindowDataset, build_dataset, evenly_spaced, source_identity
-from genie_core.evaluation import EvalSettings, Evaluation
-from genie_core.metrics import psnr
-from genie_core.interfaces import (DataSpec, DynamicsModel, Episode, LatentActionModel, Sampler, TokenSpec,
-                                   VideoSource, VideoSpec, VideoTokenizer)
+from genie_core.data.footage import EpisodeIndex, WindowDataset, build_dataset, evenly_spaced, source_identity
+from genie_core.eval.evaluate import EvalSettings, Evaluation
+from genie_core.eval.metrics import psnr
+from genie_core.interfaces import (
+    DataSpec,
+    DynamicsModel,
+    Episode,
+    LatentActionModel,
+    Sampler,
+    TokenSpec,
+    VideoSource,
+    VideoSpec,
+    VideoTokenizer,
+)
 from genie_core.registry import Owner
-from genie_core.world import World
-
-from conftest import REPO
+from genie_core.world.model import World
 
 LEVELS, ACTIONS, RES, FRAMES = 16, 4, 16, 6
 SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
@@ -250,7 +258,7 @@ def test_eval_writes_results_and_reproduces_the_report(smoke_run, capsys):
 
 
 def test_eval_with_fvd_and_other_t(smoke_run, tmp_path):
-    from genie_core.fvd import InceptionI3d
+    from genie_core.eval.fvd import InceptionI3d
 
     torch.manual_seed(0)
     weights = tmp_path / "i3d.pt"
@@ -296,4 +304,4 @@ def test_eval_refuses_to_replace_a_folder_that_is_not_an_evaluation(smoke_run, t
     assert "holds something other than an evaluation" in capsys.readouterr().err
     assert (keep / "notes.txt").read_text() == "mine"
     assert main(["eval", str(tmp_path)]) == 2
-    assert "not a finished run" in capsys.readouterr().err
+    assert "not a run (no recipe.json or dynamics/components.json in it or above it)" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from genie_core.errors import GenieError
-from genie_core.fvd import I3DFeatures, InceptionI3d, frechet_distance, fvd, load_i3d
+from genie_core.eval.fvd import I3DFeatures, InceptionI3d, frechet_distance, fvd, load_i3d
 
 SIZE = 32
 FRAMES = 8

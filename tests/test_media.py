@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from genie_core.media import CAPTION_HEIGHT, save_gif, tile
+from genie_core.io.media import CAPTION_HEIGHT, save_gif, tile
 
 
 def test_captions_go_above_their_panels(tmp_path):

@@ -6,10 +6,8 @@ import pytest
 import torch
 
 from genie_core.config import TrainConfig
-from genie_core.metrics import (PSNR_CAP_DB, action_agreement, codebook_stats, delta_psnr, mean_and_ci, psnr,
-                                 ssim)
-from genie_core.training import lr_lambda
-
+from genie_core.eval.metrics import PSNR_CAP_DB, action_agreement, codebook_stats, delta_psnr, mean_and_ci, psnr, ssim
+from genie_core.training.engine import lr_lambda
 
 # ------------------------------------------------------------------------------------------------ metrics
 

@@ -16,13 +16,14 @@ import attrs
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from genie_core.cli import main
 from genie_core.errors import GenieError
 from genie_core.play.server import Limits, PlayServer
 from genie_core.play.session import PlaySession, PlayWorld, arrow_keys
+from genie_core.run.folder import RunFolder
 
 
 @pytest.fixture(scope="module")
@@ -245,9 +246,9 @@ def test_arrow_keys_follow_the_latent_to_true_mapping(tmp_path):
     (run / "eval" / "eval.json").write_text(json.dumps(mapping))
     names = ["LEFT+DOWN", "LEFT", "LEFT+UP", "DOWN", "NOOP", "UP", "RIGHT+DOWN", "RIGHT", "RIGHT+UP"]
     (run / "data" / "manifest.json").write_text(json.dumps({"action_names": names}))
-    assert arrow_keys(run) == {"ArrowLeft": 3, "ArrowRight": 0, "ArrowUp": 2}  # DOWN was never seen
+    assert arrow_keys(RunFolder(run)) == {"ArrowLeft": 3, "ArrowRight": 0, "ArrowUp": 2}  # DOWN was never seen
     (run / "eval" / "eval.json").write_text(json.dumps({"actions_vs_true": None}))
-    assert arrow_keys(run) == {}
+    assert arrow_keys(RunFolder(run)) == {}
 
 
 def test_terminal_play(played_run, tmp_path, monkeypatch, capsys):
@@ -337,7 +338,7 @@ def test_a_run_without_its_report_plays_with_its_recipes_sampler(played_run, tmp
 
 def test_play_command_errors(played_run, tmp_path, capsys):
     assert main(["play", str(tmp_path / "nothing")]) == 2
-    assert "not a finished run (no dynamics/components.json in it or above it)" in capsys.readouterr().err
+    assert "not a run (no recipe.json or dynamics/components.json in it or above it)" in capsys.readouterr().err
     assert main(["play", str(played_run), "--terminal", "--prompt-index", "99"]) == 2
     assert "--prompt-index 99: this run has validation frames 0.." in capsys.readouterr().err
     assert main(["play", str(played_run), "--temperature", "-1"]) == 2
@@ -396,8 +397,8 @@ def test_a_world_plays_from_a_training_checkpoint(played_run, tmp_path, monkeypa
     co-trained LAM or one trained alone first. The run here keeps its checkpoints as a stage still training does."""
     from safetensors.torch import load_file
 
-    monkeypatch.setattr("genie_core.training.Checkpoints.clear", lambda self: None)
-    monkeypatch.setattr("genie_core.pipeline.shutil.rmtree", lambda *a, **k: None)  # keeps dynamics-lam-done
+    monkeypatch.setattr("genie_core.training.engine.Checkpoints.clear", lambda self: None)
+    monkeypatch.setattr("genie_core.training.pipeline.shutil.rmtree", lambda *a, **k: None)  # keeps dynamics-lam-done
     run = tmp_path / "training"
     overrides = [f"data.path={played_run / 'data'}", "train.dynamics.checkpoint_every=2",
                  f"train.dynamics.lam_steps={lam_steps}"]
@@ -419,7 +420,7 @@ def test_a_world_plays_from_a_training_checkpoint(played_run, tmp_path, monkeypa
 
 
 def test_checkpoints_that_hold_no_world_are_refused(played_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("genie_core.training.Checkpoints.clear", lambda self: None)
+    monkeypatch.setattr("genie_core.training.engine.Checkpoints.clear", lambda self: None)
     run = tmp_path / "training"
     overrides = [f"data.path={played_run / 'data'}", "train.tokenizer.checkpoint_every=2",
                  "train.dynamics.checkpoint_every=2"]
@@ -438,7 +439,7 @@ def test_frames_are_computed_on_the_thread_that_serves_compute(play, monkeypatch
     """As `genie play` runs: the HTTP server on its own thread, every frame computed on one other thread (the CLI's
     main one), the same frames as computed on the requests' threads."""
     from genie_core.play.session import Compute
-    from genie_core.world import World
+    from genie_core.world.model import World
 
     inline = PlaySession(play, play.prompts[0], seed=3)
     for action in (1, 2, 3):

@@ -17,11 +17,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 import genie_core.cli
 from genie_core import hookspecs
 from genie_core.errors import PluginError
-from conftest import REPO
 from genie_core.registry import (
     BUILTIN_PLUGINS,
     ENTRY_POINT_GROUP,
@@ -31,7 +31,6 @@ from genie_core.registry import (
     get_registry,
     load_registry,
 )
-
 
 BUILTIN_PACKAGE = "genie-world"
 EXAMPLE_PACKAGE = "genie-example-plugin"

@@ -14,12 +14,13 @@ import time
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import REPO
 
-from conftest import REPO, TINY_VIDEO, build
 from genie_core.cli import main
 from genie_core.config import TrainConfig
 from genie_core.errors import TrainingDiverged
-from genie_core.training import TokenizerTask, rebuilt, train
+from genie_core.testing import TINY_VIDEO, build
+from genie_core.training.engine import Checkpointing, Task, TokenizerTask, rebuilt, train
 
 SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on two cores: one thread each
@@ -100,7 +101,7 @@ def test_nan_stops_training_naming_step_and_term(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"tok: the loss is nan at step 3; non-finite terms: mse; "
                                                r"the last good checkpoint is .*step-000000002"):
         train(Accelerator(cpu=True), Poisoned(tokenizer), dataset, cfg, 0, tmp_path / "log.jsonl", "tok",
-              checkpoint_dir=tmp_path / "ckpt", fingerprint="x")
+              Checkpointing(tmp_path / "ckpt", "x"))
 
 
 def test_stage_result_is_a_fresh_copy_of_the_gathered_weights(tmp_path):
@@ -111,7 +112,7 @@ def test_stage_result_is_a_fresh_copy_of_the_gathered_weights(tmp_path):
     cfg = TrainConfig(steps=3, batch_size=2, seq_len=6, warmup_steps=1, checkpoint_every=0)
     before = {k: v.clone() for k, v in tokenizer.state_dict().items()}
     summary = train(Accelerator(cpu=True), TokenizerTask(tokenizer), dataset, cfg, 0, tmp_path / "log.jsonl", "tok",
-                    checkpoint_dir=tmp_path / "ckpt", fingerprint="x")
+                    Checkpointing(tmp_path / "ckpt", "x"))
     rng = torch.get_rng_state()
     copy = rebuilt(tokenizer, summary["weights"], "tokenizer.")
     assert torch.equal(torch.get_rng_state(), rng)
@@ -128,9 +129,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 sys.path.insert(0, {tests!r})
-from conftest import TINY_VIDEO, build
+from genie_core.testing import TINY_VIDEO, build
 from genie_core.config import TrainConfig
-from genie_core.training import TokenizerTask, train
+from genie_core.training.engine import Checkpointing, TokenizerTask, train
 
 accelerator = Accelerator(cpu=True)
 torch.manual_seed(0)  # the same initial weights on both ranks
@@ -146,7 +147,7 @@ class Recording(TokenizerTask):
 dataset = [torch.full((TINY_VIDEO.num_frames, 3, 16, 16), i / 1000) for i in range(16)]
 cfg = TrainConfig(steps=4, batch_size=2, seq_len=6, warmup_steps=1, checkpoint_every=0, lr=1e-2)
 train(accelerator, Recording(tokenizer), dataset, cfg, 0, Path({tmp!r}) / "log.jsonl", "tok",
-      checkpoint_dir=Path({tmp!r}) / "ckpt", fingerprint="x")
+      Checkpointing(Path({tmp!r}) / "ckpt", "x"))
 with open({tmp!r} + f"/rank{{accelerator.process_index}}.json", "w") as f:
     json.dump({{"seen": seen, "checksums": checksums, "world": accelerator.num_processes}}, f)
 """
@@ -194,7 +195,7 @@ def test_lam_alone_then_dynamics_on_the_frozen_lam(tmp_path):
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     """2 micro-batches of 2 make the same optimizer step as one batch of 4 (the same 4 windows, a batch-mean loss)."""
 
-    class Linear(torch.nn.Module):
+    class Linear(Task):
         def __init__(self):
             super().__init__()
             torch.manual_seed(0)
@@ -211,7 +212,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         cfg = TrainConfig(steps=3, batch_size=batch, grad_accum=accum, seq_len=2, warmup_steps=0, lr=0.1,
                           min_lr=0.1, grad_clip=0, weight_decay=0, checkpoint_every=0)
         train(Accelerator(cpu=True), task, dataset, cfg, 0, tmp_path / f"{batch}.jsonl", "lin",
-              checkpoint_dir=tmp_path / f"ckpt{batch}", fingerprint="x")
+              Checkpointing(tmp_path / f"ckpt{batch}", "x"))
         weights.append(task.layer.weight.detach().clone())
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
 
@@ -236,7 +237,8 @@ def test_evaluation_split_across_processes_gives_the_same_report(tmp_path):
 
 def test_tiny_recipe_on_two_processes(tmp_path):
     """The shipped tiny recipe, shortened, end to end under torchrun with 2 gloo processes on the CPU. FSDP is
-    asked for: Accelerate shards only on GPUs, so the run says it uses DDP instead of pretending."""
+    asked for: Accelerate shards only on GPUs, so the run says it uses DDP instead of pretending. Each line the run
+    prints appears once, not once per process."""
     tiny = str(REPO / "recipes" / "coinrun-tiny.toml")
     few = ["source.train_levels=2", "source.val_levels=1", "source.steps_per_level=40", "data.min_episode_frames=8",
            "train.tokenizer.steps=3", "train.dynamics.steps=3", "eval.windows=2", "eval.rollout_steps=1",
@@ -248,3 +250,5 @@ def test_tiny_recipe_on_two_processes(tmp_path):
     report = json.loads((tmp_path / "tiny" / "report.json").read_text())
     assert report["stages"]["dynamics"]["final"]["step"] == 2 and report["num_actions"] == 6
     assert result.stdout.count("Accelerate runs FSDP on GPUs only; these 2 cpu processes use DDP") == 1
+    for line in ("genie run: ", "stage data: finished", "stage dynamics: finished", "tokenizer PSNR "):
+        assert result.stdout.count(line) == 1, (line, result.stdout)

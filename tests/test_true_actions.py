@@ -8,11 +8,12 @@ import json
 import attrs
 import pytest
 import torch
+from conftest import REPO
 
-from conftest import REPO, TINY_VIDEO, build, video
 from genie_core.cli import main
 from genie_core.errors import GenieError
-from genie_core.training import WorldModelTask
+from genie_core.testing import TINY_VIDEO, build, video
+from genie_core.training.engine import WorldModelTask
 
 SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
 

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 av = pytest.importorskip("av")
+from genie_plugins.video_folder_source import VideoFolderConfig, VideoFolderSource, split_of  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from genie_core.config import DataConfig  # noqa: E402
-from genie_core.data import EpisodeIndex, WindowDataset, build_dataset, source_identity  # noqa: E402
+from genie_core.data.footage import EpisodeIndex, WindowDataset, build_dataset, source_identity  # noqa: E402
 from genie_core.errors import GenieError  # noqa: E402
 from genie_core.interfaces import DataSpec  # noqa: E402
 from genie_core.registry import Owner  # noqa: E402
-from genie_plugins.video_folder_source import VideoFolderConfig, VideoFolderSource, split_of  # noqa: E402
 
 SPEC = DataSpec(resolution=32)
 N_VIDEO, N_GIF, N_SEQ = 30, 10, 12  # frames in the test videos

@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from genie_core.errors import GenieError
-from genie_core.media import decode_image, save_png
+from genie_core.io.media import decode_image, save_png
 from genie_core.play.session import PlaySession, PlayWorld
 
 UPLOAD_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG"}

@@ -17,27 +17,26 @@ import attrs
 import numpy as np
 import torch
 
-from genie_core.config import build_config, config_to_dict
+from genie_core.capabilities import CompilableCachedSteps
 from genie_core.errors import GenieError
 from genie_core.interfaces import Sampler
-from genie_core.media import resize_frames, save_gif, to_uint8
-from genie_core.world import Rollout, World, load_world
+from genie_core.io.media import resize_frames, save_gif, to_uint8
+from genie_core.run.folder import RunFolder, open_world
+from genie_core.world.model import Rollout, World
 
 ARROWS = {"ArrowLeft": "LEFT", "ArrowRight": "RIGHT", "ArrowUp": "UP", "ArrowDown": "DOWN"}
 SAMPLER_KNOBS = ("steps", "temperature")  # what the page's sliders set, where the sampler has them
 MAX_PROMPTS = 12
 
 
-def arrow_keys(run_dir: Path, eval_dir: Path | None = None) -> dict[str, int]:
+def arrow_keys(run: RunFolder, eval_dir: Path | None = None) -> dict[str, int]:
     """Arrow key -> latent action, through the latent <-> true action mapping that `genie eval` fits (eval.json in
     `eval_dir`, by default RUN/eval) and the true actions' names in the run's data set. Empty when either is
     missing, except a named `eval_dir` without eval.json: that is an error."""
-    from genie_core.evaluation import run_data
-
     if eval_dir is not None and not (Path(eval_dir) / "eval.json").is_file():
         raise GenieError(f"--eval {eval_dir}: no eval.json there; give the folder `genie eval RUN --out DIR` wrote")
-    eval_json = Path(eval_dir or run_dir / "eval") / "eval.json"
-    manifest = run_data(run_dir) / "manifest.json"
+    eval_json = Path(eval_dir or run.eval_dir) / "eval.json"
+    manifest = run.data / "manifest.json"
     if not (eval_json.is_file() and manifest.is_file()):
         return {}
     mapping = (json.loads(eval_json.read_text()).get("actions_vs_true") or {}).get("real_to_latent", {})
@@ -50,14 +49,13 @@ def arrow_keys(run_dir: Path, eval_dir: Path | None = None) -> dict[str, int]:
     return keys
 
 
-def validation_prompts(run_dir: Path, resolution: int, count: int = MAX_PROMPTS) -> list[torch.Tensor]:
+def validation_prompts(run: RunFolder, resolution: int, count: int = MAX_PROMPTS) -> list[torch.Tensor]:
     """First frames [C, H, W] of up to `count` evenly spaced validation episodes of the run's data set (none when
     the data set is not there)."""
-    from genie_core.data import EpisodeIndex
-    from genie_core.evaluation import run_data
+    from genie_core.data.footage import EpisodeIndex
 
     try:
-        index = EpisodeIndex.open(run_data(run_dir))
+        index = EpisodeIndex.open(run.data)
     except GenieError:
         return []
     split = "val" if "val" in index.manifest["splits"] else "train"
@@ -131,20 +129,11 @@ class PlayWorld:
         of its dynamics stage (RUN/checkpoints/dynamics/step-N, or RUN/checkpoints/dynamics for the newest): a
         world can be played while it trains. `eval_dir`: where `genie eval` wrote the action mapping the arrow
         keys follow (default RUN/eval)."""
-        from genie_core.evaluation import resolve_run
-        from genie_core.pipeline import load_checkpoint_world, training_checkpoint
-
-        checkpoint = training_checkpoint(Path(path))
-        if checkpoint is not None:
-            world, run_dir, step = load_checkpoint_world(checkpoint)
-            name = f"{run_dir.resolve().name} at step {step}"
-        else:
-            run_dir = resolve_run(Path(path))
-            world, name = load_world(run_dir), run_dir.resolve().name
+        world, run, name = open_world(path)
         world.to(device)
         for module in (world.tokenizer, world.action_model, world.dynamics):
             module.eval()
-        return cls(world, name, arrow_keys(run_dir, eval_dir), validation_prompts(run_dir, world.tokenizer.spec.height))
+        return cls(world, name, arrow_keys(run, eval_dir), validation_prompts(run, world.tokenizer.spec.height))
 
     def compile_steps(self, mode: str | None = None) -> float:
         """Compiles the dynamics model's cached sampling step (torch.compile; `mode` e.g. "reduce-overhead") and
@@ -152,7 +141,7 @@ class PlayWorld:
         Returns the seconds it took."""
         world = self.world
         dynamics = type(world.dynamics).__name__
-        if not hasattr(world.dynamics, "compile_cached_steps"):
+        if not isinstance(world.dynamics, CompilableCachedSteps):
             raise GenieError(f"--compile: the dynamics model {dynamics} has no compiled cached steps; play without it")
         if not world.sampler.can_use_cache(world.dynamics):
             raise GenieError(f"--compile: the sampler {type(world.sampler).__name__} does not sample from the "
@@ -187,14 +176,7 @@ class PlayWorld:
         if unknown:
             raise GenieError(f"sampler option {', '.join(sorted(unknown))} is not one of this sampler's: "
                              f"{', '.join(self.sampler_options()) or '(none)'}")
-        if not options:
-            return self.world.sampler
-        current = self.world.sampler.config
-        problems: list[str] = []  # the recipe checks: types (2.5 steps is not a number of steps) and ranges
-        config = build_config(type(current), {**config_to_dict(current), **options}, "sampler option", problems)
-        if problems:
-            raise GenieError("; ".join(problems))
-        return type(self.world.sampler)(config)
+        return self.world.sampler_with(options)
 
 
 class PlaySession:

@@ -8,17 +8,13 @@ the dynamics model's cache of the history from step to step.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import attrs
 import torch
 
-from genie_core.checkpoint import MANIFEST, load_components
-from genie_core.config import WorldConfig, build_config
+from genie_core.capabilities import RefillableCache
+from genie_core.config import WorldConfig, checked_config, config_to_dict
 from genie_core.errors import GenieError
 from genie_core.interfaces import DynamicsModel, LatentActionModel, Sampler, VideoTokenizer
-from genie_core.registry import Registry, get_registry
 
 
 def history_start(frames: int, keep: int, stride: int) -> int:
@@ -102,6 +98,15 @@ class World:
         """prompt frames [B, C, H, W] in [0, 1] -> tokens [B, 1, h, w]."""
         return self.tokenizer.encode(prompt[:, None].to(self.device))
 
+    def sampler_with(self, options: dict) -> Sampler:
+        """The world's sampler with some settings changed (a new one; the world's stays as it is), checked as a
+        recipe's [sampler] table would be: types (2.5 steps is not a number of steps) and ranges."""
+        if not options:
+            return self.sampler
+        current = self.sampler.config
+        return type(self.sampler)(checked_config(type(current), {**config_to_dict(current), **options},
+                                                 "sampler option"))
+
     def to(self, device) -> "World":
         for module in (self.tokenizer, self.action_model, self.dynamics, self.sampler):
             module.to(device)
@@ -157,8 +162,7 @@ class Rollout:
             fresh = dynamics.prefill(self.tokens[:, start:], self.actions[:, start:])
             # Into the old cache's tensors when it can take them (a FrameCache can): compiled steps that captured
             # CUDA graphs on those addresses go on replaying across windows, undo and reset.
-            refill = getattr(self._cache, "refill", None)
-            if refill is None or not refill(fresh):
+            if not (isinstance(self._cache, RefillableCache) and self._cache.refill(fresh)):
                 self._cache = fresh
             self.prefills += 1
         self._cache_span = (start, t)
@@ -170,61 +174,3 @@ class Rollout:
         self.tokens, self.actions = self.tokens[:, :frames], self.actions[:, : frames - 1]
         if self._cache_span[1] > frames:
             self._cache_span = (-1, -1)  # stale: the next step rebuilds it (into the same tensors)
-
-
-def load_stages(run_dir: Path, stages: tuple[str, ...], registry: Registry | None = None) -> dict:
-    """The components saved by the given stages of a run folder, by kind."""
-    run_dir = Path(run_dir)
-    parts = {}
-    for stage in stages:
-        folder = run_dir / stage
-        if not (folder / MANIFEST).is_file():
-            raise GenieError(f"{run_dir}: the {stage} stage has not finished (no {folder / MANIFEST}); "
-                             f"run `genie run` on its recipe first")
-        parts |= load_components(folder, registry or get_registry())
-    return parts
-
-
-def load_world(run_dir: Path, registry: Registry | None = None) -> World:
-    """Loads the world of a run whose tokenizer and dynamics stages are done: its tokenizer, action and dynamics
-    models, the sampler it was evaluated with (saved by the report stage; the recipe's when that stage has not run)
-    and its recipe's [world] settings."""
-    registry = registry or get_registry()
-    run_dir = Path(run_dir)
-    if (run_dir / "report" / MANIFEST).is_file():
-        parts = load_stages(run_dir, ("tokenizer", "dynamics", "report"), registry)
-    else:
-        parts = load_stages(run_dir, ("tokenizer", "dynamics"), registry)
-        parts["sampler"] = recipe_sampler(run_dir, registry)
-    return World(**parts, config=world_config(run_dir))
-
-
-def _recipe_table(run_dir: Path, name: str) -> tuple[dict, str]:
-    """One table of the recipe a run was made with (empty for runs older than it), and where it came from."""
-    path = Path(run_dir) / "recipe.json"
-    return (json.loads(path.read_text()).get(name, {}) if path.is_file() else {}), f"{path} [{name}]"
-
-
-def recipe_sampler(run_dir: Path, registry: Registry) -> Sampler:
-    """The sampler the run's recipe names, built from its [sampler] table."""
-    table, where = _recipe_table(run_dir, "sampler")
-    options = dict(table)
-    name = options.pop("name", None)
-    if not isinstance(name, str):
-        raise GenieError(f"{where}: no sampler name; finish the run's report stage (`genie run`) or fix its recipe")
-    info = registry.get("sampler", name)
-    problems: list[str] = []
-    config = build_config(info.cls.config_class, options, where, problems)
-    if problems:
-        raise GenieError("; ".join(problems))
-    return info.cls(config)
-
-
-def world_config(run_dir: Path) -> WorldConfig:
-    """The [world] table of the recipe a run was made with (defaults for runs older than it)."""
-    table, where = _recipe_table(run_dir, "world")
-    problems: list[str] = []
-    config = build_config(WorldConfig, table, where, problems)
-    if problems:
-        raise GenieError("; ".join(problems))
-    return config

@@ -1,5 +1,5 @@
 """The paper's metrics and the ones its readers ask for. PSNR, SSIM and NMI come from torchmetrics; dtPSNR is built on
-PSNR as the paper defines it; FVD lives in genie_core.fvd.
+PSNR as the paper defines it; FVD lives in genie_core.eval.fvd.
 
 PSNR and SSIM are computed per frame over [C, H, W] with data range 1. Identical frames would give infinite PSNR: it is
 capped at 100 dB so that averages stay finite.

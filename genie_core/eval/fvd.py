@@ -29,7 +29,7 @@ from torch import nn
 
 from genie_core.errors import GenieError
 
-_WHAT_FVD_NEEDS = "FVD needs a local I3D file (TorchScript I3D or a state dict of genie_core.fvd.InceptionI3d)"
+_WHAT_FVD_NEEDS = "FVD needs a local I3D file (TorchScript I3D or a state dict of genie_core.eval.fvd.InceptionI3d)"
 
 
 # ------------------------------------------------------------------------------------------------ I3D network

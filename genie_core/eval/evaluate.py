@@ -6,7 +6,7 @@
     baselines    what doing nothing scores at each step t: the prompt frame shown again (copy-prompt), and the
                  tokenizer's reconstruction of the prompt shown again (copy-prompt tokens); and the world's PSNR minus
                  copy-prompt's, window by window (a world below 0 has learned less than a still frame)
-    dtPSNR       the paper's controllability metric at each requested t (genie_core.metrics.delta_psnr)
+    dtPSNR       the paper's controllability metric at each requested t (genie_core.eval.metrics.delta_psnr)
     FVD          Frechet Video Distance between true windows and rollouts, on I3D features from a local file
     actions      the LAM's actions against the data's true ones (NMI, mapping accuracy) and its codebook usage
 
@@ -17,7 +17,6 @@ the number of processes, and two runs evaluated with the same settings see exact
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -26,22 +25,44 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from genie_core.data import EpisodeIndex, WindowDataset, evenly_spaced
+from genie_core.config import EvalConfig
+from genie_core.data.footage import EpisodeIndex, WindowDataset, evenly_spaced
 from genie_core.errors import GenieError
-from genie_core.metrics import action_agreement, action_class_lookup, codebook_stats, mean_and_ci, psnr, ssim
-from genie_core.world import World
+from genie_core.eval.metrics import (
+    action_agreement,
+    action_class_lookup,
+    codebook_stats,
+    delta_psnr,
+    mean_and_ci,
+    psnr,
+    ssim,
+)
+from genie_core.run.folder import RunFolder
+from genie_core.world.model import World
 
 Measure = Callable[[torch.Tensor, torch.Generator, list[int]], list[torch.Tensor]]
 
 
+_RECIPE = attrs.fields(EvalConfig)  # a recipe's [eval] table: the defaults of the settings they share
+
+
 @attrs.frozen(kw_only=True)
 class EvalSettings:
-    windows: int = 64  # held-out windows, evenly spaced over the split
-    batch_size: int = 16
-    seed: int = 1234
-    dtpsnr_t: tuple[int, ...] = (4,)  # generated frames after the prompt
+    """What one evaluation measures: a recipe's [eval] table (`from_config`) and the options `genie eval` adds."""
+
+    windows: int = _RECIPE.windows.default  # held-out windows, evenly spaced over the split
+    batch_size: int = _RECIPE.batch_size.default
+    seed: int = _RECIPE.seed.default
+    dtpsnr_t: tuple[int, ...] = (_RECIPE.dtpsnr_t.default,)  # generated frames after the prompt
     horizon: int | None = None  # rollout steps for per-step fidelity and FVD; default: the world's context - 1
     labelled_fraction: float = 0.1  # share of transitions used to fit the latent -> true action mapping
+
+    @classmethod
+    def from_config(cls, config: EvalConfig, **changes) -> "EvalSettings":
+        """The settings a recipe's [eval] table gives its report, with `changes` on top."""
+        recipe = {"windows": config.windows, "batch_size": config.batch_size, "seed": config.seed,
+                  "dtpsnr_t": (config.dtpsnr_t,)}
+        return cls(**(recipe | changes))
 
 
 @torch.no_grad()
@@ -122,7 +143,7 @@ class Evaluation:
             with_inferred = world.rollout(video[:, 0], inferred, generator)  # [B, steps + 1, C, H, W]
             generator.set_state(noise)
             with_random = world.rollout(video[:, 0], random, generator)
-            deltas = [psnr(with_inferred[:, t], video[:, t]) - psnr(with_random[:, t], video[:, t]) for t in ts]
+            deltas = [delta_psnr(video[:, t], with_inferred[:, t], with_random[:, t]) for t in ts]
             # The cheapest baselines: the prompt again (its pixels, and its tokens decoded) at every step.
             future = video[:, 1:]
             still = video[:, :1].expand_as(future)
@@ -160,7 +181,7 @@ class Evaluation:
             "true_action_names": self.index.manifest.get("action_names"),  # None when the source names none
         }
         if features:
-            from genie_core.fvd import frechet_distance
+            from genie_core.eval.fvd import frechet_distance
 
             real, fake = features
             result["fvd"] = {"value": frechet_distance(real, fake), "videos": real.shape[0], "frames": horizon + 1,
@@ -189,145 +210,7 @@ class Evaluation:
                 **self.tokenizer(), **self.world_model()}
 
 
-# ----------------------------------------------------------------------------------------------- writing results
-
-
-def _cell(stat: dict | None, digits: int = 2) -> str:
-    if stat is None:
-        return "n/a"
-    ci = "" if stat["ci95"] != stat["ci95"] else f" ± {stat['ci95']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f}{ci}"
-
-
-def summary_rows(result: dict) -> list[tuple[str, str]]:
-    """(metric, value) rows of the short table `genie eval` prints and compares."""
-    rows = [("tokenizer PSNR (dB)", _cell(result["tokenizer_psnr_db"])),
-            ("tokenizer SSIM", _cell(result["tokenizer_ssim"], 3))]
-    for t, stat in result["dtpsnr_db"].items():
-        rows.append((f"dtPSNR t={t} (dB)", _cell(stat, 3)))
-    for t, stat in result["dynamics_psnr_at_t_db"].items():
-        rows += [(f"dynamics PSNR t={t} (dB)", _cell(stat)),
-                 (f"copy-prompt PSNR t={t} (dB)", _cell(result["copy_prompt_psnr_at_t_db"][t])),
-                 (f"copy-prompt tokens PSNR t={t} (dB)", _cell(result["copy_prompt_tokens_psnr_at_t_db"][t])),
-                 (f"dynamics minus copy-prompt t={t} (dB)", _cell(result["dynamics_minus_copy_prompt_at_t_db"][t]))]
-    last = result["horizon"]
-    rows.append((f"dynamics SSIM t={last}", _cell(result["dynamics_ssim_by_step"][-1], 3)))
-    fvd = result.get("fvd")
-    rows.append((f"FVD ({fvd['videos']} clips of {fvd['frames']})" if fvd else "FVD",
-                 f"{fvd['value']:.1f}" if fvd else "not measured (no --i3d)"))
-    scored = ((result["actions_vs_true"], "actions"), (result.get("actions_vs_true_classes"), "action classes"))
-    for actions, what in scored:
-        if actions:
-            rows += [(f"latent vs true {what} NMI", f"{actions['nmi']:.3f}"),
-                     (f"latent -> true {what} mapping accuracy",
-                      f"{actions['mapping_accuracy']:.3f} (majority {actions['majority_baseline']:.3f})")]
-    if not result["actions_vs_true"]:
-        rows.append(("latent vs true actions", "n/a (no true actions in the data)"))
-    for name in ("tokenizer", "lam"):
-        book = result[f"{name}_codebook"]
-        rows.append((f"{name} codes used / perplexity", f"{book['used']}/{book['size']} / {book['perplexity']:.1f}"))
-    return rows
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def write_run(result: dict, folder: Path, name: str) -> None:
-    """eval.json, eval.md and the PNGs of one run into `folder` (which the caller creates atomically)."""
-    from genie_core.plots import action_usage, fidelity_by_step
-
-    (folder / "eval.json").write_text(json.dumps(result, indent=2))
-    fidelity_by_step({name: result["dynamics_psnr_by_step_db"]}, {name: result["dynamics_ssim_by_step"]},
-                     folder / "fidelity_by_step.png", f"{name}: rollouts with inferred actions", baselines(result))
-    actions = result["actions_vs_true"]
-    names = result.get("true_action_names")
-    action_usage(result["lam_usage"], actions["contingency"] if actions else None, folder / "actions.png",
-                 f"{name}: latent actions", names)
-    settings = result["settings"]
-    lines = [f"# Evaluation: {name}", "",
-             f"Data `{result['data']}` split `{result['split']}`: {settings['windows']} windows (evenly spaced), "
-             f"seed {settings['seed']}; rollouts of {result['horizon']} steps from the first frame, driven by the "
-             "actions the latent action model infers from the true frames.", "",
-             table(["metric", "value (95% CI)"], [list(row) for row in summary_rows(result)]), "",
-             "## Fidelity by step", "",
-             table(["t", "PSNR (dB)", "copy-prompt PSNR (dB)", "copy-prompt tokens PSNR (dB)", "SSIM"],
-                   [[str(k + 1), _cell(p), _cell(c), _cell(ct), _cell(s, 3)] for k, (p, c, ct, s) in
-                    enumerate(zip(result["dynamics_psnr_by_step_db"], result["copy_prompt_psnr_by_step_db"],
-                                  result["copy_prompt_tokens_psnr_by_step_db"], result["dynamics_ssim_by_step"]))]),
-             "", "Copy-prompt shows the prompt frame again at every step; copy-prompt tokens shows the tokenizer's "
-             "reconstruction of it. A world that does not beat them has learned less than a still frame.", "",
-             "![fidelity](fidelity_by_step.png)", "", "## Latent actions", "", "![actions](actions.png)", ""]
-    if actions:
-        lines += [f"Each latent action mapped to the true action it came with most often, on {actions['labelled']} "
-                  f"labelled transitions (scored on the other {actions['scored']}):", "",
-                  table(["latent action", "transitions", "true action it maps to"],
-                        [[str(latent), str(count), true_action_name(real, names)] for latent, (count, real) in
-                         enumerate(zip(result["lam_usage"], actions["latent_to_real"]))]), ""]
-    (folder / "eval.md").write_text("\n".join(lines))
-
-
-def true_action_name(action: int, names: list[str] | None) -> str:
-    """'LEFT (1)' where the source names its actions, else the number."""
-    return f"{names[action]} ({action})" if names and 0 <= action < len(names) else str(action)
-
-
-def baselines(result: dict) -> dict[str, list[dict]]:
-    """The do-nothing baselines by step, as reference lines for the fidelity charts."""
-    return {"copy-prompt": result["copy_prompt_psnr_by_step_db"],
-            "copy-prompt tokens": result["copy_prompt_tokens_psnr_by_step_db"]}
-
-
-def write_comparison(results: dict[str, dict], folder: Path) -> str:
-    """One side-by-side table (and chart) of several runs evaluated on the same windows; returns the table."""
-    from genie_core.plots import fidelity_by_step
-
-    names = list(results)
-    rows = [dict(summary_rows(r)) for r in results.values()]
-    metrics = list(dict.fromkeys(metric for row in rows for metric in row))
-    side_by_side = table(["metric", *names], [[m, *(row.get(m, "n/a") for row in rows)] for m in metrics])
-    first = next(iter(results.values()))
-    (folder / "comparison.json").write_text(json.dumps(results, indent=2))
-    fidelity_by_step({n: r["dynamics_psnr_by_step_db"] for n, r in results.items()},
-                     {n: r["dynamics_ssim_by_step"] for n, r in results.items()},
-                     folder / "comparison.png", "rollouts with inferred actions", baselines(first))
-    (folder / "comparison.md").write_text("\n".join([
-        "# Comparison", "",
-        f"Every run on the same {first['settings']['windows']} windows of `{first['data']}` split "
-        f"`{first['split']}`, seed {first['settings']['seed']}.", "", side_by_side, "",
-        "![fidelity by step](comparison.png)", ""]))
-    return side_by_side
-
-
 # ------------------------------------------------------------------------------------------------ `genie eval`
-
-
-def resolve_run(path: Path) -> Path:
-    """A run folder, given it or any folder inside it (a stage folder such as RUN/dynamics)."""
-    path = Path(path)
-    for candidate in (path, *path.parents[:2]):
-        if (candidate / "dynamics" / "components.json").is_file() and (candidate / "tokenizer").is_dir():
-            return candidate
-    raise GenieError(f"{path}: not a finished run (no dynamics/components.json in it or above it); give the folder "
-                     "`genie run` wrote")
-
-
-def recipe_eval_settings(run_dir: Path) -> dict:
-    """The [eval] settings the run's recipe used for its report, so `genie eval` reproduces the report's numbers."""
-    recipe = run_dir / "recipe.json"
-    table = json.loads(recipe.read_text()).get("eval", {}) if recipe.is_file() else {}
-    settings = {key: table[key] for key in ("windows", "batch_size", "seed") if key in table}
-    if "dtpsnr_t" in table:
-        settings["dtpsnr_t"] = (table["dtpsnr_t"],)
-    return settings
-
-
-def run_data(run_dir: Path) -> Path:
-    """The data set a run trained on: its recipe's data.path, or the data stage inside it."""
-    recipe = run_dir / "recipe.json"
-    path = json.loads(recipe.read_text()).get("data", {}).get("path") if recipe.is_file() else None
-    return Path(path) if path else run_dir / "data"
 
 
 def evaluate_runs(runs: list[Path], data: Path | None, split: str, settings: dict, out: Path | None,
@@ -336,10 +219,11 @@ def evaluate_runs(runs: list[Path], data: Path | None, split: str, settings: dic
     eval folder and, for several runs, a side-by-side comparison. Returns {run name: result}."""
     from accelerate.state import AcceleratorState
 
-    from genie_core.atomic import atomic_dir
-    from genie_core.world import load_world
+    from genie_core.eval.report import write_comparison, write_run
+    from genie_core.io.atomic import atomic_dir
 
-    run_dirs = [resolve_run(run) for run in runs]
+    folders = [RunFolder.find(run) for run in runs]
+    run_dirs = [run.path for run in folders]
     if out is not None and out.exists() and any(out.iterdir()) and not any(
             (out / f).is_file() for f in ("eval.json", "comparison.json")):
         raise GenieError(f"--out {out}: exists and holds something other than an evaluation; results replace the "
@@ -347,25 +231,25 @@ def evaluate_runs(runs: list[Path], data: Path | None, split: str, settings: dic
     names = [d.name for d in run_dirs]
     if len(set(names)) < len(names):
         names = [str(d) for d in run_dirs]  # same folder name in different places: tell them apart by path
-    settings = EvalSettings(**(recipe_eval_settings(run_dirs[0]) | settings))
-    index = EpisodeIndex.open(data or run_data(run_dirs[0]))
+    settings = EvalSettings.from_config(folders[0].eval_config(), **settings)
+    index = EpisodeIndex.open(data or folders[0].data)
     AcceleratorState._reset_state()  # a fresh mixed-precision setting; the distributed state is kept
     accelerator = Accelerator(cpu=cpu)
     i3d = None
     if i3d_path is not None:
-        from genie_core.fvd import load_i3d
+        from genie_core.eval.fvd import load_i3d
 
         i3d = load_i3d(i3d_path, size=fvd_size).to(accelerator.device)
-    worlds = {name: load_world(d).to(accelerator.device) for name, d in zip(names, run_dirs)}
+    worlds = {name: run.world().to(accelerator.device) for name, run in zip(names, folders)}
     if settings.horizon is None and len(worlds) > 1:  # one horizon for all, so every run sees the same windows
         settings = attrs.evolve(settings, horizon=min(w.context for w in worlds.values()) - 1)
     results = {}
-    for (name, world), run_dir in zip(worlds.items(), run_dirs):
+    for (name, world), run in zip(worlds.items(), folders):
         if accelerator.is_main_process:
             log(f"genie eval: {name} on {index.root} ({split}, {settings.windows} windows)")
         results[name] = Evaluation(world, index, split, settings, accelerator, i3d).run()
         if accelerator.is_main_process:
-            folder = out if (out is not None and len(run_dirs) == 1) else run_dir / "eval"
+            folder = out if (out is not None and len(folders) == 1) else run.eval_dir
             with atomic_dir(folder) as tmp:
                 write_run(results[name], tmp, name)
             log(f"  wrote {folder / 'eval.md'}")

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from genie_core.config import DataConfig, config_to_dict
 from genie_core.errors import GenieError
 from genie_core.interfaces import VideoSource
-from genie_core.media import tile
+from genie_core.io.log import say
+from genie_core.io.media import tile
 
 MANIFEST, JOURNAL = "manifest.json", "journal.jsonl"
 FORMAT = "genie-episodes/1"
@@ -158,7 +159,7 @@ def _as_episode(episode, spec_resolution: int, unit: str) -> tuple[np.ndarray, n
 
 
 def build_dataset(source: VideoSource, identity: dict, cfg: DataConfig, out: Path, skip_bad: bool = False,
-                  log=print) -> dict:
+                  log=say) -> dict:
     """Builds (or finishes building) the dataset of `source` in `out`. Returns the manifest."""
     out = Path(out)
     manifest_path = out / MANIFEST

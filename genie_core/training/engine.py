@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+import attrs
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
@@ -26,11 +27,20 @@ from tqdm.auto import tqdm
 from genie_core.config import TrainConfig
 from genie_core.errors import GenieError, TrainingDiverged
 from genie_core.interfaces import DynamicsModel, LatentActionModel, VideoTokenizer
+from genie_core.io.log import say
+from genie_core.run.folder import CHECKPOINT_STATE, complete_checkpoints
 
-STATE_FILE = "trainer.json"  # beside Accelerate's files in a checkpoint: step, data position, scheduler, fingerprint
+
+class Task(nn.Module):
+    """What the engine trains: forward(batch) -> (loss, metrics). Holds the models being trained as submodules."""
+
+    def warning(self, metrics: dict[str, float]) -> str | None:
+        """Something the user should hear about, from the logged metrics of a step after warm-up; said once per
+        stage. None: nothing."""
+        return None
 
 
-class TokenizerTask(nn.Module):
+class TokenizerTask(Task):
     def __init__(self, tokenizer: VideoTokenizer):
         super().__init__()
         self.tokenizer = tokenizer
@@ -43,6 +53,14 @@ class TokenizerTask(nn.Module):
 LAM_USAGE = "lam_usage"  # the share of its |A| actions the latent action model used in a batch
 
 
+def lam_collapse(metrics: dict[str, float]) -> str | None:
+    """Codebook collapse, a known failure of latent action models: most actions unused."""
+    if metrics.get(LAM_USAGE, 1.0) < 0.5:
+        return (f"the latent action model used only {metrics[LAM_USAGE]:.0%} of its actions in this batch "
+                f"(codebook collapse?)")
+    return None
+
+
 def freeze(module: nn.Module) -> list[nn.Module]:
     """Frozen and in eval mode, inside a plain list: hidden from .parameters(), .state_dict(), the optimizer and
     .train(), so its codebooks are not updated and it gives exactly what it gives at play time."""
@@ -50,7 +68,7 @@ def freeze(module: nn.Module) -> list[nn.Module]:
     return [module]
 
 
-class LatentActionTask(nn.Module):
+class LatentActionTask(Task):
     """The latent action model alone, on its reconstruction loss."""
 
     def __init__(self, action_model: LatentActionModel):
@@ -61,8 +79,11 @@ class LatentActionTask(nn.Module):
         out = self.action_model.loss(video)
         return out.loss, {f"lam_{k}": v for k, v in out.metrics.items()}
 
+    def warning(self, metrics: dict[str, float]) -> str | None:
+        return lam_collapse(metrics)
 
-class WorldModelTask(nn.Module):
+
+class WorldModelTask(Task):
     """The dynamics model on a frozen tokenizer, co-trained with the latent action model (the paper), or on a
     frozen one (`train_action_model=False`).
 
@@ -75,6 +96,7 @@ class WorldModelTask(nn.Module):
         super().__init__()
         self.dynamics = dynamics
         self.frozen = freeze(tokenizer)
+        self.trains_action_model = train_action_model
         if train_action_model:
             self.action_model = action_model
         else:
@@ -85,7 +107,7 @@ class WorldModelTask(nn.Module):
         video, true_actions = batch if isinstance(batch, (tuple, list)) else (batch, None)
         with torch.no_grad():
             tokens = self.frozen[0].encode(video)
-        if hasattr(self, "action_model"):
+        if self.trains_action_model:
             lam = self.action_model.loss(video, **self.action_model.true_action_inputs(true_actions))
             loss, actions = lam.loss, lam.actions
             metrics = {f"lam_{k}": v for k, v in lam.metrics.items()}
@@ -96,6 +118,9 @@ class WorldModelTask(nn.Module):
             loss, metrics = 0.0, {}
         dyn = self.dynamics.loss(tokens, actions)  # integer ids: no gradient reaches the LAM from here
         return loss + dyn.loss, metrics | {f"dyn_{k}": v for k, v in dyn.metrics.items()}
+
+    def warning(self, metrics: dict[str, float]) -> str | None:
+        return lam_collapse(metrics)  # (a frozen LAM logs no usage: nothing to say)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -145,9 +170,7 @@ class Checkpoints:
         self.scheduler = scheduler  # saved here, not registered with Accelerate, whose registry outlives a stage
 
     def complete(self) -> list[Path]:
-        if not self.folder.is_dir():
-            return []
-        return sorted(p for p in self.folder.glob("step-*") if p.suffix != ".tmp" and (p / STATE_FILE).is_file())
+        return complete_checkpoints(self.folder)
 
     def save(self, step: int, position: DataPosition) -> None:
         final = self.folder / f"step-{step:09d}"
@@ -160,7 +183,7 @@ class Checkpoints:
         if self.accelerator.is_main_process:
             state = {"step": step, "epoch": position.epoch, "used": position.used, "fingerprint": self.fingerprint,
                      "scheduler": self.scheduler.state_dict()}
-            (tmp / STATE_FILE).write_text(json.dumps(state))
+            (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
             os.replace(tmp, final)
             for old in self.complete()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -171,7 +194,7 @@ class Checkpoints:
         found = self.complete()
         if not found:
             return None
-        state = json.loads((found[-1] / STATE_FILE).read_text())
+        state = json.loads((found[-1] / CHECKPOINT_STATE).read_text())
         if state["fingerprint"] != self.fingerprint:
             raise GenieError(f"{found[-1]}: this checkpoint was written by a run with other settings (another recipe "
                              f"or overrides); resume with the recipe that wrote it, or run without --resume")
@@ -196,23 +219,22 @@ def _check_finite(loss: torch.Tensor, metrics: dict, desc: str, step: int, check
         + (f"; the last good checkpoint is {last[-1]} (resume with --resume)" if last else "; no checkpoint yet"))
 
 
-def train(
-    accelerator: Accelerator,
-    task: nn.Module,
-    dataset: torch.utils.data.Dataset,
-    cfg: TrainConfig,
-    seed: int,
-    log_path: Path,
-    desc: str,
-    checkpoint_dir: Path,
-    fingerprint: str,
-    resume: bool = False,
-    validate=None,
-) -> dict:
-    """Trains `task` for cfg.steps optimizer steps; returns a summary (final metrics, steps/s). The task is trained
-    in place. With `resume`, continues from the newest complete checkpoint in `checkpoint_dir`, if any.
-    `validate(step)`, if given, runs on the main process every cfg.eval_every steps and returns metrics to log; it
-    must leave the model's state and the global random generators as it found them.
+@attrs.frozen
+class Checkpointing:
+    """Where a stage keeps its full-state checkpoints, the fingerprint of the settings they belong to, and whether
+    to continue from the newest one."""
+
+    folder: Path = attrs.field(converter=Path)
+    fingerprint: str
+    resume: bool = False
+
+
+def train(accelerator: Accelerator, task: Task, dataset: torch.utils.data.Dataset, cfg: TrainConfig, seed: int,
+          log_path: Path, desc: str, checkpointing: Checkpointing, validate=None) -> dict:
+    """Trains `task` for cfg.steps optimizer steps; returns a summary (final metrics, steps/s, and the task's whole
+    state as "weights"). The task is trained in place. With `checkpointing.resume`, continues from the newest
+    complete checkpoint, if any. `validate(step)`, if given, runs on the main process every cfg.eval_every steps
+    and returns metrics to log; it must leave the model's state and the global random generators as it found them.
 
     cfg.batch_size is per process and per micro-batch: each optimizer step sees
     processes x grad_accum x batch_size windows.
@@ -229,31 +251,25 @@ def train(
     optimizer, loader = accelerator.prepare(optimizer, loader)
     # Not prepared: Accelerate would step a prepared scheduler once per process, running the schedule N times fast.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    checkpoints = Checkpoints(accelerator, checkpoint_dir, cfg.keep_checkpoints, fingerprint, scheduler)
-    state = checkpoints.load_newest() if resume else None
+    checkpoints = Checkpoints(accelerator, checkpointing.folder, cfg.keep_checkpoints, checkpointing.fingerprint,
+                              scheduler)
+    state = checkpoints.load_newest() if checkpointing.resume else None
     if state is None:
         checkpoints.clear()
         state = {"step": 0, "epoch": 0, "used": 0}
-    elif accelerator.is_main_process:
-        print(f"{desc}: resuming at step {state['step']} from {checkpoints.complete()[-1]}")
+    else:
+        say(f"{desc}: resuming at step {state['step']} from {checkpoints.complete()[-1]}")
     position = DataPosition(loader, generator, seed, state["epoch"], state["used"])
     first_step = state["step"]
 
     model.train()
     main = accelerator.is_main_process
-    if main:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []  # a resumed log keeps the lines of the steps the checkpoint covers, and goes on from there
-        if first_step and log_path.is_file():
-            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < first_step]
-        log_path.write_text("".join(line + "\n" for line in kept))
     last: dict[str, float] = {}
     warned = False
     start = time.perf_counter()
-    log_file = open(log_path, "a") if main else contextlib.nullcontext()
     bar = tqdm(total=cfg.steps, initial=first_step, desc=desc, unit="step", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
-    with log_file as log, bar:
+    with _step_log(log_path, first_step, main) as log, bar:
         for step in range(first_step, cfg.steps):
             for micro in range(cfg.grad_accum):
                 video = position.next_batch()
@@ -271,28 +287,15 @@ def train(
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 last = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                         **{k: float(v) for k, v in metrics.items()}}
-                if main:
-                    log.write(json.dumps(last) + "\n")
-                    log.flush()
-                accelerator.log({f"{desc}/{k}": v for k, v in last.items() if k != "step"}, step=step)
-                if main and not warned and last.get(LAM_USAGE, 1.0) < 0.5 and step >= cfg.warmup_steps:
-                    warned = True  # codebook collapse, a known failure of latent action models: say so once
-                    bar.write(f"warning: {desc} step {step}: the latent action model used only "
-                              f"{last[LAM_USAGE]:.0%} of its actions in this batch (codebook collapse?)")
+                _log(accelerator, log, desc, last)
+                warning = task.warning(last) if main and not warned and step >= cfg.warmup_steps else None
+                if warning:
+                    warned = True
+                    bar.write(f"warning: {desc} step {step}: {warning}")
                 bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
             bar.update(1)
             if validate is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                with gathered_weights(accelerator, model):  # validation calls the modules outside the wrapper
-                    if main:
-                        model.eval()
-                        with torch.no_grad():
-                            scores = {"step": step, **validate(step + 1)}
-                        model.train()
-                        log.write(json.dumps(scores) + "\n")
-                        accelerator.log({f"{desc}/{k}": v for k, v in scores.items() if k != "step"}, step=step)
-                        bar.write(f"{desc} step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
-                                                                          if k != "step"))
-                accelerator.wait_for_everyone()
+                _validate(accelerator, model, validate, step, log, desc, bar)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 checkpoints.save(step + 1, position)
     seconds = time.perf_counter() - start
@@ -304,6 +307,44 @@ def train(
     steps = cfg.steps - first_step
     return {"final": last, "seconds": seconds, "steps_per_second": steps / seconds if steps else float("nan"),
             "weights": weights}
+
+
+@contextlib.contextmanager
+def _step_log(path: Path, first_step: int, main: bool):
+    """The stage's JSONL log, open for appending on the main process (None elsewhere). A resumed log keeps the
+    lines of the steps its checkpoint covers and goes on from there."""
+    if not main:
+        yield None
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if first_step and path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < first_step]
+    path.write_text("".join(line + "\n" for line in kept))
+    with open(path, "a") as log:
+        yield log
+
+
+def _log(accelerator: Accelerator, log, desc: str, line: dict) -> None:
+    """One line of metrics, into the JSONL log (main process) and Accelerate's trackers."""
+    if log is not None:
+        log.write(json.dumps(line) + "\n")
+        log.flush()
+    accelerator.log({f"{desc}/{k}": v for k, v in line.items() if k != "step"}, step=line["step"])
+
+
+def _validate(accelerator: Accelerator, model: nn.Module, validate, step: int, log, desc: str, bar) -> None:
+    """Runs `validate(step + 1)` on the main process, on the whole model, in eval mode; logs and shows its scores."""
+    with gathered_weights(accelerator, model):  # validation calls the modules outside the wrapper
+        if accelerator.is_main_process:
+            model.eval()
+            with torch.no_grad():
+                scores = {"step": step, **validate(step + 1)}
+            model.train()
+            _log(accelerator, log, desc, scores)
+            bar.write(f"{desc} step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
+                                                              if k != "step"))
+    accelerator.wait_for_everyone()
 
 
 def gathered_weights(accelerator: Accelerator, model: nn.Module):
