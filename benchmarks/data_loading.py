@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from stage_throughput import RESULTS, environment, timed_steps
 
 from genie_core.data.footage import EpisodeIndex, WindowDataset, build_dataset, source_identity
 from genie_core.interfaces import DataSpec, TokenSpec, VideoSpec
 from genie_core.recipe import load_recipe
 from genie_core.training.engine import TokenizerTask, WorldModelTask
+
+from stage_throughput import RESULTS, environment, timed_steps
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,12 +29,12 @@ import attrs
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage_throughput import RESULTS, environment  # noqa: E402
-
 from genie_core.config import WorldConfig  # noqa: E402
 from genie_core.interfaces import TokenSpec, VideoSpec  # noqa: E402
 from genie_core.recipe import load_recipe  # noqa: E402
 from genie_core.world.model import Rollout, World  # noqa: E402
+
+from stage_throughput import RESULTS, environment  # noqa: E402
 
 
 def session(world: World, history_len: int, steps: int, device) -> tuple[Rollout, torch.Tensor]:

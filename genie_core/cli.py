@@ -209,7 +209,10 @@ def _load_recipe(args):
 
 
 def cmd_validate(args) -> int:
+    from genie_core.run.stages import check_fits_the_machine
+
     recipe = _load_recipe(args)
+    check_fits_the_machine(recipe)  # as `genie run` does first: absurd sizes stop here, not out of memory mid-run
     parts = ", ".join(f"{kind}={choice.name}" for kind, choice in recipe.components.items())
     print(f"{args.recipe}: ok ({parts})")
     return 0
@@ -310,6 +313,8 @@ def cmd_sample(args) -> int:
         raise GenieError("--actions: give at least one action")
     if args.out.suffix.lower() != ".gif":
         raise GenieError(f"--out {args.out}: must end in .gif (a .png strip is written beside it)")
+    if not args.out.parent.is_dir():
+        raise GenieError(f"--out {args.out}: the folder {args.out.parent} does not exist; create it first")
     world = load_world(args.run_dir)
     changes = {k: v for k, v in (("steps", args.steps), ("temperature", args.temperature)) if v is not None}
     world.sampler = world.sampler_with(changes)
@@ -317,7 +322,6 @@ def cmd_sample(args) -> int:
     prompt = load_image(args.prompt, (spec.height, spec.width))
     generator = torch.Generator().manual_seed(args.seed)
     video = world.rollout(prompt[None], torch.tensor([actions]), generator)[0]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     save_gif(video, args.out, scale=args.scale)
     strip = args.out.with_suffix(".png")
     save_strip(video, strip, scale=args.scale)

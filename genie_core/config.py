@@ -14,11 +14,20 @@ from attrs import validators as v
 
 positive = v.gt(0)
 non_negative = v.ge(0)
+MAX_LAYERS = 256  # transformer layers per stack (the paper's largest has 36; GPT-3 has 96): beyond is a typo
+layers = [positive, v.le(MAX_LAYERS)]
 
 
 def unit_interval(instance, attribute, value):  # noqa: ARG001 - attrs validator signature
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"'{attribute.name}' must be in [0, 1]: {value}")
+
+
+def folder_name(instance, attribute, value):  # noqa: ARG001 - attrs validator signature
+    """One folder name: the run stays inside out_dir (no separators, no '..')."""
+    if not isinstance(value, str) or value in ("", ".", "..") or "/" in value or "\\" in value or "\0" in value:
+        raise ValueError(f"{value!r} is not a folder name (one name, no '/', '\\' or '..': the run folder is "
+                         f"out_dir/name)")
 
 
 def check_heads(config) -> None:
@@ -131,7 +140,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 @attrs.define(frozen=True, kw_only=True)
 class RunConfig:
-    name: str = attrs.field(default="genie", validator=v.min_len(1))
+    name: str = attrs.field(default="genie", validator=folder_name)  # the run folder: out_dir/name
     seed: int = 0
     out_dir: str = "runs"  # the run folder is out_dir/name unless `genie run --out` says otherwise
     mixed_precision: str = attrs.field(default="no", validator=v.in_(("no", "bf16", "fp16")))

@@ -106,7 +106,11 @@ def read_recipe_table(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError([f"{path}: recipe file not found"])
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:  # TOML is UTF-8
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise RecipeError([f"{path}: not UTF-8 text (byte {error.start}, line {line}); TOML recipes are UTF-8"]
+                          ) from None
     except tomllib.TOMLDecodeError as error:
         raise RecipeError([f"{path}: not valid TOML: {error}"]) from None
 

@@ -18,7 +18,7 @@ from attrs import validators as v
 from torch import nn
 
 from genie_core import hookimpl
-from genie_core.config import check_heads, positive
+from genie_core.config import check_heads, layers, positive
 from genie_core.interfaces import DynamicsModel, DynamicsOutput, Sampler, TokenSpec
 from genie_core.nn import AttentionBlock, SpaceTimePositions, draw_categorical
 
@@ -28,7 +28,7 @@ class AutoregressiveDynamicsConfig:
     """Defaults: the sizes of the paper's CoinRun dynamics model (Appendix F), as for MaskGIT."""
 
     dim: int = attrs.field(default=512, validator=positive)
-    depth: int = attrs.field(default=12, validator=positive)
+    depth: int = attrs.field(default=12, validator=layers)
     heads: int = attrs.field(default=8, validator=positive)
     qk_norm: bool = True
 

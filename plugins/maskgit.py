@@ -12,9 +12,11 @@ from attrs import validators as v
 
 from genie_core import hookimpl
 from genie_core.capabilities import CachedDynamics
-from genie_core.config import check_heads, positive, unit_interval
+from genie_core.config import check_heads, layers, positive, unit_interval
 from genie_core.interfaces import DynamicsModel, DynamicsOutput, Sampler, TokenSpec
 from genie_core.nn import FrameCache, SpaceTimePositions, STTransformer, draw_categorical
+
+MAX_STEPS = 1024  # sampling steps per frame (the paper: 25)
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -22,7 +24,7 @@ class MaskGITDynamicsConfig:
     """Defaults: the paper's CoinRun dynamics model (Appendix F)."""
 
     dim: int = attrs.field(default=512, validator=positive)
-    depth: int = attrs.field(default=12, validator=positive)
+    depth: int = attrs.field(default=12, validator=layers)
     heads: int = attrs.field(default=8, validator=positive)
     qk_norm: bool = True
     mask_rate_min: float = attrs.field(default=0.5, validator=unit_interval)  # per-sample rate ~ U(min, max)
@@ -167,7 +169,8 @@ class MaskGITDynamics(DynamicsModel):
 class MaskGITSamplerConfig:
     """Defaults: the paper's CoinRun sampling (25 steps, temperature 1.0)."""
 
-    steps: int = attrs.field(default=25, validator=positive)
+    # at most MAX_STEPS: each step reveals at least one token, and play computes every step of every frame
+    steps: int = attrs.field(default=25, validator=[positive, v.le(MAX_STEPS)])
     temperature: float = attrs.field(default=1.0, validator=v.ge(0))  # 0 = greedy
     # Run the history once per frame and keep its keys and values (when the dynamics model offers `prefill`), instead
     # of once per step: the same tokens, several times faster. False: the plain full-sequence path, for comparison.

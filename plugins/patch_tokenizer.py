@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from attrs import validators as v
 from torch import nn
 
-from genie_core.config import check_heads, check_patch_divides_resolution, positive
+from genie_core.config import check_heads, check_patch_divides_resolution, layers, positive
 from genie_core.interfaces import TokenizerOutput, VideoSpec, VideoTokenizer
 from genie_core.nn import Quantizer, SpaceTimePositions, check_quantizer, patchify, unpatchify
 
@@ -22,8 +22,8 @@ class PatchTokenizerConfig:
 
     patch_size: int = attrs.field(default=4, validator=positive)
     dim: int = attrs.field(default=512, validator=positive)
-    encoder_depth: int = attrs.field(default=8, validator=positive)
-    decoder_depth: int = attrs.field(default=8, validator=positive)
+    encoder_depth: int = attrs.field(default=8, validator=layers)
+    decoder_depth: int = attrs.field(default=8, validator=layers)
     heads: int = attrs.field(default=8, validator=positive)
     codebook_size: int = attrs.field(default=1024, validator=v.ge(2))
     code_dim: int = attrs.field(default=32, validator=positive)  # the VQ codebook's width; unused by fsq and lfq

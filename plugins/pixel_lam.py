@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from attrs import validators as v
 
 from genie_core import hookimpl
-from genie_core.config import check_heads, check_patch_divides_resolution, positive
+from genie_core.config import check_heads, check_patch_divides_resolution, layers, positive
 from genie_core.errors import GenieError
 from genie_core.interfaces import ActionModelOutput, LatentActionModel, VideoSpec, VideoTokenizer
 from genie_core.nn import Quantizer, SpaceTimePositions, STTransformer, check_quantizer, patchify, unpatchify
@@ -34,8 +34,8 @@ class PixelLAMConfig:
     num_actions: int = attrs.field(default=8, validator=v.ge(2))
     patch_size: int = attrs.field(default=16, validator=positive)
     dim: int = attrs.field(default=512, validator=positive)
-    encoder_depth: int = attrs.field(default=8, validator=positive)
-    decoder_depth: int = attrs.field(default=8, validator=positive)
+    encoder_depth: int = attrs.field(default=8, validator=layers)
+    decoder_depth: int = attrs.field(default=8, validator=layers)
     heads: int = attrs.field(default=8, validator=positive)
     code_dim: int = attrs.field(default=32, validator=positive)
     commitment_weight: float = attrs.field(default=0.25, validator=v.ge(0))

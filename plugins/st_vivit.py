@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import attrs
-from genie_plugins.patch_tokenizer import TINY, PatchTokenizerConfig, PatchTransformerTokenizer
 from torch import nn
 
 from genie_core import hookimpl
 from genie_core.nn import STTransformer
+from genie_plugins.patch_tokenizer import TINY, PatchTokenizerConfig, PatchTransformerTokenizer
 
 
 @attrs.define(frozen=True, kw_only=True)

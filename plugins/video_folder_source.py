@@ -36,7 +36,7 @@ from genie_core.config import non_negative, unit_interval
 from genie_core.errors import GenieError
 from genie_core.extras import missing_extra, require_extra
 from genie_core.interfaces import Episode, VideoSource
-from genie_core.io.media import resize_frames
+from genie_core.io.media import MAX_PIXELS, resize_frames
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".mkv", ".avi", ".mov")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -249,6 +249,10 @@ class VideoFolderSource(VideoSource):
                 if not container.streams.video:
                     raise GenieError(f"{path}: holds no video stream")
                 stream = container.streams.video[0]
+                width, height = stream.codec_context.width, stream.codec_context.height
+                if width * height > MAX_PIXELS:
+                    raise GenieError(f"{path}: frames of {width}x{height} pixels, more than the {MAX_PIXELS:,} a "
+                                     f"frame may have")
                 stream.thread_type = "AUTO"
                 rate = stream.average_rate or stream.guessed_rate  # fallback timing for frames without timestamps
                 slack = max(Fraction(stream.time_base or 0), TIMING_SLACK)
@@ -319,6 +323,9 @@ class VideoFolderSource(VideoSource):
         for index, name in enumerate(names):
             try:
                 with Image.open(folder / name) as image:
+                    if image.width * image.height > MAX_PIXELS:  # asked of the header, before any decoding
+                        raise GenieError(f"{folder}: frame {index} ({name}) is {image.width}x{image.height} pixels, "
+                                         f"more than the {MAX_PIXELS:,} a frame may have")
                     rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
             except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
                 raise GenieError(f"{folder}: cannot decode frame {index} ({name}): {error}") from None

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import attrs
 import torch
-from genie_plugins.patch_tokenizer import TINY, PatchTokenizerConfig, PatchTransformerTokenizer
 from torch import nn
 
 from genie_core import hookimpl
 from genie_core.nn import FullSTTransformer, STTransformer
+from genie_plugins.patch_tokenizer import TINY, PatchTokenizerConfig, PatchTransformerTokenizer
 
 
 @attrs.define(frozen=True, kw_only=True)

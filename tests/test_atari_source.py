@@ -5,13 +5,13 @@ from __future__ import annotations
 import attrs
 import numpy as np
 import pytest
-from genie_plugins.atari_source import AtariConfig, AtariSource, games, genie_register_components
 
 from genie_core.config import DataConfig
 from genie_core.data.footage import EpisodeIndex, WindowDataset, build_dataset, source_identity
 from genie_core.errors import GenieError
 from genie_core.interfaces import DataSpec
 from genie_core.registry import Owner
+from genie_plugins.atari_source import AtariConfig, AtariSource, games, genie_register_components
 
 RES = 32
 

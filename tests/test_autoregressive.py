@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from genie_core.interfaces import TokenSpec
 from genie_plugins.autoregressive import (
     AutoregressiveDynamics,
     AutoregressiveDynamicsConfig,
@@ -12,8 +14,6 @@ from genie_plugins.autoregressive import (
     AutoregressiveSamplerConfig,
 )
 from genie_plugins.maskgit import MaskGITDynamics
-
-from genie_core.interfaces import TokenSpec
 
 SPEC = TokenSpec(vocab_size=32, grid=(4, 4), num_frames=4, num_actions=4)
 N = SPEC.grid[0] * SPEC.grid[1]

@@ -6,10 +6,10 @@ from __future__ import annotations
 import attrs
 import pytest
 import torch
-from genie_plugins.maskgit import MaskGITSampler, MaskGITSamplerConfig
 
 from genie_core.nn import STTransformer
 from genie_core.testing import build, token_spec
+from genie_plugins.maskgit import MaskGITSampler, MaskGITSamplerConfig
 
 VARIANTS = ["maskgit", "maskgit:action-token"]
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
 from PIL import Image
 from safetensors.torch import load_file
 
 from genie_core.cli import main
 from genie_core.io.media import CAPTION_HEIGHT
+
+from conftest import REPO
 
 SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
 
@@ -64,6 +65,7 @@ def test_sample_from_a_prompt_image(run_dir, tmp_path):
     prompt = tmp_path / "prompt.png"
     Image.fromarray((torch.rand(40, 50, 3) * 255).byte().numpy()).save(prompt)  # any size: resized to 64x64
     out = tmp_path / "play" / "sample.gif"
+    out.parent.mkdir()  # (sample writes into folders that exist; it creates none)
     args = ["sample", str(run_dir), "--prompt", str(prompt), "--actions", "0,1,2,3,0", "--out", str(out),
             "--scale", "2"]
     assert main(args) == 0

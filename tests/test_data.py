@@ -13,7 +13,6 @@ import attrs
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 
 from genie_core.cli import main
 from genie_core.config import DataConfig
@@ -21,6 +20,8 @@ from genie_core.data.footage import EpisodeIndex, WindowDataset, build_dataset, 
 from genie_core.errors import GenieError
 from genie_core.interfaces import DataSpec, Episode, VideoSource
 from genie_core.registry import Owner, get_registry
+
+from conftest import REPO
 
 RES = 8
 

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import REPO
 
 from genie_core.cli import main
 from genie_core.config import DataConfig
@@ -37,6 +36,8 @@ from genie_core.interfaces import (
 )
 from genie_core.registry import Owner
 from genie_core.world.model import World
+
+from conftest import REPO
 
 LEVELS, ACTIONS, RES, FRAMES = 16, 4, 16, 6
 SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")

@@ -9,16 +9,17 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO
-from genie_plugins.atari_source import AtariConfig, AtariSource
-from genie_plugins.procgen_source import ProcgenConfig, ProcgenSource
-from genie_plugins.video_folder_source import VideoFolderConfig, VideoFolderSource
 
 from genie_core.cli import main
 from genie_core.config import DataConfig
 from genie_core.errors import GenieError
 from genie_core.extras import EXTRAS, missing_extra, require_extra
 from genie_core.interfaces import DataSpec
+from genie_plugins.atari_source import AtariConfig, AtariSource
+from genie_plugins.procgen_source import ProcgenConfig, ProcgenSource
+from genie_plugins.video_folder_source import VideoFolderConfig, VideoFolderSource
+
+from conftest import REPO
 
 TINY = str(REPO / "recipes" / "coinrun-tiny.toml")
 SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")

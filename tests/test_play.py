@@ -16,7 +16,6 @@ import attrs
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 from PIL import Image
 
 from genie_core.cli import main
@@ -25,16 +24,7 @@ from genie_core.play.server import Limits, PlayServer
 from genie_core.play.session import PlaySession, PlayWorld, arrow_keys
 from genie_core.run.folder import RunFolder
 
-
-@pytest.fixture(scope="module")
-def play(played_run):
-    return PlayWorld.load(played_run)
-
-
-@pytest.fixture()
-def server(play):
-    with PlayServer(play) as running:
-        yield running
+from conftest import REPO
 
 
 def request(server, method, path, body=None, content_type="application/json", raw=False):

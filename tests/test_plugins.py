@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 import genie_core.cli
 from genie_core import hookspecs
@@ -31,6 +30,8 @@ from genie_core.registry import (
     get_registry,
     load_registry,
 )
+
+from conftest import REPO
 
 BUILTIN_PACKAGE = "genie-world"
 EXAMPLE_PACKAGE = "genie-example-plugin"

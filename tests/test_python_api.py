@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-from conftest import REPO
 from PIL import Image
+
+from conftest import REPO
 
 
 def readme_python_example() -> str:

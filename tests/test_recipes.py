@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from genie_core.cli import main
 from genie_core.errors import RecipeError
 from genie_core.recipe import apply_overrides, load_recipe
+
+from conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*.toml"))
 
@@ -95,9 +96,8 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
 
 def test_sampler_must_fit_the_dynamics_model(tmp_path):
     """A MaskGIT sampler with a dynamics model that cannot mask is caught by validation, not after training."""
-    from genie_plugins.maskgit import MaskGITDynamics
-
     from genie_core.registry import Owner, Registrar, load_registry
+    from genie_plugins.maskgit import MaskGITDynamics
 
     class NoMasking(MaskGITDynamics):
         supports_masking = False

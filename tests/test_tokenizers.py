@@ -6,10 +6,10 @@ from __future__ import annotations
 import attrs
 import pytest
 import torch
-from genie_plugins.vit_tokenizers import CViViTConfig, CViViTTokenizer, ViTTokenizer, ViTTokenizerConfig
 
 from genie_core.nn import FullSTTransformer, Quantizer, STTransformer, block_causal_mask
 from genie_core.testing import TINY_VIDEO, video
+from genie_plugins.vit_tokenizers import CViViTConfig, CViViTTokenizer, ViTTokenizer, ViTTokenizerConfig
 
 TOKENIZERS = {"c-vivit": CViViTTokenizer, "vit": ViTTokenizer}
 

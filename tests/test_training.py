@@ -14,13 +14,14 @@ import time
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import REPO
 
 from genie_core.cli import main
 from genie_core.config import TrainConfig
 from genie_core.errors import TrainingDiverged
 from genie_core.testing import TINY_VIDEO, build
 from genie_core.training.engine import Checkpointing, Task, TokenizerTask, rebuilt, train
+
+from conftest import REPO
 
 SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on two cores: one thread each

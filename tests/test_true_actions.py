@@ -8,12 +8,13 @@ import json
 import attrs
 import pytest
 import torch
-from conftest import REPO
 
 from genie_core.cli import main
 from genie_core.errors import GenieError
 from genie_core.testing import TINY_VIDEO, build, video
 from genie_core.training.engine import WorldModelTask
+
+from conftest import REPO
 
 SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
 

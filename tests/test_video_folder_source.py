@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 av = pytest.importorskip("av")
-from genie_plugins.video_folder_source import VideoFolderConfig, VideoFolderSource, split_of  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from genie_core.config import DataConfig  # noqa: E402
@@ -20,6 +19,7 @@ from genie_core.data.footage import EpisodeIndex, WindowDataset, build_dataset, 
 from genie_core.errors import GenieError  # noqa: E402
 from genie_core.interfaces import DataSpec  # noqa: E402
 from genie_core.registry import Owner  # noqa: E402
+from genie_plugins.video_folder_source import VideoFolderConfig, VideoFolderSource, split_of  # noqa: E402
 
 SPEC = DataSpec(resolution=32)
 N_VIDEO, N_GIF, N_SEQ = 30, 10, 12  # frames in the test videos
@@ -282,6 +282,24 @@ def test_broken_image_in_a_sequence_names_the_frame(folder, tmp_path):
     shutil.copytree(folder / "seq", tmp_path / "seq")
     cut_in_half(tmp_path / "seq" / "frame_3.png", tmp_path / "seq" / "frame_3.png")
     with pytest.raises(GenieError, match=r"seq.*frame 3 \(frame_3\.png\)"):
+        list(source(tmp_path).record("images:seq"))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own note on opening the header
+def test_a_frame_too_large_is_refused_before_it_is_decoded(folder, tmp_path):
+    """An image sequence whose frame claims 12000 x 12000 pixels: refused from its header, never decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    shutil.copytree(folder / "seq", tmp_path / "seq")
+    header = struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0)  # RGB, 8 bits: 432 MB once decoded
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    (tmp_path / "seq" / "frame_2.png").write_bytes(bomb)
+    with pytest.raises(GenieError, match=r"seq: frame 2 \(frame_2\.png\) is 12000x12000 pixels, more than the "
+                                         r"50,000,000 a frame may have"):
         list(source(tmp_path).record("images:seq"))
 
 

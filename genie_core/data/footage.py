@@ -281,8 +281,30 @@ class EpisodeIndex:
                 if array.shape[: len(expected)] != expected:
                     raise GenieError(f"{path}: holds shape {list(array.shape)} but the manifest says "
                                      f"{list(expected)}{' x C' if part == 'frames' else ''}")
-                if verify and _sha256(path) != shard["sha256"][part]:
-                    raise GenieError(f"{path}: sha256 differs from the manifest's; the file changed after the build")
+                if verify:
+                    self._check_hash(path, shard["sha256"][part])
+
+    def _check_hash(self, path: Path, expected: str) -> None:
+        if _sha256(path) != expected:
+            raise GenieError(f"{path}: sha256 differs from the manifest's; the file changed after the build (rebuild "
+                             f"the footage, or restore the file)")
+
+    def _shard_files(self):
+        for shard in self.manifest["shards"]:
+            for part in ("frames", "actions"):
+                yield self.root / f"{shard['file']}.{part}.npy", shard["sha256"][part]
+
+    def file_stamps(self) -> dict[str, list[int]]:
+        """Size and modification time of every shard file, by path in the data set: what `verify_changed` compares."""
+        return {str(path.relative_to(self.root)): [path.stat().st_size, path.stat().st_mtime_ns]
+                for path, _ in self._shard_files()}
+
+    def verify_changed(self, stamps: dict[str, list[int]]) -> None:
+        """Hashes every shard file whose size or modification time differs from `stamps` (taken when the footage
+        was last hashed) against the manifest: a changed shard is found without hashing the footage every time."""
+        for path, expected in self._shard_files():
+            if stamps.get(str(path.relative_to(self.root))) != [path.stat().st_size, path.stat().st_mtime_ns]:
+                self._check_hash(path, expected)
 
     def episodes(self, split: str) -> list[dict]:
         if split not in self.manifest["splits"]:

@@ -21,3 +21,12 @@ def describe() -> dict:
             "cpu_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__, "genie": version("genie-world")}
+
+
+def memory_bytes(cpu: bool = False) -> int:
+    """The memory training gets on this machine: the GPUs' together when they are used, else the main memory."""
+    import torch
+
+    if torch.cuda.is_available() and not cpu:
+        return sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

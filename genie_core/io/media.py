@@ -75,8 +75,11 @@ def load_image(path: Path, size: tuple[int, int], max_bytes: int = 20_000_000) -
         return decode_image(file, size, str(path))
 
 
+MAX_PIXELS = 50_000_000  # the largest picture or video frame read (an 8K frame is 33 million): no decompression bombs
+
+
 def decode_image(file, size: tuple[int, int], name: str, formats: tuple[str, ...] | None = None,
-                 max_pixels: int = 50_000_000) -> torch.Tensor:
+                 max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """An image in a binary file object -> [C, H, W] float in [0, 1], resized to (height, width). `name` names it
     in errors; `formats` (PIL's names, e.g. PNG, JPEG) limits what is accepted."""
     try:

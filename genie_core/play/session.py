@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import io
 import json
-import queue
 import secrets
 import threading
 import time
+from collections import deque
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from genie_core.world.model import Rollout, World
 
 ARROWS = {"ArrowLeft": "LEFT", "ArrowRight": "RIGHT", "ArrowUp": "UP", "ArrowDown": "DOWN"}
 SAMPLER_KNOBS = ("steps", "temperature")  # what the page's sliders set, where the sampler has them
+MAX_TEMPERATURE = 2.0  # the most a player may set (the page's slider), unless the served sampler's is higher
 MAX_PROMPTS = 12
+NEW_SESSIONS = "new sessions"  # whose turn encoding a new session's prompt is: all new sessions share one
 
 
 def arrow_keys(run: RunFolder, eval_dir: Path | None = None) -> dict[str, int]:
@@ -69,47 +72,99 @@ def validation_prompts(run: RunFolder, resolution: int, count: int = MAX_PROMPTS
     return prompts
 
 
+class Abandoned(Exception):
+    """A job whose client went away before its turn came: it was dropped, not run."""
+
+
+@attrs.define
+class _Job:
+    call: Callable
+    args: tuple
+    abandoned: Callable[[], bool] | None
+    done: Future = attrs.field(factory=Future)
+
+
 class Compute:
     """Where a world's frames are computed: one job at a time, whoever asks (one model, one device). Torch's CPU
     thread pools belong to the thread that uses them, and frames computed on a web server's handler threads, beside
     the pool of the thread that loaded the model, ran at half speed on a 2-core machine. So `serve()` lets one
-    thread (the CLI's main thread, which loaded the model) do every job; until it does, or without it, `run` does the
-    job on the caller's thread."""
+    thread (the CLI's main thread, which loaded the model) do every job; until it does, or without it, the callers
+    take turns doing the jobs on their own threads.
+
+    Jobs wait in lines, one per owner (a session, or `NEW_SESSIONS`), and the lines take turns, one job each: a
+    player who sends many requests delays another's frame by at most one of its own jobs. A job whose
+    `abandoned()` is true when its turn comes (its client has gone) is dropped: its caller gets `Abandoned`."""
 
     def __init__(self):
-        self._lock = threading.RLock()
-        self._jobs: queue.Queue | None = None
-        self._serving: int | None = None  # the thread doing the jobs
+        self._turns = threading.Condition()  # guards _lines and _serving
+        self._lines: dict[Hashable, deque[_Job]] = {}  # owner -> its waiting jobs; the dict's order is the turns'
+        self._serving: int | None = None  # the thread doing every job, while one does
+        self._busy = threading.Lock()  # held while a job runs
+        self._running: int | None = None  # the thread running a job now
 
-    def run(self, job, *args):
-        """job(*args) under torch.no_grad(), and its result (or its exception)."""
-        jobs = self._jobs
-        if jobs is None or threading.get_ident() == self._serving:  # (a job that runs another: no waiting on itself)
-            with self._lock, torch.no_grad():
-                return job(*args)
-        done: Future = Future()
-        jobs.put((job, args, done))
-        return done.result()
+    def run(self, job, *args, owner: Hashable = None, abandoned: Callable[[], bool] | None = None):
+        """job(*args) under torch.no_grad(), in its owner's turn, and its result (or its exception)."""
+        if threading.get_ident() == self._running:  # a job that runs another: no waiting on itself
+            return job(*args)
+        waiting = _Job(job, args, abandoned)
+        with self._turns:
+            self._lines.setdefault(owner, deque()).append(waiting)
+            self._turns.notify_all()
+        while not waiting.done.done():
+            with self._turns:
+                if self._serving is not None:
+                    break
+            with self._busy:  # nobody serves: do the next job in turn (maybe another caller's) on this thread
+                if not waiting.done.done():
+                    self._run_next()
+        return waiting.done.result()
+
+    def pending(self) -> int:
+        """How many jobs are waiting for their turn."""
+        with self._turns:
+            return sum(len(line) for line in self._lines.values())
 
     def serve(self, stop: threading.Event) -> None:
         """Does every job on the calling thread until `stop` is set (or Ctrl+C)."""
-        self._jobs, self._serving = queue.Queue(), threading.get_ident()
-        jobs = self._jobs
+        with self._turns:
+            self._serving = threading.get_ident()
         try:
             while not stop.is_set():
-                try:
-                    job, args, done = jobs.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                try:
-                    with self._lock, torch.no_grad():
-                        done.set_result(job(*args))
-                except Exception as error:  # noqa: BLE001 - the caller's to handle
-                    done.set_exception(error)
+                with self._turns:
+                    if not self._lines:
+                        self._turns.wait(timeout=0.2)
+                        continue
+                with self._busy:
+                    self._run_next()
         finally:
-            self._jobs, self._serving = None, None
-            while not jobs.empty():  # jobs that came too late still get an answer
-                jobs.get_nowait()[2].set_exception(GenieError("the server is stopping"))
+            with self._turns:
+                self._serving = None
+                late = [job for line in self._lines.values() for job in line]
+                self._lines.clear()
+            for job in late:  # jobs that came too late still get an answer
+                job.done.set_exception(GenieError("the server is stopping"))
+
+    def _run_next(self) -> None:
+        """Runs the first job of the line whose turn it is; that line goes to the back. Call with `_busy` held."""
+        with self._turns:
+            if not self._lines:
+                return
+            owner = next(iter(self._lines))
+            line = self._lines.pop(owner)
+            job = line.popleft()
+            if line:
+                self._lines[owner] = line
+        if job.abandoned is not None and job.abandoned():
+            job.done.set_exception(Abandoned("the client went away before its turn"))
+            return
+        self._running = threading.get_ident()
+        try:
+            with torch.no_grad():
+                job.done.set_result(job.call(*job.args))
+        except Exception as error:  # noqa: BLE001 - the caller's to handle
+            job.done.set_exception(error)
+        finally:
+            self._running = None
 
 
 @attrs.define
@@ -178,19 +233,42 @@ class PlayWorld:
                              f"{', '.join(self.sampler_options()) or '(none)'}")
         return self.world.sampler_with(options)
 
+    def knob_ranges(self) -> dict[str, list]:
+        """What a player may set each knob to, [low, high]: steps up to the served sampler's (the run's, or
+        `genie play --steps N`), so that no player makes a frame cost more than the one who serves chose; the
+        temperature up to MAX_TEMPERATURE, or the served one if higher."""
+        served = self.sampler_options()
+        ranges = {}
+        if "steps" in served:
+            ranges["steps"] = [1, served["steps"]]
+        if "temperature" in served:
+            ranges["temperature"] = [0.0, max(MAX_TEMPERATURE, served["temperature"])]
+        return ranges
+
+    def player_sampler(self, options: dict) -> Sampler:
+        """`sampler(options)` for a player: the sampler's own checks, then the ranges of `knob_ranges()`."""
+        sampler = self.sampler(options)
+        for name, (low, high) in self.knob_ranges().items():
+            if name in options and not low <= options[name] <= high:
+                raise GenieError(f"sampler option {name} {options[name]!r} is out of range; this server allows "
+                                 f"{low}..{high}" + (" (`genie play --steps N` raises it)" if name == "steps" else ""))
+        return sampler
+
 
 class PlaySession:
     """One player's session: the prompt, every frame since, and the actions that led to them."""
 
-    def __init__(self, play: PlayWorld, prompt: torch.Tensor, seed: int = 0):
-        """prompt [C, H, W] in [0, 1], at the world's resolution."""
+    def __init__(self, play: PlayWorld, prompt: torch.Tensor, seed: int = 0,
+                 abandoned: Callable[[], bool] | None = None):
+        """prompt [C, H, W] in [0, 1], at the world's resolution. `abandoned`: tells whether whoever asked has gone
+        (then the prompt is not encoded: `Abandoned`)."""
         self.id = secrets.token_urlsafe(12)
         self.play = play
         world = play.world
         def encode():
             tokens = world.encode_prompt(prompt[None])
             return tokens, to_uint8(world.decode(tokens)[0])[0]  # the prompt as the world sees it, after its tokenizer
-        tokens, first = play.compute.run(encode)
+        tokens, first = play.compute.run(encode, owner=NEW_SESSIONS, abandoned=abandoned)
         self.rollout = Rollout(world, tokens)
         self.frames = [first]  # [H, W, 3] each
         self.generator = torch.Generator(world.device).manual_seed(seed)
@@ -206,19 +284,22 @@ class PlaySession:
         recent = self.seconds[-10:]
         return len(recent) / sum(recent) if recent else None
 
-    def step(self, action: int, options: dict | None = None) -> np.ndarray:
-        """Generates and returns the next frame [H, W, 3] uint8."""
+    def step(self, action: int, options: dict | None = None,
+             abandoned: Callable[[], bool] | None = None) -> np.ndarray:
+        """Generates and returns the next frame [H, W, 3] uint8, with the sampler's knobs `options` (within
+        `PlayWorld.knob_ranges()`). `abandoned`: as for the constructor."""
         if not isinstance(action, int) or isinstance(action, bool) or not 0 <= action < self.play.world.num_actions:
-            raise GenieError(f"action {action!r} is out of range; this world has actions "
+            shown = repr(action) if len(repr(action)) <= 40 else repr(action)[:37] + "..."
+            raise GenieError(f"action {shown} is out of range; this world has actions "
                              f"0..{self.play.world.num_actions - 1}")
-        sampler = self.play.sampler(options or {})
+        sampler = self.play.player_sampler(options or {})
         world = self.play.world
         start = time.perf_counter()
 
         def next_frame():
             self.rollout.step(torch.tensor([action], device=world.device), self.generator, sampler)
             return to_uint8(world.decode_last(self.rollout.tokens)[0])[0]
-        self.frames.append(self.play.compute.run(next_frame))
+        self.frames.append(self.play.compute.run(next_frame, owner=self.id, abandoned=abandoned))
         self.seconds = self.seconds[-9:] + [time.perf_counter() - start]
         return self.frames[-1]
 
@@ -233,10 +314,10 @@ class PlaySession:
         self.rollout.truncate(1)
         del self.frames[1:]
 
-    def gif(self, scale: int = 4, fps: int = 8) -> bytes:
+    def gif(self, scale: int = 4, fps: int = 8, abandoned: Callable[[], bool] | None = None) -> bytes:
         def encode() -> bytes:
             video = torch.from_numpy(np.stack(self.frames)).permute(0, 3, 1, 2).float() / 255
             buffer = io.BytesIO()
             save_gif(video, buffer, scale=scale, fps=fps)
             return buffer.getvalue()
-        return self.play.compute.run(encode)
+        return self.play.compute.run(encode, owner=self.id, abandoned=abandoned)

@@ -14,7 +14,11 @@ Evaluation, play and sampling load worlds from here; the training pipeline write
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import time
 from pathlib import Path
 
 import attrs
@@ -29,6 +33,7 @@ from genie_core.run.stages import STAGE_FILE, stage_fingerprint, world_models
 from genie_core.world.components import MANIFEST, load_components
 from genie_core.world.model import World
 
+LOCK_FILE = ".genie-run.lock"  # held by the `genie run` writing the folder (an OS lock: it dies with its process)
 CHECKPOINT_STATE = "trainer.json"  # in a training checkpoint, beside Accelerate's files: step, data position, ...
 
 
@@ -37,7 +42,8 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob("step-*") if p.suffix != ".tmp" and (p / CHECKPOINT_STATE).is_file())
+    # (step-N.tmp: being written; step-N.damaged: set aside by a resume that could not read it)
+    return sorted(p for p in folder.glob("step-*") if not p.suffix and (p / CHECKPOINT_STATE).is_file())
 
 
 def training_checkpoint(path: Path) -> Path | None:
@@ -116,7 +122,41 @@ class RunFolder:
     def stage_record(self, stage: str) -> dict | None:
         """A finished stage's stage.json (fingerprint, input, settings, summary, seconds), or None."""
         path = self.stage(stage) / STAGE_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise GenieError(f"{path}: damaged, not JSON ({error}); delete the {stage} folder and run `genie run` to "
+                             f"redo the stage") from None
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Holds the folder for one writer: a second `genie run` on it refuses at once, naming the holder. The lock is
+        the operating system's (flock), so a process that dies, even by kill -9, lets go of it."""
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise GenieError(f"{self.path}: in use by {holder}; wait for it to finish or stop it (two runs writing "
+                             f"one folder would mix their checkpoints and logs)") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"genie run (process {os.getpid()} on {socket.gethostname()}, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            handle.flush()
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
 
     def recipe_table(self) -> dict:
         """The recipe as run, as written (empty for a folder without one)."""
@@ -169,12 +209,21 @@ class RunFolder:
         """The trained world: tokenizer, action and dynamics models, the sampler it was evaluated with (saved by the
         report stage; the recipe's when that stage has not run) and the recipe's [world] settings."""
         registry = registry or get_registry()
+        self._check_stages_belong_together()
         if (self.stage("report") / MANIFEST).is_file():
             parts = self.components("tokenizer", "dynamics", "report", registry=registry)
         else:
             parts = self.components("tokenizer", "dynamics", registry=registry)
             parts["sampler"] = self.recipe_sampler(registry)
         return World(**parts, config=self.world_config())
+
+    def _check_stages_belong_together(self) -> None:
+        """Each stage records the output it was trained on; stage folders copied in from another run do not match."""
+        tokenizer, dynamics = self.stage_record("tokenizer"), self.stage_record("dynamics")
+        if tokenizer and dynamics and dynamics.get("input") != tokenizer.get("id"):
+            raise GenieError(f"{self.stage('dynamics')}: trained on another tokenizer than {self.stage('tokenizer')} "
+                             f"holds (its stage.json names tokenizer output {dynamics.get('input')}, the tokenizer's "
+                             f"is {tokenizer.get('id')}); run `genie run` on the recipe to redo the dynamics stage")
 
     def checkpoint_world(self, checkpoint: Path, registry: Registry | None = None) -> tuple[World, int]:
         """The world as it stood at a full-state checkpoint of this run's dynamics stage, still training or

@@ -74,6 +74,74 @@ def video_spec(recipe: Recipe, stage: str, tokenizer=None, true_actions: int = 0
                      true_actions=true_actions, **tokens)
 
 
+FOOTPRINT_TRUE_ACTIONS = 18  # what a model sized by the footage's true actions is counted with (Atari's most)
+BYTES_PER_TRAINED_PARAMETER = 16  # float32 weights, gradients and AdamW's two moments
+BYTES_PER_FROZEN_PARAMETER = 4
+
+
+def parameter_counts(recipe: Recipe) -> dict[str, int | None]:
+    """The parameters of the recipe's tokenizer, action model and dynamics model, counted on PyTorch's meta device
+    (nothing is allocated, whatever the sizes): None for a model that cannot be built there (a plugin may need real
+    tensors in its constructor), -1 for one whose tensors are too large to even describe (over 2**63 bytes)."""
+    import torch
+
+    components, counts, built = recipe.components, {}, {}
+
+    def count(kind: str, build) -> None:
+        try:
+            with torch.device("meta"):
+                built[kind] = build()
+            counts[kind] = sum(p.numel() for p in built[kind].parameters())
+        except RuntimeError as error:
+            counts[kind] = -1 if "overflow" in str(error) else None
+        except Exception:  # noqa: BLE001 - a plugin that cannot be built on the meta device is simply not counted
+            counts[kind] = None
+
+    tok, lam, dyn = components["tokenizer"], components["action_model"], components["dynamics"]
+    count("tokenizer", lambda: tok.info.cls(tok.config, video_spec(recipe, "tokenizer")))
+    tokenizer = built.get("tokenizer")
+    count("action_model", lambda: lam.info.cls(lam.config, video_spec(
+        recipe, "dynamics", lam.info.cls.needs_tokenizer and tokenizer, FOOTPRINT_TRUE_ACTIONS)))
+    if tokenizer is not None and "action_model" in built:
+        spec = TokenSpec(vocab_size=tokenizer.codebook_size, grid=tokenizer.grid,
+                         num_frames=recipe.train["dynamics"].seq_len, num_actions=built["action_model"].num_actions)
+        count("dynamics", lambda: dyn.info.cls(dyn.config, spec))
+    else:
+        counts["dynamics"] = None
+    return counts
+
+
+def footprint_problems(recipe: Recipe, memory_bytes: int, where: str) -> list[str]:
+    """A recipe whose models could not even be trained in `memory_bytes` (their weights, gradients and optimizer
+    state alone, before any activation): one sentence per problem, with the estimate."""
+    counts = parameter_counts(recipe)
+    huge = [kind for kind, n in counts.items() if n == -1]
+    if huge:
+        return [f"{where}: the {kind.replace('_', ' ')}'s sizes are too large to build at all (its tensors would "
+                f"exceed 2**63 bytes); lower them" for kind in huge]
+    known = {kind: n or 0 for kind, n in counts.items()}  # an uncounted model counts as nothing: a lower bound
+    stages = {"tokenizer": known["tokenizer"] * BYTES_PER_TRAINED_PARAMETER,
+              "dynamics": (known["action_model"] + known["dynamics"]) * BYTES_PER_TRAINED_PARAMETER
+              + known["tokenizer"] * BYTES_PER_FROZEN_PARAMETER}
+    stage, need = max(stages.items(), key=lambda item: item[1])
+    if need <= memory_bytes:
+        return []
+    sizes = ", ".join(f"{kind.replace('_', ' ')} {n:,}" for kind, n in known.items())
+    return [f"{where}: the models hold {sum(known.values()):,} parameters ({sizes}); the {stage} stage needs about "
+            f"{need / 2**30:,.1f} GiB for weights, gradients and optimizer state alone, more than the "
+            f"{memory_bytes / 2**30:,.1f} GiB this machine has; lower the sizes"]
+
+
+def check_fits_the_machine(recipe: Recipe) -> None:
+    """Refuses (RecipeError) a recipe whose models could not be trained in this machine's memory."""
+    from genie_core.errors import RecipeError
+    from genie_core.io.machine import memory_bytes
+
+    problems = footprint_problems(recipe, memory_bytes(recipe.run.cpu), recipe.source)
+    if problems:
+        raise RecipeError(problems)
+
+
 def world_models(recipe: Recipe, tokenizer, index: EpisodeIndex) -> tuple[LatentActionModel, DynamicsModel]:
     """The latent action and dynamics models of a recipe's dynamics stage, freshly built on its trained tokenizer
     for the footage of `index`."""

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import attrs
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -160,6 +162,10 @@ class DataPosition:
                 self.epoch, self.used, self._batches = self.epoch + 1, 0, None
 
 
+# What reading a damaged checkpoint raises: cut-short or changed JSON, safetensors, pickles and torch archives.
+DAMAGE = (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+
 class Checkpoints:
     """Full-state checkpoints of one stage: model, optimizer and every RNG (through Accelerate's save_state), plus
     the scheduler, the step, the data position and the stage's fingerprint. Each is written under a temporary
@@ -178,29 +184,59 @@ class Checkpoints:
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))  # every process: each saves its own RNG state
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            state = {"step": step, "epoch": position.epoch, "used": position.used, "fingerprint": self.fingerprint,
-                     "scheduler": self.scheduler.state_dict()}
-            (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
-            os.replace(tmp, final)
-            for old in self.complete()[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            self.accelerator.save_state(str(tmp))  # every process: each saves its own RNG state
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                state = {"step": step, "epoch": position.epoch, "used": position.used, "fingerprint": self.fingerprint,
+                         "scheduler": self.scheduler.state_dict()}
+                (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
+                os.replace(tmp, final)
+                for old in self.complete()[: -self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except OSError as error:  # a read-only folder, a full disk: the checkpoints written before stay usable
+            last = self.complete()
+            raise GenieError(f"{self.folder}: cannot write the checkpoint of step {step} "
+                             f"({error.strerror or error}); "
+                             + (f"the last good one is {last[-1]} (fix the folder, then resume with --resume)"
+                                if last else "no checkpoint was written yet")) from None
         self.accelerator.wait_for_everyone()
 
     def load_newest(self) -> dict | None:
-        """Restores the newest complete checkpoint; returns its state, or None when there is none."""
+        """Restores the newest complete checkpoint that loads; returns its state, or None when there is none. A
+        damaged one (a file cut short by a crash or a full disk, or changed since) is set aside as step-N.damaged,
+        with a word, and the one before it is tried."""
         found = self.complete()
-        if not found:
-            return None
-        state = json.loads((found[-1] / CHECKPOINT_STATE).read_text())
-        if state["fingerprint"] != self.fingerprint:
-            raise GenieError(f"{found[-1]}: this checkpoint was written by a run with other settings (another recipe "
-                             f"or overrides); resume with the recipe that wrote it, or run without --resume")
-        self.accelerator.load_state(str(found[-1]))
-        self.scheduler.load_state_dict(state["scheduler"])
-        return state
+        for path in reversed(found):
+            try:
+                state = json.loads((path / CHECKPOINT_STATE).read_text())
+                written_under = state["fingerprint"]
+            except DAMAGE as error:
+                self._set_aside(path, error)
+                continue
+            if written_under != self.fingerprint:
+                raise GenieError(f"{path}: this checkpoint was written by a run with other settings (another recipe "
+                                 f"or overrides); resume with the recipe that wrote it, or run without --resume")
+            try:
+                self.accelerator.load_state(str(path))
+                self.scheduler.load_state_dict(state["scheduler"])
+            except DAMAGE as error:
+                self._set_aside(path, error)
+                continue
+            return state
+        if found:
+            raise GenieError(f"{self.folder}: every checkpoint is damaged; run without --resume to start the stage "
+                             f"over")
+        return None
+
+    def _set_aside(self, path: Path, error: Exception) -> None:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if self.accelerator.is_main_process:
+            aside = path.with_name(path.name + ".damaged")
+            shutil.rmtree(aside, ignore_errors=True)  # one set aside before at this step
+            os.replace(path, aside)  # kept to look at; no longer a checkpoint
+            say(f"{path}: damaged ({reason}); set aside as {path.name}.damaged, trying the checkpoint before it",
+                stderr=True)
 
     def clear(self) -> None:
         if self.accelerator.is_main_process:

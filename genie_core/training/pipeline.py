@@ -21,7 +21,7 @@ from pathlib import Path
 
 import attrs
 import torch
-from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 from accelerate.state import AcceleratorState
 from torch.distributed.fsdp import MixedPrecision
 
@@ -41,6 +41,7 @@ from genie_core.run.folder import RunFolder
 from genie_core.run.stages import (
     STAGE_FILE,
     STAGES,
+    check_fits_the_machine,
     stage_fingerprint,
     stage_settings,
     upstream,
@@ -109,12 +110,13 @@ class Pipeline:
             return "stale"
         return "done"
 
-    def _finish(self, folder: Path, stage: str, summary: dict) -> None:
+    def _finish(self, folder: Path, stage: str, summary: dict, **more) -> None:
         before = upstream(stage)
         record = {"stage": stage, "id": uuid.uuid4().hex, "input": before and self.folder.stage_record(before)["id"],
                   "fingerprint": stage_fingerprint(self.recipe, stage),
                   "settings": stage_settings(self.recipe, stage), "summary": summary,
-                  "seconds": round(time.perf_counter() - self._stage_start, 1)}  # this process's wall time
+                  "seconds": round(time.perf_counter() - self._stage_start, 1),  # this process's wall time
+                  **more}
         (folder / STAGE_FILE).write_text(json.dumps(record, indent=2, default=str))
 
     def run(self, redo_from: str | None = None, resume: bool = False) -> dict:
@@ -123,6 +125,15 @@ class Pipeline:
         self.resume = resume
         if redo_from is not None and redo_from not in STAGES:
             raise GenieError(f"--redo-from '{redo_from}': no such stage; stages: {', '.join(STAGES)}")
+        check_fits_the_machine(self.recipe)
+        run_cfg = self.recipe.run
+        # One writer per run folder, held before anything is written (the recipe, the trackers' logs); under several
+        # processes the main one holds it for all.
+        main = PartialState(cpu=run_cfg.cpu).is_main_process
+        with self.folder.lock() if main else contextlib.nullcontext():
+            return self._run_holding_the_folder(redo_from)
+
+    def _run_holding_the_folder(self, redo_from: str | None) -> dict:
         run_cfg = self.recipe.run
         trackers = [t.strip() for t in run_cfg.trackers.split(",") if t.strip() and t.strip() != "none"]
         # Accelerate keeps one mixed-precision setting per process; a new run in the same process (a notebook, the
@@ -183,8 +194,8 @@ class Pipeline:
         if not self.main:
             return
         cfg = self.recipe.data
-        if cfg.path:  # built before: check it, use it in place
-            manifest = EpisodeIndex.open(cfg.path).manifest
+        if cfg.path:  # built before: check it, every byte (new to this run), and use it in place
+            manifest = EpisodeIndex.open(cfg.path, verify=True).manifest
             built, choice = manifest.get("source") or {}, self.recipe.components["source"]
             if (built.get("name"), built.get("config")) != (choice.name, config_to_dict(choice.config)):
                 self.log(f"note: data.path {cfg.path} was built by source '{built.get('name')}' with "
@@ -199,13 +210,18 @@ class Pipeline:
                              f"data.resolution is {cfg.resolution}")
         self.folder.stage("data").mkdir(parents=True, exist_ok=True)
         splits = {k: {"episodes": v["episodes"], "frames": v["frames"]} for k, v in manifest["splits"].items()}
+        # The shard files' sizes and times, now that they are known good: the training stages re-hash any that change.
+        stamps = EpisodeIndex.open(self.data_root).file_stamps()
         self._finish(self.folder.stage("data"), "data", {"root": str(self.data_root), "frames": manifest["frames"],
-                                                       "splits": splits, "skipped": manifest["skipped"]})
+                                                       "splits": splits, "skipped": manifest["skipped"]},
+                     shard_stamps=stamps)
 
     @property
     def index(self) -> EpisodeIndex:
         if self._index is None:
-            self._index = EpisodeIndex.open(self.data_root)
+            index = EpisodeIndex.open(self.data_root)  # checks every shard's shape
+            index.verify_changed((self.folder.stage_record("data") or {}).get("shard_stamps", {}))
+            self._index = index
         return self._index
 
     def dataset(self, split: str, length: int, with_actions: bool = False) -> WindowDataset:

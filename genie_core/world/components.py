@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import attrs
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from genie_core.config import config_to_dict
@@ -46,8 +47,14 @@ def load_components(folder: Path, registry: Registry | None = None) -> dict[str,
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise GenieError(f"{folder}: no {MANIFEST}; not a genie checkpoint folder")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise GenieError(f"{path}: damaged, not a JSON manifest ({error}); run the stage that wrote it again") from None
+    if not isinstance(manifest, dict) or not all(isinstance(e, dict) and "name" in e for e in manifest.values()):
+        raise GenieError(f"{path}: damaged, not a components manifest; run the stage that wrote it again")
     out = {}
-    for kind, entry in json.loads(path.read_text()).items():
+    for kind, entry in manifest.items():
         try:
             info = registry.get(kind, entry["name"])
         except PluginError as error:
@@ -73,7 +80,9 @@ def load_components(folder: Path, registry: Registry | None = None) -> dict[str,
             weights = Path(folder) / f"{kind}.safetensors"
             try:
                 load_model(module, str(weights))
-            except (OSError, RuntimeError) as error:  # missing, truncated, or weights of another shape
-                raise GenieError(f"{weights}: cannot load the {kind} weights into {info.name}: {error}") from None
+            except (OSError, RuntimeError, SafetensorError) as error:  # missing, damaged, or of another shape
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise GenieError(f"{weights}: cannot load the {kind} weights into {info.name} ({reason}); run the "
+                                 f"stage that wrote them again") from None
         out[kind] = module.eval()
     return out

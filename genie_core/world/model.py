@@ -33,10 +33,24 @@ class World:
     config: WorldConfig = WorldConfig()
 
     def __attrs_post_init__(self):
+        self._check_parts_fit()
         self.action_model.use_tokenizer(self.tokenizer)  # a token-input action model reads through it
         if self.config.context > self.trained_context:
             raise GenieError(f"[world] context {self.config.context} is longer than the {self.trained_context} frames "
                              f"this world was trained on")
+
+    def _check_parts_fit(self) -> None:
+        """The dynamics model reads this tokenizer's tokens and this action model's actions: parts of different
+        runs (another codebook, another grid, another |A|) are refused here rather than failing deep in a rollout."""
+        spec, tokenizer = self.dynamics.spec, self.tokenizer
+        differences = [f"{what}: {theirs} for the dynamics model, {ours} for the {whose}"
+                       for what, theirs, ours, whose in (
+                           ("codebook size", spec.vocab_size, tokenizer.codebook_size, "tokenizer"),
+                           ("token grid", tuple(spec.grid), tuple(tokenizer.grid), "tokenizer"),
+                           ("number of actions", spec.num_actions, self.action_model.num_actions, "action model"))
+                       if theirs != ours]
+        if differences:
+            raise GenieError(f"the parts of this world were not trained together ({'; '.join(differences)})")
 
     @property
     def num_actions(self) -> int:
