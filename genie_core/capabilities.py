@@ -56,3 +56,19 @@ class RefillableCache(Protocol):
     steps that captured its addresses keep replaying when the window moves. Returns False when it cannot."""
 
     def refill(self, other: Any) -> bool: ...
+
+
+@runtime_checkable
+class PlaysEpisodes(Protocol):
+    """A source that is a game played by a registered policy (the Atari source is): agents trained on its footage
+    can be scored in the real game."""
+
+    def policy(self) -> Any:
+        """The policy its footage is played by."""
+
+    def footage_seeds(self) -> range:
+        """The episode seeds its footage is played from (an agent is scored on others)."""
+
+    def play(self, seed: int, policy: Any, keep_frames: bool = True) -> tuple[Any, list[int], float]:
+        """One episode from `seed` played by `policy`: its frames at the data resolution (None unless kept), its
+        actions and its score."""

@@ -102,6 +102,20 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--temperature", type=float, help="sampling temperature (overrides the saved sampler's)")
     sample.add_argument("--scale", type=positive_int, default=4, help="nearest-neighbour upscaling of the output")
 
+    agent = sub.add_parser("agent", help="clone the expert of a run's game footage through its latent actions and "
+                                         "score it in the real game (RUN/agent/)")
+    agent.add_argument("run_dir", type=Path, help="a finished run on footage of a game played by a policy (atari)")
+    agent.add_argument("--labels", type=_steps, default=(20, 200, 2000),
+                       help="labelled transitions that map latent to real actions, comma-separated (default "
+                            "20,200,2000)")
+    agent.add_argument("--episodes", type=positive_int, default=20, help="scored episodes per agent (default 20)")
+    agent.add_argument("--first-seed", type=int, default=100_000,
+                       help="scored episodes use seeds from here on, none of the footage's (default 100000)")
+    agent.add_argument("--max-steps", type=positive_int, default=2000, help="steps per scored episode at most")
+    agent.add_argument("--steps", type=positive_int, default=2000, help="training steps of each network")
+    agent.add_argument("--resume", action="store_true", help="continue interrupted training from its checkpoints")
+    agent.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+
     play = sub.add_parser("play", help="play a trained world: a page in the browser (local web server) or --terminal")
     play.add_argument("run_dir", type=Path, metavar="RUN_OR_CHECKPOINT",
                       help="a run folder whose tokenizer and dynamics stages are complete, or a checkpoint of its "
@@ -134,6 +148,17 @@ def _parser() -> argparse.ArgumentParser:
                            "faster play)")
     play.add_argument("--compile-mode", help="torch.compile mode for --compile (e.g. reduce-overhead: CUDA graphs)")
     return parser
+
+
+def cmd_agent(args) -> int:
+    from genie_core.agent.imitate import ImitationSettings, imitate
+
+    settings = ImitationSettings(labels=args.labels, episodes=args.episodes, first_seed=args.first_seed,
+                                 max_steps=args.max_steps, steps=args.steps)
+    report = imitate(args.run_dir, settings, resume=args.resume, cpu=args.cpu)
+    for name, result in report["results"].items():
+        print(f"{name}: {result['mean']:.2f} ± {result['ci95']:.2f}")
+    return 0
 
 
 def cmd_play(args) -> int:
@@ -339,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides += extra
     handler = {"plugins": cmd_plugins, "validate": cmd_validate, "run": cmd_run, "data": cmd_data,
-               "eval": cmd_eval, "sample": cmd_sample, "play": cmd_play}[args.command]
+               "eval": cmd_eval, "sample": cmd_sample, "play": cmd_play, "agent": cmd_agent}[args.command]
     try:
         return handler(args)
     except TrainingDiverged as error:  # not bad input: the run itself failed

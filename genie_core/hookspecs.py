@@ -24,8 +24,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def genie_register_components(registrar: Registrar) -> None:
     """Register components by calling the registrar.
 
-    ``registrar.add_tokenizer(name, cls)``, ``add_action_model``, ``add_dynamics``, ``add_sampler`` and ``add_source``
-    each take the name recipes use and a subclass of the matching interface in ``genie_core.interfaces`` whose
-    ``config_class`` is a frozen attrs class. A name already taken by another plugin is an error naming both.
-    Registration is all-or-nothing per plugin: if this hook raises, none of the plugin's components are kept.
+    ``registrar.add_tokenizer(name, cls)``, ``add_action_model``, ``add_dynamics``, ``add_sampler``, ``add_source``
+    and ``add_policy`` each take the name recipes (or sources, for policies) use and a subclass of the matching
+    interface in ``genie_core.interfaces`` whose ``config_class`` is a frozen attrs class. A name already taken by
+    another plugin is an error naming both. Registration is all-or-nothing per plugin: if this hook raises, none of
+    the plugin's components are kept.
     """

@@ -62,6 +62,15 @@ class DataSpec:
     channels: int = 3
 
 
+@attrs.define(frozen=True, kw_only=True)
+class PolicySpec:
+    """What a policy plays: the game and its actions (their number and, where the environment names them, names)."""
+
+    game: str
+    num_actions: int
+    action_names: tuple[str, ...] = ()
+
+
 # --------------------------------------------------------------------------------------------------- results
 
 
@@ -283,6 +292,30 @@ class VideoSource(Component, abc.ABC):
         """The episodes of one unit, at spec.resolution. Raise GenieError naming the file (and frame) on bad input."""
 
 
+class Policy(Component, abc.ABC):
+    """Chooses the actions a source plays to make footage: a random player, a scripted expert, a trained agent.
+
+    `reset(seed)` starts an episode: the policy's own randomness is seeded from it, so an episode's footage does not
+    depend on the order episodes are played in. `act(observation, info)` gives the next action in
+    [0, spec.num_actions): `observation` is the screen (numpy uint8 [H, W, 3] at the environment's own size), `info`
+    what the environment offers besides (Atari sources: the console's 128 bytes of RAM as "ram").
+    """
+
+    # The games a policy can play (a scripted expert reads one game's RAM); None: any game.
+    games: ClassVar[tuple[str, ...] | None] = None
+
+    def __init__(self, config: Any, spec: PolicySpec):
+        super().__init__(config)
+        self.spec = spec
+
+    @abc.abstractmethod
+    def reset(self, seed: int) -> None: ...
+
+    @abc.abstractmethod
+    def act(self, observation: Any, info: dict[str, Any]) -> int: ...
+
+
+# The components a recipe chooses, one table each.
 KINDS: dict[str, type[Component]] = {
     "tokenizer": VideoTokenizer,
     "action_model": LatentActionModel,
@@ -290,3 +323,5 @@ KINDS: dict[str, type[Component]] = {
     "sampler": Sampler,
     "source": VideoSource,
 }
+# Everything a plugin can register: the recipe's kinds, and policies, which sources name.
+REGISTERED_KINDS: dict[str, type[Component]] = {**KINDS, "policy": Policy}

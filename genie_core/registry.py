@@ -20,7 +20,7 @@ import pluggy
 
 from genie_core import hookspecs
 from genie_core.errors import PluginError
-from genie_core.interfaces import KINDS, Component
+from genie_core.interfaces import REGISTERED_KINDS, Component
 
 ENTRY_POINT_GROUP = "genie.plugins"
 STRICT_ENV = "GENIE_STRICT_PLUGINS"
@@ -34,6 +34,7 @@ BUILTIN_PLUGINS = (
     "genie_plugins.procgen_source",
     "genie_plugins.atari_source",
     "genie_plugins.video_folder_source",
+    "genie_plugins.policies",
 )
 
 
@@ -88,8 +89,11 @@ class Registrar:
     def add_source(self, name: str, cls: type[Component]) -> None:
         self._add("source", name, cls)
 
+    def add_policy(self, name: str, cls: type[Component]) -> None:
+        self._add("policy", name, cls)
+
     def _add(self, kind: str, name: str, cls: Any) -> None:
-        base = KINDS[kind]
+        base = REGISTERED_KINDS[kind]
         if not isinstance(name, str) or not name:
             raise PluginError(f"{self.owner} registered a {kind} with an empty or non-string name: {name!r}")
         if not (isinstance(cls, type) and issubclass(cls, base)):

@@ -1,8 +1,9 @@
-"""Atari 2600 games (Pong and the other ALE games) played by a uniformly random policy, through ale-py and gymnasium.
+"""Atari 2600 games (Pong and the other ALE games), through ale-py and gymnasium, played by a registered policy:
+`random` (each action drawn uniformly) by default, or an expert such as `breakout-ram-expert`.
 
-A unit is one episode: "episode-N" is played from `env.reset(seed=N)` by a policy drawing each action uniformly from
-the game's action set with `np.random.default_rng(N)`, so a unit's footage is the same whatever order units are
-built in. Training episodes are seeds [0, train_episodes); validation episodes are the next val_episodes seeds.
+A unit is one episode: "episode-N" is played from `env.reset(seed=N)` by the policy reset with seed N, so a unit's
+footage is the same whatever order units are built in. Training episodes are seeds [0, train_episodes); validation
+episodes are the next val_episodes seeds. Each episode's score (the sum of the game's rewards) is kept in its meta.
 
 Frames are the RGB screen (210x160), resized whole (no crop) to the data resolution. The episode holds the screen
 after reset and after every step; actions[t] is the action that turned frame t into frame t + 1 (-1 after the last
@@ -23,8 +24,9 @@ from genie_core import hookimpl
 from genie_core.config import positive, unit_interval
 from genie_core.errors import GenieError
 from genie_core.extras import missing_extra, require_extra
-from genie_core.interfaces import Episode, VideoSource
+from genie_core.interfaces import Episode, Policy, PolicySpec, VideoSource
 from genie_core.io.media import resize_frames
+from genie_core.registry import get_registry
 
 RESIZE_CHUNK = 256  # native frames held before resizing (a native frame is 100 KB)
 
@@ -39,6 +41,20 @@ def gymnasium():
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
     module.register_envs(ale_py)
     return module
+
+
+def policy_problem(name: str, game: str) -> str | None:
+    """None if `name` is a registered policy that plays `game`, else a sentence naming the valid choices."""
+    from genie_core.errors import PluginError
+
+    registry = get_registry()
+    try:
+        info = registry.get("policy", name)
+    except PluginError as error:
+        return f"'policy': {error}"
+    if info.cls.games is not None and game not in info.cls.games:
+        return f"'policy' {name!r} plays {', '.join(info.cls.games)}, not {game!r}"
+    return None
 
 
 def env_id(game: str) -> str:
@@ -79,6 +95,7 @@ class AtariConfig:
     train_episodes: int = attrs.field(default=1000, validator=positive)
     val_episodes: int = attrs.field(default=50, validator=positive)
     max_steps_per_episode: int = attrs.field(default=1000, validator=positive)  # at most this + 1 frames
+    policy: str = attrs.field(default="random", validator=v.instance_of(str))  # a registered policy: who plays
 
 
 class AtariSource(VideoSource):
@@ -99,7 +116,7 @@ class AtariSource(VideoSource):
         missing = missing_extra("atari")
         if missing is not None:
             return [missing]
-        problem = unknown_game(config.game)
+        problem = unknown_game(config.game) or policy_problem(config.policy, config.game)
         return [] if problem is None else [problem]
 
     def units(self):
@@ -109,7 +126,7 @@ class AtariSource(VideoSource):
 
     def __getstate__(self):
         state = super().__getstate__()
-        return {**state, "_env": None}  # an emulator does not pickle; a copy makes its own
+        return {**state, "_env": None, "_policy": None}  # an emulator does not pickle; a copy makes its own
 
     def make_env(self):
         """The game's environment, made once per source: reset(seed=N) reloads the ROM and reseeds the emulator, so
@@ -129,28 +146,53 @@ class AtariSource(VideoSource):
     def action_names(self):
         return list(self.make_env().unwrapped.get_action_meanings())  # NOOP, FIRE, UP, RIGHT, LEFT, DOWN, ...
 
+    def policy(self) -> Policy:
+        """The player, built once per source from its registered name (its default settings)."""
+        policy = self.__dict__.get("_policy")
+        if policy is None:
+            c = self.config
+            problem = policy_problem(c.policy, c.game)
+            if problem is not None:
+                raise GenieError(f"source atari: {problem}")
+            info = get_registry().get("policy", c.policy)
+            spec = PolicySpec(game=c.game, num_actions=int(self.make_env().action_space.n),
+                              action_names=tuple(self.action_names()))
+            policy = self.__dict__["_policy"] = info.cls(info.cls.config_class(), spec)
+        return policy
+
     def record(self, unit):
         seed = int(unit.removeprefix("episode-"))
-        c = self.config
+        frames, actions, score = self.play(seed, self.policy())
+        acts = np.asarray(actions + [-1], dtype=np.int16)  # no action leads out of the last frame
+        return [Episode(frames=frames, actions=acts,
+                        meta={"game": self.config.game, "seed": seed, "policy": self.config.policy, "score": score})]
+
+    def footage_seeds(self) -> range:
+        return range(self.config.train_episodes + self.config.val_episodes)
+
+    def play(self, seed: int, policy: Policy, keep_frames: bool = True) -> tuple[np.ndarray | None, list[int], float]:
+        """One episode from `env.reset(seed)` played by `policy` (reset with the same seed): its frames at the data
+        resolution (None unless kept), its actions and its score (the sum of the game's rewards)."""
         env = self.make_env()
-        rng = np.random.default_rng(seed)  # per episode: the same footage whatever order episodes are built in
-        n_actions = int(env.action_space.n)
+        policy.reset(seed)  # per episode: the same footage whatever order episodes are built in
+        ale = env.unwrapped.ale
         obs, _ = env.reset(seed=seed)
-        pending, resized, actions = [obs], [], []
-        for _ in range(c.max_steps_per_episode):
-            action = int(rng.integers(n_actions))
-            obs, _, terminated, truncated, _ = env.step(action)
+        pending, resized, actions, score = [obs], [], [], 0.0
+        for _ in range(self.config.max_steps_per_episode):
+            action = policy.act(obs, {"ram": ale.getRAM()})
+            obs, reward, terminated, truncated, _ = env.step(action)
+            score += float(reward)
             actions.append(action)
-            pending.append(obs)
-            if len(pending) >= RESIZE_CHUNK:
-                resized.append(resize_frames(np.stack(pending), self.spec.resolution))
-                pending = []
+            if keep_frames:
+                pending.append(obs)
+                if len(pending) >= RESIZE_CHUNK:
+                    resized.append(resize_frames(np.stack(pending), self.spec.resolution))
+                    pending = []
             if terminated or truncated:
                 break
-        if pending:
+        if keep_frames and pending:
             resized.append(resize_frames(np.stack(pending), self.spec.resolution))
-        acts = np.asarray(actions + [-1], dtype=np.int16)  # no action leads out of the last frame
-        return [Episode(frames=np.concatenate(resized), actions=acts, meta={"game": c.game, "seed": seed})]
+        return (np.concatenate(resized) if keep_frames else None), actions, score
 
 
 @hookimpl

@@ -6,6 +6,7 @@ import attrs
 import numpy as np
 import pytest
 
+from genie_core.cli import main
 from genie_core.config import DataConfig
 from genie_core.data.footage import EpisodeIndex, WindowDataset, build_dataset, source_identity
 from genie_core.errors import GenieError
@@ -62,7 +63,8 @@ def test_episodes_have_the_data_shape_and_actions(source, recorded):
         assert actions[-1] == -1
         assert ((actions[:-1] >= 0) & (actions[:-1] < n_actions)).all()
         assert frames.std() > 0  # a real screen, not a blank one
-        assert episode.meta == {"game": "Pong", "seed": int(unit.removeprefix("episode-"))}
+        assert episode.meta == {"game": "Pong", "seed": int(unit.removeprefix("episode-")), "policy": "random",
+                                "score": 0.0}  # (no point is scored in so few steps)
     seeds = [recorded[u][0].actions for u in recorded]
     assert not np.array_equal(seeds[0], seeds[1])  # each seed draws its own actions
 
@@ -127,3 +129,35 @@ def test_an_episode_ends_when_the_game_ends():
     episode = list(source.record("episode-0"))[0]
     assert 2 <= len(episode.frames) < 5001
     assert episode.actions[-1] == -1 and (episode.actions[:-1] >= 0).all()
+
+
+def test_a_scripted_expert_plays_breakout_far_better_than_random():
+    """`policy = "breakout-ram-expert"` keeps the paddle under the ball; the footage records every episode's score."""
+    scores = {}
+    for policy in ("random", "breakout-ram-expert"):
+        config = AtariConfig(game="Breakout", train_episodes=3, val_episodes=1, max_steps_per_episode=600,
+                             policy=policy)
+        source = AtariSource(config, DataSpec(resolution=RES))
+        scores[policy] = [source.record(unit)[0].meta["score"] for unit in source.units()["train"]]
+    assert min(scores["breakout-ram-expert"]) > 5 * max(max(scores["random"]), 1), scores
+
+
+def test_a_policy_is_checked_by_name_and_game(capsys):
+    assert AtariSource.check_recipe(AtariConfig(game="Pong", policy="breakout-ram-expert"), None, None) == [
+        "'policy' 'breakout-ram-expert' plays Breakout, not 'Pong'"]
+    problem, = AtariSource.check_recipe(AtariConfig(game="Breakout", policy="ace"), None, None)
+    assert problem.startswith("'policy': unknown policy 'ace'; registered policy names: ") and "random" in problem
+    assert main(["data", "build", "atari", "game=Pong", "policy=breakout-ram-expert", "--out", "x"]) == 2
+    assert "plays Breakout, not 'Pong'" in capsys.readouterr().err
+
+
+def test_expert_footage_keeps_its_scores(tmp_path, capsys):
+    out = tmp_path / "breakout"
+    assert main(["data", "build", "atari", "game=Breakout", "policy=breakout-ram-expert", "train_episodes=2",
+                 "val_episodes=1", "max_steps_per_episode=300", "data.resolution=32", "--out", str(out)]) == 0
+    episodes = EpisodeIndex.open(out).manifest["episodes"]
+    assert {e["meta"]["policy"] for e in episodes} == {"breakout-ram-expert"}
+    assert all(e["meta"]["score"] > 0 for e in episodes)  # the expert scores within 300 steps
+    capsys.readouterr()
+    assert main(["data", "info", str(out)]) == 0
+    assert "  train score (breakout-ram-expert): mean " in capsys.readouterr().out

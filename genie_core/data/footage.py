@@ -405,6 +405,12 @@ def describe(index: EpisodeIndex) -> str:
              f"'{source['name']}' ({source['package']} {source['version']})"]
     for split, info in m["splits"].items():
         lines.append(f"  {split}: {info['episodes']} episodes, {info['frames']} frames, {len(info['units'])} units")
+    for split in m["splits"]:  # what the policy scored, where the source keeps scores (Atari)
+        scores = [e["meta"]["score"] for e in m["episodes"] if e["split"] == split and "score" in e.get("meta", {})]
+        if scores:
+            policies = sorted({str(e["meta"].get("policy")) for e in m["episodes"] if "score" in e.get("meta", {})})
+            lines.append(f"  {split} score ({', '.join(policies)}): mean {sum(scores) / len(scores):.2f} over "
+                         f"{len(scores)} episodes, from {min(scores):g} to {max(scores):g}")
     lengths = [e["length"] for e in m["episodes"]]
     lines.append(f"  shards: {len(m['shards'])}; dropped short episodes: {m['dropped_short_episodes']}; "
                  f"skipped bad units: {len(m['skipped'])}")

@@ -17,7 +17,7 @@ import torch
 
 from genie_core.capabilities import CachedDynamics
 from genie_core.errors import GenieError
-from genie_core.interfaces import DataSpec
+from genie_core.interfaces import DataSpec, PolicySpec
 from genie_core.registry import Registry, get_registry
 from genie_core.testing import TINY_VIDEO, build, names, token_spec, tokens_and_actions, video
 
@@ -335,6 +335,25 @@ def source_contract(name):
         assert np.array_equal(episode.frames, twin.frames)
 
 
+# ------------------------------------------------------------------------------------------------ policies
+
+
+def policy_acts_within_its_actions_and_repeats_under_a_seed(name):
+    """Every action in [0, num_actions); the same seed, observations and info give the same actions."""
+    info = get_registry().get("policy", name.partition(":")[0])
+    game = info.cls.games[0] if info.cls.games else "AnyGame"
+    spec = PolicySpec(game=game, num_actions=4, action_names=("NOOP", "FIRE", "RIGHT", "LEFT"))
+    policy = build("policy", name, spec)
+    screens = np.random.default_rng(0).integers(0, 256, (40, 210, 160, 3), dtype=np.uint8)
+    rams = np.random.default_rng(1).integers(0, 256, (40, 128), dtype=np.uint8)
+    played = []
+    for _ in range(2):
+        policy.reset(7)
+        played.append([policy.act(screen, {"ram": ram}) for screen, ram in zip(screens, rams)])
+    assert all(isinstance(a, int) and 0 <= a < spec.num_actions for a in played[0]), played[0]
+    assert played[0] == played[1]
+
+
 # ------------------------------------------------------------------------------------------------ the list
 
 CHECKS = {
@@ -345,6 +364,7 @@ CHECKS = {
     "dynamics": [dynamics_shapes_and_dtypes, dynamics_deterministic_under_seed, dynamics_causal_in_time,
                  dynamics_action_t_steers_frame_t_plus_1, dynamics_overfits_one_batch],
     "source": [source_contract],
+    "policy": [policy_acts_within_its_actions_and_repeats_under_a_seed],
 }
 CAPABILITY_CHECKS = {"dynamics": [(CachedDynamics, cached_logits_equal_whole_sequence_logits)]}
 

@@ -1,0 +1,158 @@
+"""`genie agent RUN`: clone the expert of a run's footage through its latent actions and score it in the real game.
+
+For a run whose footage is an Atari game played by a policy, with a trained latent action model:
+    - the latent cloner (the footage's frames -> the LAM's latent actions), trained once, then mapped to real
+      actions with N labelled transitions for each N asked (20, 200, 2000 by default)
+    - the oracle (the same network on every true action), the run's own expert, and random play
+each play the same episodes, from seeds the footage never used. Writes RUN/agent/: agent.json, agent.md and
+scores.png (score against N, the paper's Figure 16). Both networks train with the stages' engine, with full-state
+checkpoints under RUN/checkpoints/agent-*, so an interrupted `genie agent --resume` goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import attrs
+import torch
+from tqdm.auto import tqdm
+
+from genie_core.agent.cloning import (
+    ClonedAgent,
+    ClonedAgentConfig,
+    CloningData,
+    CloningTask,
+    PolicyNet,
+    fit_latent_to_real,
+    label,
+)
+from genie_core.capabilities import PlaysEpisodes
+from genie_core.config import TrainConfig
+from genie_core.data.footage import EpisodeIndex
+from genie_core.errors import GenieError
+from genie_core.eval.metrics import mean_and_ci
+from genie_core.interfaces import DataSpec
+from genie_core.io.atomic import atomic_dir
+from genie_core.io.log import say
+from genie_core.registry import get_registry
+from genie_core.run.folder import RunFolder
+
+
+@attrs.frozen(kw_only=True)
+class ImitationSettings:
+    labels: tuple[int, ...] = (20, 200, 2000)  # labelled transitions that map latent to real actions
+    episodes: int = 20  # scored episodes per agent
+    first_seed: int = 100_000  # scored episodes use seeds from here on: none the footage was made from
+    max_steps: int = 2000  # steps per scored episode at most
+    context: int = 2  # frames the policy sees
+    steps: int = 2000  # training steps of each network
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def imitate(run: Path, settings: ImitationSettings = ImitationSettings(), resume: bool = False,
+            cpu: bool = False) -> dict:
+    from accelerate import Accelerator
+
+    from genie_core.training.engine import Checkpointing, train
+
+    folder = RunFolder.find(run)
+    recipe = folder.recipe()
+    source_choice = recipe.components["source"]
+    if not issubclass(source_choice.info.cls, PlaysEpisodes):
+        raise GenieError(f"{folder.path}: its footage comes from source '{source_choice.name}', which is not a game a "
+                         f"policy plays; an agent is scored in the game it imitates (source 'atari' is one)")
+    source = source_choice.info.cls(attrs.evolve(source_choice.config, max_steps_per_episode=settings.max_steps),
+                                    DataSpec(resolution=recipe.data.resolution))
+    used = source.footage_seeds()
+    scored = range(settings.first_seed, settings.first_seed + settings.episodes)
+    if set(scored) & set(used):
+        raise GenieError(f"--first-seed {settings.first_seed}: the footage was played from seeds {used.start}.."
+                         f"{used.stop - 1}; score on seeds it never used (from {used.stop} on)")
+    action_model = folder.components("dynamics")["action_model"]
+    if action_model.reads_true_actions:
+        raise GenieError(f"{folder.path}: its action model reads the true actions; cloning through latent actions "
+                         f"needs a latent action model")
+    index = EpisodeIndex.open(folder.data)
+    resolution = index.manifest["resolution"]
+    accelerator = Accelerator(cpu=cpu)
+    say(f"genie agent: labelling the footage of {folder.path} with its latent actions")
+    footage = label(action_model, index, "train", accelerator.device)
+    num_real = len(index.manifest.get("action_names") or []) or int(max(a.max() for a in footage.true_actions)) + 1
+    identity = (folder.stage_record("dynamics") or {}).get("id")
+
+    def cloned(kind: str, targets, num_outputs: int) -> PolicyNet:
+        torch.manual_seed(settings.seed)
+        net = PolicyNet(settings.context, num_outputs, resolution)
+        cfg = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, seq_len=2, lr=settings.lr,
+                          min_lr=settings.lr / 10, warmup_steps=min(100, settings.steps // 10),
+                          checkpoint_every=max(1, settings.steps // 4), eval_every=0, log_every=50)
+        fingerprint = hashlib.sha256(json.dumps([identity, kind, attrs.asdict(settings)], sort_keys=True,
+                                                default=str).encode()).hexdigest()[:16]
+        train(accelerator, CloningTask(net), CloningData(footage, targets, settings.context), cfg, settings.seed,
+              folder.logs / f"agent-{kind}.jsonl", f"agent ({kind})",
+              Checkpointing(folder.checkpoints(f"agent-{kind}"), fingerprint, resume))
+        return net.cpu()
+
+    latent_net = cloned("latent", footage.latent_actions, action_model.num_actions)
+    oracle_net = cloned("oracle", footage.true_actions, num_real)
+
+    spec = source.policy().spec
+
+    def scores(name: str, policy) -> dict:
+        played = [source.play(seed, policy, keep_frames=False)[2] for seed in tqdm(scored, desc=name, unit="episode")]
+        return {**mean_and_ci(torch.tensor(played)), "scores": played}
+
+    random_info = get_registry().get("policy", "random")
+    agents = {"random": random_info.cls(random_info.cls.config_class(), spec),
+              f"expert ({source_choice.config.policy})": source.policy(),
+              "oracle cloning (every true action)": ClonedAgent(ClonedAgentConfig(), spec, oracle_net)}
+    mappings = {}
+    for labels in settings.labels:
+        mappings[labels] = fit_latent_to_real(footage, labels, action_model.num_actions, settings.seed)
+        agents[f"latent cloning, {labels} labels"] = ClonedAgent(ClonedAgentConfig(), spec, latent_net,
+                                                                 mappings[labels])
+    results = {name: scores(name, agent) for name, agent in agents.items()}
+    report = {"run": str(folder.path), "game": spec.game, "settings": attrs.asdict(settings),
+              "transitions": int(sum(a.size for a in footage.true_actions)),
+              "latent_to_real": {str(n): m.tolist() for n, m in mappings.items()}, "results": results}
+    with atomic_dir(folder.path / "agent") as out:
+        (out / "agent.json").write_text(json.dumps(report, indent=2))
+        (out / "agent.md").write_text(markdown(report))
+        figure(report, out / "scores.png")
+    say(f"  wrote {folder.path / 'agent' / 'agent.md'}")
+    return report
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    rows = [f"| {name} | {r['mean']:.2f} ± {r['ci95']:.2f} |" for name, r in report["results"].items()]
+    return "\n".join([
+        f"# Agent from unlabeled video: {report['game']}", "",
+        f"Cloned from {report['transitions']} transitions of `{report['run']}`; each agent played {s['episodes']} "
+        f"episodes from seeds {s['first_seed']} on (none in the footage), at most {s['max_steps']} steps.", "",
+        "| agent | mean score, 95% CI |", "|---|---|", *rows, "",
+        "![score against labels](scores.png)", ""])
+
+
+def figure(report: dict, path: Path) -> None:
+    from genie_core.eval.plots import plt, save
+
+    results = report["results"]
+    labels = list(report["settings"]["labels"])
+    latent = [results[f"latent cloning, {n} labels"] for n in labels]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.errorbar(labels, [r["mean"] for r in latent], yerr=[r["ci95"] for r in latent], marker="o",
+                label="latent cloning")
+    for (name, r), style in zip(((n, r) for n, r in results.items() if not n.startswith("latent")),
+                                (":", "--", "-.")):
+        ax.axhline(r["mean"], linestyle=style, color="grey", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled transitions")
+    ax.set_ylabel("mean score")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    save(fig, path, f"{report['game']}: agents from unlabeled video")

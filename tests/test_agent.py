@@ -1,0 +1,67 @@
+"""Agents from unlabeled video: `genie agent RUN` on a tiny run over Breakout expert footage labels it with the run's
+latent actions, clones through them and on the true actions, maps latent to real actions with N labels, and scores
+every agent in the real game on seeds the footage never used."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from genie_core.agent.cloning import CloningData, Footage, PolicyNet, fit_latent_to_real
+from genie_core.cli import main
+
+from conftest import REPO
+
+SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
+BREAKOUT = ["source.name=atari", "source.game=Breakout", "source.policy=breakout-ram-expert",
+            "source.train_episodes=3", "source.val_episodes=1", "source.max_steps_per_episode=60", "run.trackers=none"]
+
+
+@pytest.fixture(scope="module")
+def breakout_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("agent") / "breakout"
+    assert main(["run", SMOKE, *BREAKOUT, "--out", str(run)]) == 0
+    return run
+
+
+def test_agent_scores_every_player_on_unseen_seeds(breakout_run, capsys):
+    args = ["agent", str(breakout_run), "--labels", "5,50", "--episodes", "2", "--max-steps", "40", "--steps", "6"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for name in ("random", "expert (breakout-ram-expert)", "oracle cloning (every true action)",
+                 "latent cloning, 5 labels", "latent cloning, 50 labels"):
+        assert f"{name}: " in out
+    report = json.loads((breakout_run / "agent" / "agent.json").read_text())
+    assert all(len(r["scores"]) == 2 for r in report["results"].values())
+    assert (breakout_run / "agent" / "scores.png").stat().st_size > 0
+    assert "| latent cloning, 50 labels |" in (breakout_run / "agent" / "agent.md").read_text()
+    assert not list((breakout_run / "checkpoints").glob("agent-*/step-*"))  # gone once trained
+
+
+def test_agent_refuses_seeds_of_its_footage_and_footage_of_no_game(breakout_run, played_run, capsys):
+    assert main(["agent", str(breakout_run), "--first-seed", "2", "--steps", "2"]) == 2
+    assert "the footage was played from seeds 0..3; score on seeds it never used (from 4 on)" in \
+        capsys.readouterr().err
+    assert main(["agent", str(played_run)]) == 2
+    assert "its footage comes from source 'procgen', which is not a game a policy plays" in capsys.readouterr().err
+
+
+def test_the_latent_map_takes_each_latent_action_to_its_most_frequent_real_one():
+    latent = [np.array([0, 0, 1, 1, 2, 2, 0, 1])]
+    real = [np.array([3, 3, 1, 1, 1, 2, 3, 0])]
+    footage = Footage(frames=[np.zeros((9, 8, 8, 3), np.uint8)], true_actions=real, latent_actions=latent)
+    mapping = fit_latent_to_real(footage, labels=8, num_latent=4)
+    assert mapping[:3].tolist() == [3, 1, 1] and mapping[3] == 1  # unseen latent 3: the most frequent real action
+
+
+def test_cloning_inputs_repeat_the_first_frame_before_an_episode_starts():
+    frames = np.stack([np.full((64, 64, 3), k, np.uint8) for k in range(4)])
+    footage = Footage(frames=[frames], true_actions=[np.array([0, 1, 2])], latent_actions=[np.array([1, 1, 0])])
+    data = CloningData(footage, footage.latent_actions, context=2)
+    first, target = data[0]
+    assert first.shape == (6, 64, 64) and int(target) == 1
+    assert torch.equal(first[:3], first[3:])  # frame 0 stands for the frame before it
+    assert PolicyNet(2, 4, 64)(first[None]).shape == (1, 4)
