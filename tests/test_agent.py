@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from genie_core.agent.cloning import CloningData, Footage, PolicyNet, fit_latent_to_real
 from genie_core.cli import main
@@ -36,7 +37,10 @@ def test_agent_scores_every_player_on_unseen_seeds(breakout_run, capsys):
         assert f"{name}: " in out
     report = json.loads((breakout_run / "agent" / "agent.json").read_text())
     assert all(len(r["scores"]) == 2 for r in report["results"].values())
+    assert 0 <= report["latent_vs_true"]["nmi"] <= 1
     assert (breakout_run / "agent" / "scores.png").stat().st_size > 0
+    with Image.open(breakout_run / "agent" / "episode.gif") as gif:
+        assert 2 <= gif.n_frames <= 41  # the watched episode: its prompt screen and up to 40 steps
     assert "| latent cloning, 50 labels |" in (breakout_run / "agent" / "agent.md").read_text()
     assert not list((breakout_run / "checkpoints").glob("agent-*/step-*"))  # gone once trained
 
