@@ -69,6 +69,7 @@ class PlaysEpisodes(Protocol):
     def footage_seeds(self) -> range:
         """The episode seeds its footage is played from (an agent is scored on others)."""
 
-    def play(self, seed: int, policy: Any, keep_frames: bool = True) -> tuple[Any, list[int], float]:
-        """One episode from `seed` played by `policy`: its frames at the data resolution (None unless kept), its
-        actions and its score."""
+    def play(self, seed: int, policy: Any, keep_frames: bool = True,
+             max_steps: int | None = None) -> tuple[Any, list[int], float]:
+        """One episode from `seed` played by `policy` (for at most `max_steps`; None: the source's own limit): its
+        frames at the data resolution (None unless kept), its actions and its score."""

@@ -26,7 +26,7 @@ def _steps(text: str) -> tuple[int, ...]:
     except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"'{text}': expected positive integers such as 4 or 1,4,8") from None
     if not values:
-        raise argparse.ArgumentTypeError("give at least one t")
+        raise argparse.ArgumentTypeError("give at least one number")
     return values
 
 

@@ -19,3 +19,9 @@ class PluginError(GenieError):
 
 class TrainingDiverged(GenieError):
     """The loss became NaN or infinite; the message names the stage, the step and the loss term."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): what a one-line error quotes."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -16,7 +16,7 @@ DISTRIBUTION = "genie-world"
 
 # extra -> (what pip installs for it, the modules that must then be importable); pyproject.toml lists the same
 EXTRAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "procgen": (("procgen2", "gym<1", "gym3"), ("procgen", "gym", "gym3")),
+    "procgen": (("procgen2", "gym<1", "gym3", "numpy<2"), ("procgen", "gym", "gym3")),
     "atari": (("ale-py", "gymnasium"), ("ale_py", "gymnasium")),
     "video": (("av",), ("av",)),
 }
@@ -30,7 +30,7 @@ def _installed(module: str) -> bool:
 
 def missing_extra(extra: str) -> str | None:
     """None when the extra's libraries are installed, else what to install, as the end of a sentence whose subject
-    is the thing that needs them: 'needs the procgen extra (procgen2, gym<1, gym3): pip install ...'."""
+    is the thing that needs them: 'needs the procgen extra (procgen2, gym<1, gym3, numpy<2): pip install ...'."""
     if extra not in EXTRAS:
         raise ValueError(f"unknown extra '{extra}'; extras: {', '.join(EXTRAS)}")
     packages, modules = EXTRAS[extra]

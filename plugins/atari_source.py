@@ -170,15 +170,17 @@ class AtariSource(VideoSource):
     def footage_seeds(self) -> range:
         return range(self.config.train_episodes + self.config.val_episodes)
 
-    def play(self, seed: int, policy: Policy, keep_frames: bool = True) -> tuple[np.ndarray | None, list[int], float]:
-        """One episode from `env.reset(seed)` played by `policy` (reset with the same seed): its frames at the data
-        resolution (None unless kept), its actions and its score (the sum of the game's rewards)."""
+    def play(self, seed: int, policy: Policy, keep_frames: bool = True,
+             max_steps: int | None = None) -> tuple[np.ndarray | None, list[int], float]:
+        """One episode from `env.reset(seed)` played by `policy` (reset with the same seed) for at most `max_steps`
+        (None: max_steps_per_episode): its frames at the data resolution (None unless kept), its actions and its
+        score (the sum of the game's rewards)."""
         env = self.make_env()
         policy.reset(seed)  # per episode: the same footage whatever order episodes are built in
         ale = env.unwrapped.ale
         obs, _ = env.reset(seed=seed)
         pending, resized, actions, score = [obs], [], [], 0.0
-        for _ in range(self.config.max_steps_per_episode):
+        for _ in range(max_steps or self.config.max_steps_per_episode):
             action = policy.act(obs, {"ram": ale.getRAM()})
             obs, reward, terminated, truncated, _ = env.step(action)
             score += float(reward)

@@ -23,7 +23,7 @@ from conftest import REPO
 
 TINY = str(REPO / "recipes" / "coinrun-tiny.toml")
 SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
-PROCGEN_LINE = 'needs the procgen extra (procgen2, gym<1, gym3): pip install "genie-world[procgen]"'
+PROCGEN_LINE = 'needs the procgen extra (procgen2, gym<1, gym3, numpy<2): pip install "genie-world[procgen]"'
 ATARI_LINE = 'needs the atari extra (ale-py, gymnasium): pip install "genie-world[atari]"'
 VIDEO_LINE = 'needs the video extra (av): pip install "genie-world[video]"'
 

@@ -60,30 +60,35 @@ class ImitationSettings:
 
 def imitate(run: Path, settings: ImitationSettings = ImitationSettings(), resume: bool = False,
             cpu: bool = False) -> dict:
+    folder = RunFolder.find(run)
+    with folder.lock():  # it writes checkpoints and RUN/agent: one writer at a time, as for `genie run`
+        return _imitate(folder, settings, resume, cpu)
+
+
+def _imitate(folder: RunFolder, settings: ImitationSettings, resume: bool, cpu: bool) -> dict:
     from accelerate import Accelerator
 
     from genie_core.training.engine import Checkpointing, train
 
-    folder = RunFolder.find(run)
     recipe = folder.recipe()
     source_choice = recipe.components["source"]
     if not issubclass(source_choice.info.cls, PlaysEpisodes):
         raise GenieError(f"{folder.path}: its footage comes from source '{source_choice.name}', which is not a game a "
                          f"policy plays; an agent is scored in the game it imitates (source 'atari' is one)")
-    source = source_choice.info.cls(attrs.evolve(source_choice.config, max_steps_per_episode=settings.max_steps),
-                                    DataSpec(resolution=recipe.data.resolution))
+    source = source_choice.info.cls(source_choice.config, DataSpec(resolution=recipe.data.resolution))
     used = source.footage_seeds()
     scored = range(settings.first_seed, settings.first_seed + settings.episodes)
     if set(scored) & set(used):
         raise GenieError(f"--first-seed {settings.first_seed}: the footage was played from seeds {used.start}.."
                          f"{used.stop - 1}; score on seeds it never used (from {used.stop} on)")
-    action_model = folder.components("dynamics")["action_model"]
+    accelerator = Accelerator(cpu=cpu)
+    # The world's action model: with the tokenizer a token-input one reads through, and on the training device.
+    action_model = folder.world().to(accelerator.device).action_model
     if action_model.reads_true_actions:
         raise GenieError(f"{folder.path}: its action model reads the true actions; cloning through latent actions "
                          f"needs a latent action model")
     index = EpisodeIndex.open(folder.data)
     resolution = index.manifest["resolution"]
-    accelerator = Accelerator(cpu=cpu)
     say(f"genie agent: labelling the footage of {folder.path} with its latent actions")
     footage = label(action_model, index, "train", accelerator.device)
     num_real = len(index.manifest.get("action_names") or []) or int(max(a.max() for a in footage.true_actions)) + 1
@@ -95,8 +100,8 @@ def imitate(run: Path, settings: ImitationSettings = ImitationSettings(), resume
         cfg = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, seq_len=2, lr=settings.lr,
                           min_lr=settings.lr / 10, warmup_steps=min(100, settings.steps // 10),
                           checkpoint_every=max(1, settings.steps // 4), eval_every=0, log_every=50)
-        fingerprint = hashlib.sha256(json.dumps([identity, kind, attrs.asdict(settings)], sort_keys=True,
-                                                default=str).encode()).hexdigest()[:16]
+        trained_by = {k: getattr(settings, k) for k in ("context", "steps", "batch_size", "lr", "seed")}
+        fingerprint = hashlib.sha256(json.dumps([identity, kind, trained_by], sort_keys=True).encode()).hexdigest()[:16]
         train(accelerator, CloningTask(net), CloningData(footage, targets, settings.context), cfg, settings.seed,
               folder.logs / f"agent-{kind}.jsonl", f"agent ({kind})",
               Checkpointing(folder.checkpoints(f"agent-{kind}"), fingerprint, resume))
@@ -108,12 +113,13 @@ def imitate(run: Path, settings: ImitationSettings = ImitationSettings(), resume
     spec = source.policy().spec
 
     def scores(name: str, policy) -> dict:
-        played = [source.play(seed, policy, keep_frames=False)[2] for seed in tqdm(scored, desc=name, unit="episode")]
+        played = [source.play(seed, policy, keep_frames=False, max_steps=settings.max_steps)[2]
+                  for seed in tqdm(scored, desc=name, unit="episode")]
         return {**mean_and_ci(torch.tensor(played)), "scores": played}
 
     random_info = get_registry().get("policy", "random")
     agents = {"random": random_info.cls(random_info.cls.config_class(), spec),
-              f"expert ({source_choice.config.policy})": source.policy(),
+              f"expert ({registered_name(source.policy())})": source.policy(),
               "oracle cloning (every true action)": ClonedAgent(ClonedAgentConfig(), spec, oracle_net)}
     mappings = {}
     for labels in settings.labels:
@@ -122,7 +128,8 @@ def imitate(run: Path, settings: ImitationSettings = ImitationSettings(), resume
                                                                  mappings[labels])
     results = {name: scores(name, agent) for name, agent in agents.items()}
     watched = f"latent cloning, {max(settings.labels)} labels"  # a GIF of it playing its first scored episode
-    frames = source.play(scored.start, agents[watched], keep_frames=True)[0][:GIF_FRAMES]
+    frames = source.play(scored.start, agents[watched], keep_frames=True,
+                         max_steps=min(GIF_FRAMES, settings.max_steps))[0]
     # What limits latent cloning, where it falls short: how much the latent actions say of the real ones on this
     # footage (NMI; the latent -> real map's accuracy with 10% of the transitions labelled, against always answering
     # the most frequent action).
@@ -140,6 +147,13 @@ def imitate(run: Path, settings: ImitationSettings = ImitationSettings(), resume
                  captions=[f"{watched}, seed {scored.start}"])
     say(f"  wrote {folder.path / 'agent' / 'agent.md'}")
     return report
+
+
+def registered_name(policy) -> str:
+    """The name a policy is registered under (its class's name for one built outside the registry)."""
+    names = [name for (kind, name), info in get_registry().components.items()
+             if kind == "policy" and info.cls is type(policy)]
+    return names[0] if names else type(policy).__name__
 
 
 def markdown(report: dict) -> str:

@@ -662,7 +662,7 @@ class PlayHandler(CheckedRequestHandler):
             else:
                 session.reset()
             state = player.state(session, what)
-        player.publish(session, state)
+            player.publish(session, state)  # under the session's lock: event streams see changes in their order
         self._json(state)
 
     def describe(self, sid: str):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from genie_core.capabilities import CompilableCachedSteps
-from genie_core.errors import GenieError
+from genie_core.errors import GenieError, first_line
 from genie_core.interfaces import Sampler
 from genie_core.io.media import resize_frames, save_gif, to_uint8
 from genie_core.run.folder import RunFolder, open_world
@@ -212,7 +212,7 @@ class PlayWorld:
         try:
             self.compute.run(two_frames)
         except Exception as error:  # noqa: BLE001 (the compiler's failures are many: no C++ compiler, no Triton, ...)
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = first_line(error)
             raise GenieError(f"--compile: torch.compile failed ({reason}); play without --compile") from None
         return time.perf_counter() - start
 

@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import load_file
 
 from genie_core.config import EvalConfig, WorldConfig, checked_config
-from genie_core.errors import GenieError
+from genie_core.errors import GenieError, first_line
 from genie_core.interfaces import Sampler
 from genie_core.registry import Registry, get_registry
 from genie_core.run.stages import STAGE_FILE, stage_fingerprint, world_models
-from genie_core.world.components import MANIFEST, load_components
+from genie_core.world.components import DAMAGE, MANIFEST, load_components
 from genie_core.world.model import World
 
 LOCK_FILE = ".genie-run.lock"  # held by the `genie run` writing the folder (an OS lock: it dies with its process)
@@ -160,7 +160,13 @@ class RunFolder:
 
     def recipe_table(self) -> dict:
         """The recipe as run, as written (empty for a folder without one)."""
-        return json.loads(self.recipe_path.read_text()) if self.recipe_path.is_file() else {}
+        if not self.recipe_path.is_file():
+            return {}
+        try:
+            return json.loads(self.recipe_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise GenieError(f"{self.recipe_path}: damaged, not JSON ({error}); `genie run` writes it again from its "
+                             f"recipe") from None
 
     def recipe(self, registry: Registry | None = None):
         """The recipe as run, validated against the installed plugins."""
@@ -232,7 +238,12 @@ class RunFolder:
         from genie_core.data.footage import EpisodeIndex
 
         checkpoint = Path(checkpoint)
-        state = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
+        try:
+            state = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
+            step = int(state["step"])
+        except DAMAGE as error:
+            raise GenieError(f"{checkpoint}: damaged or gone ({first_line(error)}); play another checkpoint or the "
+                             f"finished run") from None
         recipe = self.recipe(registry)
         if state.get("fingerprint") != stage_fingerprint(recipe, "dynamics"):
             raise GenieError(f"{checkpoint}: written under other settings than {self.recipe_path} records (the run "
@@ -244,27 +255,31 @@ class RunFolder:
         tokenizer = self.components("tokenizer", registry=registry)["tokenizer"]
         with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the global generator alone
             action_model, dynamics = world_models(recipe, tokenizer, EpisodeIndex.open(self.data))
-        saved = load_file(str(weights))  # the training task's state: "dynamics.*", and "action_model.*" if co-trained
-        parts = {prefix: {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
-                 for prefix in ("dynamics.", "action_model.")}
-        dynamics.load_state_dict(parts["dynamics."])
-        if parts["action_model."]:  # co-trained with the dynamics model
-            action_model.load_state_dict(parts["action_model."])
-        else:  # trained alone before the dynamics model, and kept beside the stage's checkpoints while it trains
+        try:
+            saved = load_file(str(weights))  # the task's state: "dynamics.*", and "action_model.*" if co-trained
+            parts = {prefix: {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+                     for prefix in ("dynamics.", "action_model.")}
+            dynamics.load_state_dict(parts["dynamics."])
+            if parts["action_model."]:  # co-trained with the dynamics model
+                action_model.load_state_dict(parts["action_model."])
+        except DAMAGE as error:  # cut short, removed by training meanwhile, or of another shape
+            raise GenieError(f"{weights}: cannot load ({first_line(error)}); play another checkpoint or the finished "
+                             f"run") from None
+        if not parts["action_model."]:  # trained alone before the dynamics model, kept beside the checkpoints
             if not (self.lam_done / MANIFEST).is_file():
                 raise GenieError(f"{checkpoint}: its latent action model, trained before the dynamics model, is no "
                                  f"longer in {self.lam_done} (the stage has finished); play the finished run")
             action_model = load_components(self.lam_done, registry or get_registry())["action_model"]
             action_model.use_tokenizer(tokenizer)
         sampler = recipe.components["sampler"].info.cls(recipe.components["sampler"].config)
-        return World(tokenizer, action_model.eval(), dynamics.eval(), sampler, recipe.world), state["step"]
+        return World(tokenizer, action_model.eval(), dynamics.eval(), sampler, recipe.world), step
 
 
 def open_world(path: Path, registry: Registry | None = None) -> tuple[World, RunFolder, str]:
     """The world at `path`: a run folder (or a folder inside one, such as RUN/dynamics), or a training checkpoint
     of its dynamics stage (RUN/checkpoints/dynamics/step-N, or RUN/checkpoints/dynamics for the newest), so a world
     can be played while it trains. Returns the world, its run folder and a name to show."""
-    checkpoint = training_checkpoint(Path(path))
+    checkpoint = training_checkpoint(Path(path).resolve())  # (its run folder is two levels up)
     if checkpoint is None:
         run = RunFolder.find(path)
         return run.world(registry), run, run.name

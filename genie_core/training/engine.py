@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import shutil
 import time
 from pathlib import Path
@@ -22,15 +21,15 @@ import attrs
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
 from genie_core.config import TrainConfig
-from genie_core.errors import GenieError, TrainingDiverged
+from genie_core.errors import GenieError, TrainingDiverged, first_line
 from genie_core.interfaces import DynamicsModel, LatentActionModel, VideoTokenizer
 from genie_core.io.log import say
 from genie_core.run.folder import CHECKPOINT_STATE, complete_checkpoints
+from genie_core.world.components import DAMAGE
 
 
 class Task(nn.Module):
@@ -162,8 +161,6 @@ class DataPosition:
                 self.epoch, self.used, self._batches = self.epoch + 1, 0, None
 
 
-# What reading a damaged checkpoint raises: cut-short or changed JSON, safetensors, pickles and torch archives.
-DAMAGE = (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
 
 
 class Checkpoints:
@@ -230,7 +227,7 @@ class Checkpoints:
         return None
 
     def _set_aside(self, path: Path, error: Exception) -> None:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         if self.accelerator.is_main_process:
             aside = path.with_name(path.name + ".damaged")
             shutil.rmtree(aside, ignore_errors=True)  # one set aside before at this step
@@ -355,10 +352,18 @@ def _step_log(path: Path, first_step: int, main: bool):
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = []
     if first_step and path.is_file():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < first_step]
+        kept = [line for line in path.read_text().splitlines() if _step_of(line) < first_step]
     path.write_text("".join(line + "\n" for line in kept))
     with open(path, "a") as log:
         yield log
+
+
+def _step_of(line: str) -> float:
+    """The step a log line records; a line cut short (the process killed while writing it) counts as none."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _log(accelerator: Accelerator, log, desc: str, line: dict) -> None:

@@ -25,7 +25,7 @@ from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 from accelerate.state import AcceleratorState
 from torch.distributed.fsdp import MixedPrecision
 
-from genie_core.config import config_to_dict
+from genie_core.config import config_to_dict, tracker_names
 from genie_core.data.footage import EpisodeIndex, WindowDataset, build_dataset, evenly_spaced, source_identity
 from genie_core.errors import GenieError
 from genie_core.eval.evaluate import EvalSettings, Evaluation
@@ -49,7 +49,7 @@ from genie_core.run.stages import (
     world_models,
 )
 from genie_core.training.engine import Checkpointing, LatentActionTask, TokenizerTask, WorldModelTask, rebuilt, train
-from genie_core.world.components import load_components, save_components
+from genie_core.world.components import MANIFEST, load_components, save_components
 from genie_core.world.model import World
 
 
@@ -135,7 +135,7 @@ class Pipeline:
 
     def _run_holding_the_folder(self, redo_from: str | None) -> dict:
         run_cfg = self.recipe.run
-        trackers = [t.strip() for t in run_cfg.trackers.split(",") if t.strip() and t.strip() != "none"]
+        trackers = tracker_names(run_cfg.trackers)
         # Accelerate keeps one mixed-precision setting per process; a new run in the same process (a notebook, the
         # tests) may ask for another. The distributed state (PartialState) is kept.
         AcceleratorState._reset_state()
@@ -326,7 +326,7 @@ class Pipeline:
         """First phase of a separate LAM/dynamics stage; returns the trained LAM, whole on every process. Its result
         is kept beside the stage's checkpoints, so a resumed stage does not train the LAM again."""
         done = self.folder.lam_done
-        if self.resume and (done / "components.json").is_file():
+        if self.resume and (done / MANIFEST).is_file():
             self.log(f"dynamics: the latent action model was trained before the interruption ({done}); reusing it")
         else:
             lam_cfg = attrs.evolve(cfg, steps=cfg.lam_steps, warmup_steps=min(cfg.warmup_steps, cfg.lam_steps))

@@ -4,6 +4,7 @@ spec needed to rebuild each one. Folders are written under a temporary name and 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import attrs
@@ -11,11 +12,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from genie_core.config import config_to_dict
-from genie_core.errors import GenieError, PluginError
+from genie_core.errors import GenieError, PluginError, first_line
 from genie_core.interfaces import Component, TokenSpec, VideoSpec
 from genie_core.registry import Registry, get_registry
 
 MANIFEST = "components.json"
+# What reading a damaged checkpoint or weights file raises: cut-short or changed JSON, safetensors, pickles and torch
+# archives.
+DAMAGE = (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
 SPECS = {"VideoSpec": VideoSpec, "TokenSpec": TokenSpec}
 
 
@@ -81,8 +85,7 @@ def load_components(folder: Path, registry: Registry | None = None) -> dict[str,
             try:
                 load_model(module, str(weights))
             except (OSError, RuntimeError, SafetensorError) as error:  # missing, damaged, or of another shape
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise GenieError(f"{weights}: cannot load the {kind} weights into {info.name} ({reason}); run the "
-                                 f"stage that wrote them again") from None
+                raise GenieError(f"{weights}: cannot load the {kind} weights into {info.name} ({first_line(error)}); "
+                                 f"run the stage that wrote them again") from None
         out[kind] = module.eval()
     return out
