@@ -17,11 +17,14 @@ import re
 import sys
 from pathlib import Path
 
+from genie_core.eval.report import cell as number
+from genie_core.run.folder import RunFolder
+
 STAGE_NAMES = {"data": "data", "tokenizer": "tokenizer", "dynamics": "LAM + dynamics", "report": "report"}
 
 
 def cell(stat: dict, digits: int = 2, unit: str = " dB") -> str:
-    return f"{stat['mean']:.{digits}f} ± {stat['ci95']:.{digits}f}{unit}"
+    return number(stat, digits) + unit
 
 
 def machine_line(machine: dict | None) -> str:
@@ -42,8 +45,7 @@ def numbers_table(run: Path) -> tuple[str, str]:
         f" ({classes:.3f} on classes of actions that do the same thing)" if classes is not None else "")
     seconds = {}
     for stage, label in STAGE_NAMES.items():
-        record = run / stage / "stage.json"
-        stage_seconds = json.loads(record.read_text()).get("seconds") if record.is_file() else None
+        stage_seconds = (RunFolder(run).stage_record(stage) or {}).get("seconds")
         if stage_seconds is not None:
             seconds[label] = stage_seconds
     times = ", ".join(f"{label} {value:.0f} s" for label, value in seconds.items())
