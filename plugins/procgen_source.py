@@ -7,7 +7,8 @@ paper's `action_choice = "buttons"`), or from the classes of combinations that d
 the games in ACTION_CLASSES: in CoinRun left, right or neither, with or without a jump; then one combination of that
 class), so the agent is not idle most of the time (8 of the 15 combinations do nothing in CoinRun). Training
 levels are seeds [first_level, first_level + train_levels); validation levels are the next val_levels seeds, never
-trained on.
+trained on. procgen's rendering options pass through (`backgrounds`, `restrict_themes`, `monochrome_assets`,
+`center_agent`); the defaults draw the games as the paper saw them.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ class ProcgenConfig:
     # every step (1, the paper's) mostly jitters in place; held actions move the agent as the action says.
     action_repeat: int = attrs.field(default=1, validator=positive)
     action_choice: str = attrs.field(default="buttons", validator=v.in_(("buttons", "classes")))
+    # procgen's rendering options (the paper's: all defaults). Without the detailed backgrounds and with one visual
+    # theme, the frames hold the agent, the level and little else: fewer details for a small tokenizer to spend its
+    # codes on, and the agent's moves stand out instead of the background's texture.
+    backgrounds: bool = True
+    restrict_themes: bool = False
+    monochrome_assets: bool = False
+    center_agent: bool = True  # the view follows the agent; False shows the whole level (small at 64x64)
 
 
 class ProcgenSource(VideoSource):
@@ -102,7 +110,9 @@ class ProcgenSource(VideoSource):
         if c.game not in module.env.ENV_NAMES:  # procgen aborts the whole process on an unknown name: check first
             raise GenieError(f"source procgen: no game '{c.game}'; games: {', '.join(module.env.ENV_NAMES)}")
         return module.ProcgenGym3Env(num=num, env_name=c.game, distribution_mode=c.distribution_mode,
-                                     start_level=level, num_levels=1, rand_seed=level)
+                                     start_level=level, num_levels=1, rand_seed=level,
+                                     use_backgrounds=c.backgrounds, restrict_themes=c.restrict_themes,
+                                     use_monochrome_assets=c.monochrome_assets, center_agent=c.center_agent)
 
     def record(self, unit):
         level = int(unit.removeprefix("level-"))

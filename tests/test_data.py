@@ -215,6 +215,20 @@ def test_procgen_policy_can_hold_its_actions():
     assert all(share > 0 for share in shares.values()) and shares["NOOP"] < 0.35, shares
 
 
+def test_procgen_rendering_options_reach_the_game():
+    """backgrounds=false, restrict_themes=true: the same level and actions drawn over black, one look for every
+    level. The agent and the level are the same; only what is drawn behind them changes."""
+    info = get_registry().get("source", "procgen")
+    config = attrs.evolve(info.cls.tiny_config(), steps_per_level=8, num_envs=1)
+    plain_config = attrs.evolve(config, backgrounds=False, restrict_themes=True)
+    drawn, plain = (next(iter(info.cls(c, DataSpec(resolution=64)).record("level-0"))) for c in (config, plain_config))
+    assert np.array_equal(drawn.actions, plain.actions)
+    black = (plain.frames == 0).all(-1).mean()
+    assert black > 0.15 and (drawn.frames == 0).all(-1).mean() < 0.01, black  # a black sky instead of a picture
+    again = next(iter(info.cls(plain_config, DataSpec(resolution=64)).record("level-0")))
+    assert np.array_equal(plain.frames, again.frames)
+
+
 def test_procgen_classes_follow_the_game():
     """Which buttons do the same depends on the game: a platformer's jump, a fish's eight directions. A game whose
     classes are not known has none, and drawing by class there is refused with the games that have them."""
