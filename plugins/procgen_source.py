@@ -5,10 +5,11 @@ for steps_per_level steps in all, each choosing a random action and holding it f
 paper's policy: a fresh action at every step). The action is drawn uniformly from the 15 button combinations (the
 paper's `action_choice = "buttons"`), or from the classes of combinations that do different things (`"classes"`, for
 the games in ACTION_CLASSES: in CoinRun left, right or neither, with or without a jump; then one combination of that
-class), so the agent is not idle most of the time (8 of the 15 combinations do nothing in CoinRun). Training
-levels are seeds [first_level, first_level + train_levels); validation levels are the next val_levels seeds, never
-trained on. procgen's rendering options pass through (`backgrounds`, `restrict_themes`, `monochrome_assets`,
-`center_agent`); the defaults draw the games as the paper saw them.
+class), so the agent is not idle most of the time (8 of the 15 combinations do nothing in CoinRun); drawn by class,
+the idle class can be held for fewer steps than the moves (`idle_repeat`). Training levels are seeds
+[first_level, first_level + train_levels); validation levels are the next val_levels seeds, never trained on.
+procgen's rendering options pass through (`backgrounds`, `restrict_themes`, `monochrome_assets`, `center_agent`);
+the defaults draw the games as the paper saw them.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class ProcgenConfig:
     # every step (1, the paper's) mostly jitters in place; held actions move the agent as the action says.
     action_repeat: int = attrs.field(default=1, validator=positive)
     action_choice: str = attrs.field(default="buttons", validator=v.in_(("buttons", "classes")))
+    # With classes: steps the class that does nothing (NOOP) is held, when it should differ from action_repeat.
+    # Moves held long show their buttons best, but NOOP held long freezes the agent (frames a still frame copies).
+    idle_repeat: int | None = attrs.field(default=None, validator=v.optional(positive))
     # procgen's rendering options (the paper's: all defaults). Without the detailed backgrounds and with one visual
     # theme, the frames hold the agent, the level and little else: fewer details for a small tokenizer to spend its
     # codes on, and the agent's moves stand out instead of the background's texture.
@@ -86,6 +90,9 @@ class ProcgenSource(VideoSource):
         names = procgen().env.ENV_NAMES
         if config.game not in names:
             return [f"'game' {config.game!r} is not a procgen game; games: {', '.join(names)}"]
+        if config.idle_repeat is not None and config.action_choice != "classes":
+            return [f"'idle_repeat' needs action_choice 'classes' (which class does nothing is known only then); "
+                    f"got action_choice {config.action_choice!r}"]
         if config.action_choice == "classes" and config.game not in ACTION_CLASSES:
             return [f"'action_choice' 'classes' needs to know which of {config.game}'s buttons do the same; it is "
                     f"known for {', '.join(ACTION_CLASSES)}; use 'buttons' for {config.game}"]
@@ -124,17 +131,7 @@ class ProcgenSource(VideoSource):
         # Step all environments together and keep whole steps; episodes are cut out afterwards, vectorised.
         frames = np.empty((steps, num, NATIVE_RESOLUTION, NATIVE_RESOLUTION, 3), dtype=np.uint8)
         firsts = np.empty((steps, num), dtype=bool)
-        draws = (math.ceil(steps / c.action_repeat), num)
-        if c.action_choice == "buttons":
-            held = rng.integers(env.ac_space.eltype.n, size=draws)
-        else:  # a class, then one of its combinations: the combinations sorted by class, each class a run
-            classes = self.action_classes()
-            names = list(dict.fromkeys(classes))
-            class_of = np.array([names.index(name) for name in classes])
-            by_class, sizes = np.argsort(class_of, kind="stable"), np.bincount(class_of)
-            chosen, pick = rng.integers(len(names), size=draws), rng.random(draws)
-            held = by_class[(np.cumsum(sizes) - sizes)[chosen] + (pick * sizes[chosen]).astype(int)]
-        actions = np.repeat(held, c.action_repeat, axis=0)[:steps].astype(np.int16)
+        actions = self.policy_actions(rng, steps, num, env.ac_space.eltype.n)
         for step in range(steps):
             _, obs, first = env.observe()
             frames[step], firsts[step] = obs["rgb"], first
@@ -150,6 +147,36 @@ class ProcgenSource(VideoSource):
                 episodes.append(Episode(frames=resize_frames(frames[start:end, i], self.spec.resolution),
                                         actions=acts, meta={"level": level, "env": i}))
         return episodes
+
+    def policy_actions(self, rng: np.random.Generator, steps: int, num: int, buttons: int) -> np.ndarray:
+        """The random policy's actions [steps, num] for one level."""
+        c = self.config
+        draws = (math.ceil(steps / c.action_repeat), num)
+        if c.action_choice == "buttons":
+            held = rng.integers(buttons, size=draws)
+            return np.repeat(held, c.action_repeat, axis=0)[:steps].astype(np.int16)
+        # a class, then one of its combinations: the combinations sorted by class, each class a run
+        classes = self.action_classes()
+        names = list(dict.fromkeys(classes))
+        class_of = np.array([names.index(name) for name in classes])
+        by_class, sizes = np.argsort(class_of, kind="stable"), np.bincount(class_of)
+        starts = np.cumsum(sizes) - sizes
+        if c.idle_repeat is None:
+            chosen, pick = rng.integers(len(names), size=draws), rng.random(draws)
+            held = by_class[starts[chosen] + (pick * sizes[chosen]).astype(int)]
+            return np.repeat(held, c.action_repeat, axis=0)[:steps].astype(np.int16)
+        # holds of two lengths: drawn one after another, each environment its own sequence
+        idle = names.index("NOOP")
+        actions = np.empty((steps, num), dtype=np.int16)
+        for env in range(num):
+            step = 0
+            while step < steps:
+                chosen = int(rng.integers(len(names)))
+                combination = by_class[starts[chosen] + int(rng.random() * sizes[chosen])]
+                hold = c.idle_repeat if chosen == idle else c.action_repeat
+                actions[step:step + hold, env] = combination
+                step += hold
+        return actions
 
 
 # procgen's 15 button combinations, in the order of its discrete actions (the same for every game)

@@ -215,6 +215,35 @@ def test_procgen_policy_can_hold_its_actions():
     assert all(share > 0 for share in shares.values()) and shares["NOOP"] < 0.35, shares
 
 
+def test_procgen_policy_can_hold_idling_for_less():
+    """idle_repeat: the class that does nothing is held for its own number of steps, moves for action_repeat; the
+    footage without it is what it always was. It needs classes (only then is the idle class known)."""
+    info = get_registry().get("source", "procgen")
+    config = attrs.evolve(info.cls.tiny_config(), steps_per_level=400, num_envs=2, action_choice="classes",
+                          action_repeat=8)
+    source = info.cls(attrs.evolve(config, idle_repeat=2), DataSpec(resolution=32))
+    actions = source.policy_actions(np.random.default_rng(0), 400, 2, 15)
+    classes = np.array(source.action_classes())
+    for env in range(2):
+        runs, start = [], 0  # (class, length) of each hold; a class drawn twice in a row makes one longer run
+        names = classes[actions[:, env]]
+        for i in range(1, len(names) + 1):
+            if i == len(names) or names[i] != names[start] or actions[i, env] != actions[start, env]:
+                runs.append((names[start], i - start, i == len(names)))
+                start = i
+        idle = [n for name, n, last in runs if name == "NOOP" and not last]
+        moves = [n for name, n, last in runs if name != "NOOP" and not last]
+        assert idle and moves and all(n % 2 == 0 for n in idle) and all(n % 8 == 0 for n in moves), runs
+        assert min(idle) == 2 and min(moves) == 8
+    plain = info.cls(config, DataSpec(resolution=32))
+    rng = np.random.default_rng(0)
+    again = plain.policy_actions(np.random.default_rng(0), 400, 2, 15)
+    assert np.array_equal(again, plain.policy_actions(rng, 400, 2, 15))
+    assert all(n % 8 == 0 for n in np.diff(np.flatnonzero(np.diff(again[:, 0]) != 0)))
+    problem, = info.cls.check_recipe(attrs.evolve(config, action_choice="buttons", idle_repeat=2), DataConfig(), None)
+    assert "'idle_repeat' needs action_choice 'classes'" in problem and "'buttons'" in problem
+
+
 def test_procgen_rendering_options_reach_the_game():
     """backgrounds=false, restrict_themes=true: the same level and actions drawn over black, one look for every
     level. The agent and the level are the same; only what is drawn behind them changes."""
