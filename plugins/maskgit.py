@@ -17,6 +17,7 @@ from genie_core.interfaces import DynamicsModel, DynamicsOutput, Sampler, TokenS
 from genie_core.nn import FrameCache, SpaceTimePositions, STTransformer, draw_categorical
 
 MAX_STEPS = 1024  # sampling steps per frame (the paper: 25)
+UNMASKING_ORDERS = ("confidence", "random", "noisy-confidence")
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -175,11 +176,17 @@ class MaskGITSamplerConfig:
     # Run the history once per frame and keep its keys and values (when the dynamics model offers `prefill`), instead
     # of once per step: the same tokens, several times faster. False: the plain full-sequence path, for comparison.
     cache: bool = True
+    # Which sampled tokens each step keeps: "confidence" (the paper's: the most probable first), "random" (a random
+    # order, drawn afresh every step) or "noisy-confidence" (MaskGIT's: log-confidence plus Gumbel noise scaled by
+    # `order_noise`, annealed to 0 over the steps, so early steps are not all spent on the easiest tokens).
+    order: str = attrs.field(default="confidence", validator=v.in_(UNMASKING_ORDERS))
+    order_noise: float = attrs.field(default=4.5, validator=v.ge(0))  # MaskGIT's choice temperature
 
 
 class MaskGITSampler(Sampler):
-    """Iterative decoding: start from a fully masked frame; at each step sample every hidden token, keep the most
-    confident ones, and hide the rest again, following a cosine schedule until no token is hidden."""
+    """Iterative decoding: start from a fully masked frame; at each step sample every hidden token, keep the ones
+    first in the unmasking order (the most confident, by default), and hide the rest again, following a cosine
+    schedule until no token is hidden."""
 
     config_class = MaskGITSamplerConfig
     needs_masking = True
@@ -231,14 +238,26 @@ class MaskGITSampler(Sampler):
             logits = frame_logits(frame.reshape(b, h, w), hidden.reshape(b, h, w)).reshape(b, n, -1).float()
             probs = torch.softmax(logits / (temperature or 1), dim=-1)
             sampled = draw_categorical(probs, generator) if temperature > 0 else probs.argmax(-1)
-            confidence = probs.gather(-1, sampled[..., None]).squeeze(-1)
-            confidence = confidence.masked_fill(~hidden, math.inf)  # tokens already fixed stay fixed
+            priority = self._priority(probs.gather(-1, sampled[..., None]).squeeze(-1), step, generator)
+            priority = priority.masked_fill(~hidden, math.inf)  # tokens already fixed stay fixed
             still_hidden = math.floor(n * math.cos(math.pi / 2 * (step + 1) / steps))
-            least_confident = confidence.argsort(dim=-1)[:, :still_hidden]
-            keep_hidden = torch.zeros_like(hidden).scatter_(1, least_confident, True)
+            to_hide = priority.argsort(dim=-1)[:, :still_hidden]
+            keep_hidden = torch.zeros_like(hidden).scatter_(1, to_hide, True)
             frame = torch.where(hidden & ~keep_hidden, sampled, frame)
             hidden = keep_hidden
         return frame.reshape(b, h, w)
+
+    def _priority(self, confidence: torch.Tensor, step: int, generator) -> torch.Tensor:
+        """Each sampled token's place in the unmasking order [B, n]: the highest are kept, the lowest hidden again."""
+        order = self.config.order
+        if order == "confidence":
+            return confidence
+        uniform = torch.rand(confidence.shape, generator=generator, device=confidence.device)
+        if order == "random":
+            return uniform
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
+        noise = self.config.order_noise * (1 - (step + 1) / self.config.steps)
+        return confidence.clamp_min(1e-30).log() + noise * gumbel
 
 
 @hookimpl

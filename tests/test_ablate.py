@@ -103,6 +103,53 @@ def test_world_curve_scores_the_world_during_training(played_run, tmp_path):
     assert after == before
 
 
+def test_sampler_front_scores_every_setting_and_picks_the_fastest_good_one(played_run, tmp_path):
+    """benchmarks/sampler_front.py: every (order, steps) setting of the run's world scored on the same held-out
+    windows beside the still frame, with its play speed; the choice is inside the best intervals."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sampler_front.py"), str(played_run),
+                           "--steps", "1,2", "--orders", "confidence,random", "--temperature", "0", "--windows", "4",
+                           "--history", "3", "--repeats", "1", "--name", "t", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "sampler-front-t.json").read_text())
+    rows = result["rows"]
+    assert [(r["order"], r["steps"]) for r in rows] == [("confidence", 1), ("confidence", 2), ("random", 1),
+                                                          ("random", 2)]
+    assert len({json.dumps(r["copy_prompt_psnr_db"]) for r in rows}) == 1  # the same windows for every setting
+    assert all(r["frames_per_s"] > 0 and r["dtpsnr_db"]["n"] == 4 for r in rows)
+    # One greedy step reveals every token at once: the order cannot matter there.
+    assert rows[0]["dynamics_psnr_db"] == rows[2]["dynamics_psnr_db"]
+    chosen = next(r for r in rows if (r["order"], r["steps"]) == (result["choice"]["order"], result["choice"]["steps"]))
+    for key in ("dynamics_psnr_db", "dtpsnr_db"):
+        best = max(rows, key=lambda r: r[key]["mean"])[key]
+        assert chosen[key]["mean"] >= best["mean"] - best["ci95"]
+    assert "<- the front's choice" in done.stdout
+    assert (tmp_path / "sampler-front-t.png").stat().st_size > 0
+
+
+def test_lam_alone_scores_the_codes_against_the_actions_and_their_place(played_run, tmp_path):
+    """benchmarks/lam_alone.py: the recipe's action model trained alone on a run's footage, its codes scored every N
+    steps against the true actions and against their place in the window, its error beside "nothing moves"."""
+    from genie_core.run.folder import RunFolder
+
+    data = RunFolder.find(played_run).data
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lam_alone.py"), str(data),
+                           "action_model.commitment_weight=0.5", "--recipe",
+                           str(REPO / "recipes" / "coinrun-smoke.toml"), "--steps", "4", "--every", "2",
+                           "--windows", "2", "--name", "t", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "lam-alone-t.json").read_text())
+    assert result["overrides"] == ["action_model.commitment_weight=0.5"]
+    assert [p["step"] for p in result["points"]] == [2, 4]
+    for p in result["points"]:
+        for key in ("vs_true", "vs_place_in_window"):
+            assert 0 <= p[key]["nmi"] <= 1 and 0 <= p[key]["mapping_accuracy"] <= 1
+        assert 1 <= p["codes_used"] <= 4  # the smoke recipe's |A|
+        assert p["nothing_moves_mse"] > 0 and p["reconstruction_mse"] > 0
+    assert "with the place in the window" in done.stdout
+
+
 class StepSource:
     """Footage of a bright square that each action moves one way (0 still, 1 left, 2 right, 3 down): with
     `shown=False` the square moves at random whatever the action says."""

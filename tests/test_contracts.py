@@ -34,8 +34,9 @@ def test_maskgit_single_greedy_step_is_argmax():
     assert torch.equal(sampled, expected)
 
 
+@pytest.mark.parametrize("order", ["confidence", "random", "noisy-confidence"])
 @pytest.mark.parametrize("cache", [False, True])
-def test_maskgit_schedule_reveals_every_token_and_keeps_revealed_ones(cache):
+def test_maskgit_schedule_reveals_every_token_and_keeps_revealed_ones(cache, order):
     """Each step reveals tokens following the cosine schedule; a revealed token is never resampled (with the
     key/value cache, where each step runs only the new frame, and without, where it runs the whole sequence)."""
     from genie_plugins.maskgit import MaskGITSampler, MaskGITSamplerConfig
@@ -59,9 +60,38 @@ def test_maskgit_schedule_reveals_every_token_and_keeps_revealed_ones(cache):
 
         dyn.forward = spy
     tokens, actions = tokens_and_actions(frames=3)
-    config = MaskGITSamplerConfig(steps=4, cache=cache)
+    config = MaskGITSamplerConfig(steps=4, cache=cache, order=order)
     result = MaskGITSampler(config).sample_next(dyn, tokens[:, :2], actions, torch.Generator().manual_seed(0))
     hidden_counts = [int(mask[0].sum()) for _, mask in seen]
     assert hidden_counts == [16, 14, 11, 6]  # 16 * cos(pi/2 * s/4) for s = 0..3, floored
     for (frame, mask), (next_frame, _) in zip(seen, seen[1:] + [(result, None)]):
         assert torch.equal(frame[~mask], next_frame[~mask])
+
+
+def _first_step_revealed(order: str, seed: int, **options) -> torch.Tensor:
+    """Which positions the first of 4 greedy MaskGIT steps reveals [B, h, w], for an unmasking order."""
+    from genie_plugins.maskgit import MaskGITSampler, MaskGITSamplerConfig
+
+    dyn = build("dynamics", "maskgit", token_spec()).eval()
+    seen = []
+    original = dyn.next_frame_logits
+
+    def spy(kv, frame, action, mask=None):
+        seen.append(mask.clone())
+        return original(kv, frame, action, mask)
+
+    dyn.next_frame_logits = spy
+    tokens, actions = tokens_and_actions(frames=3)
+    config = MaskGITSamplerConfig(steps=4, temperature=0.0, order=order, **options)
+    MaskGITSampler(config).sample_next(dyn, tokens[:, :2], actions, torch.Generator().manual_seed(seed))
+    return ~seen[1]  # hidden before the second step: what the first one kept
+
+
+def test_maskgit_unmasking_orders_choose_which_tokens_each_step_keeps():
+    """Greedy sampling: "confidence" keeps the same tokens whatever the seed, "random" keeps different ones for
+    different seeds, and "noisy-confidence" with no noise is "confidence"."""
+    confident = _first_step_revealed("confidence", 0)
+    assert torch.equal(confident, _first_step_revealed("confidence", 1))
+    assert int(confident[0].sum()) == 2  # 16 - 14 tokens, the cosine schedule's first step
+    assert not torch.equal(_first_step_revealed("random", 0), _first_step_revealed("random", 1))
+    assert torch.equal(_first_step_revealed("noisy-confidence", 1, order_noise=0.0), confident)
