@@ -181,6 +181,20 @@ def test_a_world_that_ignores_actions_has_exactly_zero_controllability(levels):
     assert result["dynamics_psnr_by_step_db"][0]["mean"] < 100.0
 
 
+def test_per_window_scores_are_kept_when_asked_and_agree_with_the_summary(levels):
+    """EvalSettings(per_window=True): every window's world PSNR and dtPSNR at each t, in window order, for
+    comparisons window by window; their means are the summary's. Not kept by default."""
+    world = known_world(obeys_actions=False)
+    assert "per_window" not in evaluate(world, levels)
+    result = evaluate(world, levels, per_window=True)
+    for key, summary in (("dynamics_psnr_at_t_db", result["dynamics_psnr_at_t_db"]),
+                         ("dtpsnr_db", result["dtpsnr_db"])):
+        for t in ("1", "4"):
+            values = result["per_window"][key][t]
+            assert len(values) == 12
+            assert sum(values) / len(values) == pytest.approx(summary[t]["mean"])
+
+
 def test_baselines_are_the_prompt_shown_again(levels):
     """Copy-prompt scores what the prompt frame scores against each later true frame (measured here directly from
     the footage); a world that only shows the prompt again scores exactly that, and 0 above it."""

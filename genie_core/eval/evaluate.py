@@ -56,6 +56,7 @@ class EvalSettings:
     dtpsnr_t: tuple[int, ...] = (_RECIPE.dtpsnr_t.default,)  # generated frames after the prompt
     horizon: int | None = None  # rollout steps for per-step fidelity and FVD; default: the world's context - 1
     labelled_fraction: float = 0.1  # share of transitions used to fit the latent -> true action mapping
+    per_window: bool = False  # also keep every window's scores at t, for comparisons window by window
 
     @classmethod
     def from_config(cls, config: EvalConfig, **changes) -> "EvalSettings":
@@ -180,6 +181,10 @@ class Evaluation:
             "actions_vs_true_classes": self.agreement_with_classes(inferred, true_actions),
             "true_action_names": self.index.manifest.get("action_names"),  # None when the source names none
         }
+        if settings.per_window:
+            result["per_window"] = {
+                "dynamics_psnr_at_t_db": {str(t): step_psnr[:, t - 1].tolist() for t in ts},
+                "dtpsnr_db": {str(t): deltas[:, k].tolist() for k, t in enumerate(ts)}}
         if features:
             from genie_core.eval.fvd import frechet_distance
 
