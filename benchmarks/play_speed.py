@@ -3,14 +3,14 @@
     python benchmarks/play_speed.py recipes/coinrun-tiny.toml [KEY=VALUE ...] [--history 1,2,4,8,16,32] [--compile]
 
 For each history length h: a play session (`genie_core.world.model.Rollout`) that already holds h frames generates the
-next frames one action at a time (the sampler's steps from the recipe), each decoded to pixels through the
-tokenizer's window, as `genie play` does; frames/s is the inverse of the median time per frame. Weights are random
-(speed does not depend on them); the dynamics model is built for h + repeats + 2 frames, so its window never moves
-and its cache has the room it has in play; with `--context C` it is built for C frames instead, and histories of C
-or more play with a moving window (`--window slide`: the cache is rebuilt before every frame; `block`: every half
-window), as long sessions do. Uncached, every MaskGIT step re-runs the whole history; cached, each
-frame extends the cache by the frame before it and every step costs one frame; `--compile` adds the cached sampler
-with its per-step work compiled by torch.compile (compile time reported apart). The speed-ups compare sampling
+next frames one action at a time (the sampler's steps from the recipe), each decoded to pixels as `genie play` does
+(from the recipe's `[world] decode_frames`, by default the tokenizer's window); frames/s is the inverse of the median
+time per frame. Weights are random (speed does not depend on them); the dynamics model is built for h + repeats + 2
+frames, so its window never moves and its cache has the room it has in play; with `--context C` it is built for C
+frames instead, and histories of C or more play with a moving window (`--window slide`: the cache is rebuilt before
+every frame; `block`: every half window), as long sessions do. Uncached, every MaskGIT step re-runs the whole history;
+cached, each frame extends the cache by the frame before it and every step costs one frame; `--compile` adds the cached
+sampler with its per-step work compiled by torch.compile (compile time reported apart). The speed-ups compare sampling
 alone and whole frames (sampling + decoding). Prints a table, saves JSON and a PNG to
 benchmarks/results/play-speed-RUNNAME[-contextC-WINDOW][-PRECISION][-compiled[-MODE]][-cuda].{json,png}.
 """
@@ -29,7 +29,6 @@ import attrs
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from genie_core.config import WorldConfig  # noqa: E402
 from genie_core.interfaces import TokenSpec, VideoSpec  # noqa: E402
 from genie_core.recipe import load_recipe  # noqa: E402
 from genie_core.world.model import Rollout, World  # noqa: E402
@@ -64,7 +63,7 @@ def frame_timer(world: World, history_len: int, frames: int, device):
         nonlocal played
         action = actions[:, history_len - 1 + played]
         played += 1
-        return timed(lambda: rollout.step(action, generator)), timed(lambda: world.decode_last(rollout.tokens))
+        return timed(lambda: rollout.step(action, generator)), timed(lambda: world.decode_shown(rollout.tokens))
     return next_frame
 
 
@@ -153,7 +152,8 @@ def main(argv=None) -> int:
                     model = copy.deepcopy(dynamics)
                     model.compile_cached_steps(mode=args.compile_mode)
                 sampler = sampler_cls(attrs.evolve(sampler_cfg, cache=mode != "uncached"))
-                world = World(tokenizer, action_model, model, sampler, WorldConfig(window=args.window))
+                world = World(tokenizer, action_model, model, sampler,
+                              attrs.evolve(recipe.world, window=args.window))
                 timers[mode] = frame_timer(world, h, args.repeats + 2, device)
                 # Two frames of warm-up: the first builds the cache (and compiles the step), the second extends it.
                 warm_up[mode] = sum(sum(timers[mode]()) for _ in range(2))

@@ -218,10 +218,15 @@ class WorldConfig:
     - window "block": when the context is full, the oldest half of it is dropped at once; between drops every new
       frame extends the cache, so a long session costs about one frame per MaskGIT step. The history then varies
       between half and all of the context.
+    - decode_frames: how many frames the tokenizer's decoder reads to draw each new frame of play.
     """
 
     context: int = attrs.field(default=0, validator=v.ge(0))  # frames seen per new frame; 0: as many as trained on
     window: str = attrs.field(default="slide", validator=v.in_(WINDOWS))
+    # Frames the tokenizer decodes each new frame of play with (the frame and those just before it); 0: its whole
+    # window, exactly as rollouts are decoded. Fewer cost less per frame, for a measured difference in the pixels
+    # shown (benchmarks/decode_frames.py); the tokens, and so the world's future, are the same.
+    decode_frames: int = attrs.field(default=0, validator=v.ge(0))
 
 
 @attrs.define(frozen=True, kw_only=True)

@@ -155,6 +155,24 @@ def test_lam_alone_scores_the_codes_against_the_actions_and_their_place(played_r
     assert "with the place in the window" in done.stdout
 
 
+def test_decode_frames_measures_each_count_against_the_whole_window(played_run, tmp_path):
+    """benchmarks/decode_frames.py: the last frame decoded from k frames against the whole window's decoding and
+    against the truth, window by window, with the time of one decode; the whole window is always a row."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_frames.py"), str(played_run),
+                           "--frames", "1,2", "--windows", "4", "--repeats", "2", "--name", "t", "--out",
+                           str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "decode-frames-t.json").read_text())
+    rows = {r["frames"]: r for r in result["rows"]}
+    assert set(rows) == {1, 2, result["window"]} and result["windows"] == 4
+    whole = rows[result["window"]]
+    assert whole["vs_whole_window_db"]["mean"] == 100.0 and whole["vs_truth_minus_whole_window_db"]["mean"] == 0
+    for r in rows.values():
+        assert r["decode_ms"] > 0 and r["vs_truth_db"]["n"] == 4
+        assert abs(r["vs_truth_minus_whole_window_db"]["mean"]
+                   - (r["vs_truth_db"]["mean"] - whole["vs_truth_db"]["mean"])) < 1e-4
+
+
 class StepSource:
     """Footage of a bright square that each action moves one way (0 still, 1 left, 2 right, 3 down): with
     `shown=False` the square moves at random whatever the action says."""

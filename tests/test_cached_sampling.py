@@ -240,3 +240,20 @@ def test_a_step_past_the_models_length_is_refused():
         cache = dynamics.prefill(history, actions[:, :-1])
         with pytest.raises(ValueError, match=f"the cache holds {n} frames; this model was built for {n} in all"):
             dynamics.next_frame_logits(cache, history[:, -1], actions[:, -1])
+
+
+def test_play_draws_each_new_frame_from_the_decode_frames_it_is_given():
+    """`[world] decode_frames`: play decodes a new frame from that many frames (itself included); 0 or more than the
+    tokenizer's window is the whole window, exactly as rollouts are decoded. The tokens are not touched."""
+    world = tiny_world(cache=True)
+    window = world.tokenizer.spec.num_frames
+    tokens = world.generate_tokens(world.encode_prompt(torch.rand(1, 3, 16, 16)),
+                                   torch.tensor([[1, 2, 3, 0, 1, 2, 3, 0, 1]]))  # more frames than the window
+    assert tokens.shape[1] > window
+    exact = world.decode(tokens)[:, -1:]
+    assert torch.equal(world.decode_shown(tokens), exact)  # decode_frames = 0: the whole window
+    for frames, expected in ((1, world.tokenizer.decode(tokens[:, -1:])),
+                             (2, world.tokenizer.decode(tokens[:, -2:])[:, -1:]), (window + 5, exact)):
+        world.config = attrs.evolve(world.config, decode_frames=frames)
+        assert torch.equal(world.decode_shown(tokens), expected)
+    assert not torch.equal(world.tokenizer.decode(tokens[:, -1:]), exact)  # the context does change the pixels

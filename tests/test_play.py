@@ -435,12 +435,12 @@ def test_frames_are_computed_on_the_thread_that_serves_compute(play, monkeypatch
     for action in (1, 2, 3):
         inline.step(action)
     seen = set()
-    original = World.decode_last
+    original = World.decode_shown
 
-    def decode_last(world, tokens):
+    def decode_shown(world, tokens):
         seen.add(threading.get_ident())
         return original(world, tokens)
-    monkeypatch.setattr(World, "decode_last", decode_last)
+    monkeypatch.setattr(World, "decode_shown", decode_shown)
     served, stop = PlayWorld(play.world, play.name, play.keys, play.prompts), threading.Event()
     worker = threading.Thread(target=served.compute.serve, args=(stop,))
     worker.start()

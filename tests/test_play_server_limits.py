@@ -122,9 +122,9 @@ def test_sampler_knobs_stay_within_what_the_server_allows(server):
 def test_sessions_take_turns_at_the_model(served, monkeypatch):
     """Six new sessions asked for at once delay another session's frame by one prompt encoding, not six."""
     order = []
-    encode, decode_last = World.encode_prompt, World.decode_last
+    encode, decode_shown = World.encode_prompt, World.decode_shown
     monkeypatch.setattr(World, "encode_prompt", lambda world, p: (order.append("new"), encode(world, p))[1])
-    monkeypatch.setattr(World, "decode_last", lambda world, t: (order.append("step"), decode_last(world, t))[1])
+    monkeypatch.setattr(World, "decode_shown", lambda world, t: (order.append("step"), decode_shown(world, t))[1])
     with PlayServer(served) as server:
         sid = new_session(server)
         order.clear()

@@ -298,7 +298,7 @@ class PlaySession:
 
         def next_frame():
             self.rollout.step(torch.tensor([action], device=world.device), self.generator, sampler)
-            return to_uint8(world.decode_last(self.rollout.tokens)[0])[0]
+            return to_uint8(world.decode_shown(self.rollout.tokens)[0])[0]
         self.frames.append(self.play.compute.run(next_frame, owner=self.id, abandoned=abandoned))
         self.seconds = self.seconds[-9:] + [time.perf_counter() - start]
         return self.frames[-1]

@@ -96,10 +96,16 @@ class World:
         return torch.cat([head, *tail], dim=1)
 
     @torch.no_grad()
-    def decode_last(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode_last(self, tokens: torch.Tensor, frames: int = 0) -> torch.Tensor:
         """The last frame of tokens [B, T, h, w] as pixels [B, 1, C, H, W], decoded with the frames before it that
-        fit the tokenizer's window."""
-        return self.tokenizer.decode(tokens[:, -self.tokenizer.spec.num_frames:])[:, -1:]
+        fit the tokenizer's window (with `frames`, at most that many frames, itself included)."""
+        window = self.tokenizer.spec.num_frames
+        return self.tokenizer.decode(tokens[:, -min(frames or window, window):])[:, -1:]
+
+    @torch.no_grad()
+    def decode_shown(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The last frame as play shows it: decoded from `[world] decode_frames` frames (0: the whole window)."""
+        return self.decode_last(tokens, self.config.decode_frames)
 
     @torch.no_grad()
     def rollout(self, prompt: torch.Tensor, actions: torch.Tensor,
