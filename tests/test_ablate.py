@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from conftest import REPO
 
 ABLATE = REPO / "benchmarks" / "ablate.py"
@@ -148,11 +150,41 @@ def test_lam_alone_scores_the_codes_against_the_actions_and_their_place(played_r
     assert result["overrides"] == ["action_model.commitment_weight=0.5"]
     assert [p["step"] for p in result["points"]] == [2, 4]
     for p in result["points"]:
-        for key in ("vs_true", "vs_place_in_window"):
-            assert 0 <= p[key]["nmi"] <= 1 and 0 <= p[key]["mapping_accuracy"] <= 1
+        scores = [p["vs_true"], p["vs_place_in_window"], p["vs_classes"], *p["vs_scene_shift"].values()]
+        for agreement in scores:
+            assert 0 <= agreement["nmi"] <= 1 and 0 <= agreement["mapping_accuracy"] <= 1
+        assert set(p["vs_scene_shift"]) == {"vertical", "horizontal", "both"}
+        table = p["vs_classes"]["table"]  # codes x the footage's action classes, every scored transition once
+        assert len(table) == 4 and len(table[0]) == len(p["vs_classes"]["classes"])
         assert 1 <= p["codes_used"] <= 4  # the smoke recipe's |A|
         assert p["nothing_moves_mse"] > 0 and p["reconstruction_mse"] > 0
+    assert set(result["true_actions_vs_scene_shift"]) == {"vertical", "horizontal", "both"}
     assert "with the place in the window" in done.stdout
+
+    # The same decoder with the true actions as its codes: only its reconstruction error is scored.
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lam_alone.py"), str(data), "--codes",
+                           "true-actions", "--recipe", str(REPO / "recipes" / "coinrun-smoke.toml"), "--steps", "2",
+                           "--every", "2", "--windows", "2", "--name", "true", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "lam-alone-true.json").read_text())
+    assert result["codes"] == "true-actions"
+    assert set(result["points"][0]) == {"step", "reconstruction_mse", "nothing_moves_mse"}
+
+
+def test_scene_shift_finds_the_shift_that_carries_one_frame_onto_the_next():
+    """lam_alone.scene_shift: a textured frame moved by whole pixels is found with the sign convention its doc gives
+    (frame t + 1 at (y, x) is frame t at (y + dy, x + dx)); a still frame gives (0, 0)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from lam_alone import scene_shift, shift_kinds
+
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+    frames = np.stack([big[10:26, 10:26], big[12:28, 9:25], big[12:28, 9:25]])  # then (+2, -1), then still
+    shift = scene_shift(frames, largest=3)
+    assert shift.tolist() == [[2, -1], [0, 0]]
+    kinds = shift_kinds(shift)
+    assert kinds["vertical"].tolist() == [2, 1] and kinds["horizontal"].tolist() == [0, 1]
 
 
 def test_decode_frames_measures_each_count_against_the_whole_window(played_run, tmp_path):

@@ -40,18 +40,16 @@ def label(action_model: LatentActionModel, index: EpisodeIndex, split: str, devi
     action_model = action_model.to(device).eval()
     length = action_model.spec.num_frames
     frames, true_actions, latent_actions = [], [], []
-    for episode in index.episodes(split):
-        start, count = episode["start"], episode["length"]
-        video = np.load(index.shard_path(episode["shard"], "frames"), mmap_mode="r")[start : start + count]
-        actions = np.load(index.shard_path(episode["shard"], "actions"), mmap_mode="r")[start : start + count - 1]
+    for video, actions in index.episode_arrays(split):
+        count = len(video)
         latent = np.zeros(count - 1, dtype=np.int64)
         for first in range(0, count - 1, length - 1):
-            clip = torch.from_numpy(np.array(video[first : first + length])).permute(0, 3, 1, 2).float() / 255
+            clip = torch.from_numpy(video[first : first + length]).permute(0, 3, 1, 2).float() / 255
             if clip.shape[0] < 2:
                 break
             latent[first : first + clip.shape[0] - 1] = action_model.infer_actions(clip[None].to(device))[0].cpu()
-        frames.append(np.array(video))
-        true_actions.append(np.array(actions, dtype=np.int64))
+        frames.append(video)
+        true_actions.append(actions)
         latent_actions.append(latent)
     return Footage(frames, true_actions, latent_actions)
 

@@ -314,6 +314,14 @@ class EpisodeIndex:
     def shard_path(self, shard: int, part: str) -> Path:
         return self.root / f"{self.manifest['shards'][shard]['file']}.{part}.npy"
 
+    def episode_arrays(self, split: str):
+        """Each episode of the split, in order, as (frames uint8 [L, H, W, C], actions int64 [L - 1]), read whole."""
+        for episode in self.episodes(split):
+            start, count = episode["start"], episode["length"]
+            frames = np.load(self.shard_path(episode["shard"], "frames"), mmap_mode="r")[start : start + count]
+            actions = np.load(self.shard_path(episode["shard"], "actions"), mmap_mode="r")[start : start + count - 1]
+            yield np.array(frames), np.array(actions, dtype=np.int64)
+
 
 class WindowDataset(torch.utils.data.Dataset):
     """Every window of `length` consecutive frames inside one episode of a split, as float video [T, C, H, W] in
