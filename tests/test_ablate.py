@@ -302,3 +302,22 @@ def test_the_readme_tables_are_generated_blocks():
     text = (REPO / "README.md").read_text()
     for name in ("coinrun-tiny", "coinrun-small"):
         assert re.search(rf"<!-- numbers: {name} -->\n\| \| value \|\n.*?\n<!-- /numbers -->", text, re.S), name
+
+
+def test_long_rollout_compares_the_windows_past_the_trained_context(played_run, tmp_path):
+    """benchmarks/long_rollout.py: rollouts longer than the trained context with each [world] window, the same
+    inferred actions and seeds: identical until the context is full, then scored against the truth window by window;
+    the block-minus-slide summary is the mean of the paired per-window differences past the context."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "long_rollout.py"), str(played_run),
+                           "--steps", "8", "--windows", "3", "--name", "t", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "long-rollout-t.json").read_text())
+    context, by_step = result["context"], result["by_step_db"]
+    assert set(by_step) == {"copy_prompt", "slide", "block"} and result["windows"] == 3
+    assert all(len(rows) == 8 for rows in by_step.values())
+    for k in range(context - 1):  # the history fits the context: both windows hold every frame
+        assert by_step["slide"][k] == by_step["block"][k]
+    past = result["past_context_db"]
+    assert abs(result["block_minus_slide_db"]["mean"] - (past["block"]["mean"] - past["slide"]["mean"])) < 1e-4
+    assert (tmp_path / "long-rollout-t.png").stat().st_size > 0

@@ -22,6 +22,7 @@ from torch import nn
 from genie_core.data.footage import EpisodeIndex
 from genie_core.interfaces import LatentActionModel, Policy, PolicySpec
 from genie_core.io.media import resize_frames
+from genie_core.world.model import infer_actions_in_windows
 
 
 @attrs.frozen
@@ -38,19 +39,12 @@ def label(action_model: LatentActionModel, index: EpisodeIndex, split: str, devi
     """Every transition of the split's episodes with the latent action the model infers for it, read in windows of
     the model's length that overlap by one frame (each transition once, with the frames before it in its window)."""
     action_model = action_model.to(device).eval()
-    length = action_model.spec.num_frames
     frames, true_actions, latent_actions = [], [], []
     for video, actions in index.episode_arrays(split):
-        count = len(video)
-        latent = np.zeros(count - 1, dtype=np.int64)
-        for first in range(0, count - 1, length - 1):
-            clip = torch.from_numpy(video[first : first + length]).permute(0, 3, 1, 2).float() / 255
-            if clip.shape[0] < 2:
-                break
-            latent[first : first + clip.shape[0] - 1] = action_model.infer_actions(clip[None].to(device))[0].cpu()
+        clip = torch.from_numpy(video).permute(0, 3, 1, 2).float()[None].to(device) / 255
         frames.append(video)
         true_actions.append(actions)
-        latent_actions.append(latent)
+        latent_actions.append(infer_actions_in_windows(action_model, clip)[0].cpu().numpy())
     return Footage(frames, true_actions, latent_actions)
 
 

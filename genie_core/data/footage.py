@@ -380,6 +380,13 @@ def evenly_spaced(dataset: WindowDataset, count: int) -> list[int]:
     return np.linspace(0, len(dataset) - 1, count).round().astype(int).tolist()
 
 
+def overlapping(dataset: WindowDataset, indices: list[int]) -> int:
+    """How many of the windows (in index order) share frames with the next one: windows that do are not
+    independent, and 95% intervals over them come out narrower than they are."""
+    starts = [dataset.locate(i) for i in indices]
+    return sum(a[0] == b[0] and b[1] - a[1] < dataset.length for a, b in zip(starts, starts[1:]))
+
+
 # --------------------------------------------------------------------------------------------------- inspecting
 
 

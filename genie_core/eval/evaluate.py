@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from genie_core.config import EvalConfig
-from genie_core.data.footage import EpisodeIndex, WindowDataset, evenly_spaced
+from genie_core.data.footage import EpisodeIndex, WindowDataset, evenly_spaced, overlapping
 from genie_core.errors import GenieError
 from genie_core.eval.metrics import (
     action_agreement,
@@ -207,8 +207,7 @@ class Evaluation:
     def windows_overlap(self, dataset: WindowDataset) -> bool:
         """Whether evenly spaced windows share frames (too many windows for the split): the windows are then not
         independent, and the 95% intervals come out narrower than they are."""
-        starts = [dataset.locate(i) for i in evenly_spaced(dataset, self.settings.windows)]
-        return any(a[0] == b[0] and b[1] - a[1] < dataset.length for a, b in zip(starts, starts[1:]))
+        return overlapping(dataset, evenly_spaced(dataset, self.settings.windows)) > 0
 
     def run(self) -> dict:
         return {"data": str(self.index.root), "split": self.split, "settings": attrs.asdict(self.settings),

@@ -17,6 +17,19 @@ from genie_core.errors import GenieError
 from genie_core.interfaces import DynamicsModel, LatentActionModel, Sampler, VideoTokenizer
 
 
+@torch.no_grad()
+def infer_actions_in_windows(action_model: LatentActionModel, video: torch.Tensor) -> torch.Tensor:
+    """video [B, T, C, H, W] of any length -> the actions [B, T - 1] the action model infers, read in windows of the
+    length it was trained on that overlap by one frame: each transition once, with the frames before it in its
+    window."""
+    length, transitions = action_model.spec.num_frames, video.shape[1] - 1
+    actions = torch.zeros(video.shape[0], max(0, transitions), dtype=torch.long, device=video.device)
+    for first in range(0, transitions, length - 1):
+        clip = video[:, first : first + length]
+        actions[:, first : first + clip.shape[1] - 1] = action_model.infer_actions(clip)
+    return actions
+
+
 def history_start(frames: int, keep: int, stride: int) -> int:
     """The first frame of the history the next frame is generated from, when `frames` frames exist: the most recent
     `keep` at most, the window's start moving in multiples of `stride` (1: sliding)."""
