@@ -60,6 +60,10 @@ class ProcgenConfig:
     # With classes: steps the class that does nothing (NOOP) is held, when it should differ from action_repeat.
     # Moves held long show their buttons best, but NOOP held long freezes the agent (frames a still frame copies).
     idle_repeat: int | None = attrs.field(default=None, validator=v.optional(positive))
+    # With classes: a held move is given up once the frame has not changed for this many steps (the agent pushes
+    # into a wall), and the next one drawn, as a player turns away; None: every hold runs its length. Long holds show
+    # their buttons best, but a move held against a wall freezes the footage.
+    unstick_after: int | None = attrs.field(default=None, validator=v.optional(positive))
     # procgen's rendering options (the paper's: all defaults). Without the detailed backgrounds and with one visual
     # theme, the frames hold the agent, the level and little else: fewer details for a small tokenizer to spend its
     # codes on, and the agent's moves stand out instead of the background's texture.
@@ -90,9 +94,10 @@ class ProcgenSource(VideoSource):
         names = procgen().env.ENV_NAMES
         if config.game not in names:
             return [f"'game' {config.game!r} is not a procgen game; games: {', '.join(names)}"]
-        if config.idle_repeat is not None and config.action_choice != "classes":
-            return [f"'idle_repeat' needs action_choice 'classes' (which class does nothing is known only then); "
-                    f"got action_choice {config.action_choice!r}"]
+        for key in ("idle_repeat", "unstick_after"):
+            if getattr(config, key) is not None and config.action_choice != "classes":
+                return [f"'{key}' needs action_choice 'classes' (which class does nothing is known only then); "
+                        f"got action_choice {config.action_choice!r}"]
         if config.action_choice == "classes" and config.game not in ACTION_CLASSES:
             return [f"'action_choice' 'classes' needs to know which of {config.game}'s buttons do the same; it is "
                     f"known for {', '.join(ACTION_CLASSES)}; use 'buttons' for {config.game}"]
@@ -131,10 +136,17 @@ class ProcgenSource(VideoSource):
         # Step all environments together and keep whole steps; episodes are cut out afterwards, vectorised.
         frames = np.empty((steps, num, NATIVE_RESOLUTION, NATIVE_RESOLUTION, 3), dtype=np.uint8)
         firsts = np.empty((steps, num), dtype=bool)
-        actions = self.policy_actions(rng, steps, num, env.ac_space.eltype.n)
+        if c.unstick_after is None:
+            actions = self.policy_actions(rng, steps, num, env.ac_space.eltype.n)
+            choose = None
+        else:  # the policy watches the frames: drawn step by step
+            actions, choose = np.empty((steps, num), dtype=np.int16), self._unsticking_policy(rng, num)
         for step in range(steps):
             _, obs, first = env.observe()
             frames[step], firsts[step] = obs["rgb"], first
+            if choose is not None:
+                still = step > 0 and ~first & (frames[step] == frames[step - 1]).all(axis=(1, 2, 3))
+                actions[step] = choose(np.broadcast_to(still, (num,)))
             env.act(actions[step])
         env.close()
         episodes = []
@@ -155,28 +167,56 @@ class ProcgenSource(VideoSource):
         if c.action_choice == "buttons":
             held = rng.integers(buttons, size=draws)
             return np.repeat(held, c.action_repeat, axis=0)[:steps].astype(np.int16)
-        # a class, then one of its combinations: the combinations sorted by class, each class a run
-        classes = self.action_classes()
-        names = list(dict.fromkeys(classes))
-        class_of = np.array([names.index(name) for name in classes])
-        by_class, sizes = np.argsort(class_of, kind="stable"), np.bincount(class_of)
-        starts = np.cumsum(sizes) - sizes
+        names, by_class, sizes, starts = self._class_table()
         if c.idle_repeat is None:
             chosen, pick = rng.integers(len(names), size=draws), rng.random(draws)
             held = by_class[starts[chosen] + (pick * sizes[chosen]).astype(int)]
             return np.repeat(held, c.action_repeat, axis=0)[:steps].astype(np.int16)
         # holds of two lengths: drawn one after another, each environment its own sequence
-        idle = names.index("NOOP")
         actions = np.empty((steps, num), dtype=np.int16)
         for env in range(num):
-            step = 0
+            step, holds = 0, self._holds(rng)
             while step < steps:
-                chosen = int(rng.integers(len(names)))
-                combination = by_class[starts[chosen] + int(rng.random() * sizes[chosen])]
-                hold = c.idle_repeat if chosen == idle else c.action_repeat
+                combination, hold = next(holds)
                 actions[step:step + hold, env] = combination
                 step += hold
         return actions
+
+    def _class_table(self):
+        """The game's classes of button combinations: their names, the combinations sorted by class (each class a
+        run), the size of each class and where its run starts."""
+        classes = self.action_classes()
+        names = list(dict.fromkeys(classes))
+        class_of = np.array([names.index(name) for name in classes])
+        by_class, sizes = np.argsort(class_of, kind="stable"), np.bincount(class_of)
+        return names, by_class, sizes, np.cumsum(sizes) - sizes
+
+    def _holds(self, rng: np.random.Generator):
+        """Endless (button combination, steps to hold it) draws for one environment, by class: a class, then one of
+        its combinations; the idle class held idle_repeat steps (if set), the others action_repeat."""
+        c = self.config
+        names, by_class, sizes, starts = self._class_table()
+        idle = names.index("NOOP")
+        while True:
+            chosen = int(rng.integers(len(names)))
+            combination = by_class[starts[chosen] + int(rng.random() * sizes[chosen])]
+            yield combination, (c.idle_repeat or c.action_repeat) if chosen == idle else c.action_repeat
+
+    def _unsticking_policy(self, rng: np.random.Generator, num: int):
+        """The class policy with holds given up after `unstick_after` steps of a frame that did not change:
+        choose(still [num] bool: this step's frame equals the last) -> this step's actions [num]."""
+        holds = [self._holds(rng) for _ in range(num)]
+        held, left, stuck = np.zeros(num, dtype=np.int16), np.zeros(num, dtype=int), np.zeros(num, dtype=int)
+
+        def choose(still: np.ndarray) -> np.ndarray:
+            stuck[:] = np.where(still, stuck + 1, 0)
+            for env in np.flatnonzero((left == 0) | (stuck >= self.config.unstick_after)):
+                held[env], left[env] = next(holds[env])
+                stuck[env] = 0
+            left[:] -= 1
+            return held.copy()
+
+        return choose
 
 
 # procgen's 15 button combinations, in the order of its discrete actions (the same for every game)

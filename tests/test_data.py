@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -242,6 +243,37 @@ def test_procgen_policy_can_hold_idling_for_less():
     assert all(n % 8 == 0 for n in np.diff(np.flatnonzero(np.diff(again[:, 0]) != 0)))
     problem, = info.cls.check_recipe(attrs.evolve(config, action_choice="buttons", idle_repeat=2), DataConfig(), None)
     assert "'idle_repeat' needs action_choice 'classes'" in problem and "'buttons'" in problem
+
+
+def test_procgen_policy_gives_up_a_move_that_leaves_the_frame_still():
+    """unstick_after=k: the class policy's holds, except that once the frame has not changed for k steps the hold is
+    cut and the next one drawn; with no still frames it is the policy without the option. It needs classes."""
+    info = get_registry().get("source", "procgen")
+    config = attrs.evolve(info.cls.tiny_config(), steps_per_level=60, num_envs=1, action_choice="classes",
+                          action_repeat=8, idle_repeat=1, unstick_after=2)
+    source = info.cls(config, DataSpec(resolution=32))
+    plain = source.policy_actions(np.random.default_rng(0), 60, 1, 15)[:, 0]
+    choose = source._unsticking_policy(np.random.default_rng(0), 1)
+    assert [int(choose(np.array([False]))[0]) for _ in range(60)] == plain.tolist()
+
+    holds = list(itertools.islice(source._holds(np.random.default_rng(0)), 30))
+    starts = np.cumsum([0] + [n for _, n in holds])
+    move = next(j for j, (_, n) in enumerate(holds) if n == 8 and starts[j] >= 4)  # a move held 8 steps
+    cut = int(starts[move]) + 2  # its frame unchanged at its 2nd and 3rd steps: given up at the 3rd
+    choose = source._unsticking_policy(np.random.default_rng(0), 1)
+    got = [int(choose(np.array([cut - 1 <= step <= cut]))[0]) for step in range(60)]
+    assert got[:cut] == plain[:cut].tolist()
+    combination, length = holds[move + 1]  # the next draw starts at once, and is held its own length
+    assert got[cut : cut + length] == [combination] * length
+    assert got != plain.tolist()  # (so this case tells the two policies apart)
+
+    episodes = list(source.record("level-0"))  # in the game: deterministic, actions in range
+    again = list(source.record("level-0"))
+    assert all(np.array_equal(a.actions, b.actions) for a, b in zip(episodes, again))
+    assert all(0 <= e.actions[:-1].min() and e.actions[:-1].max() < 15 for e in episodes)
+    problem, = info.cls.check_recipe(attrs.evolve(config, action_choice="buttons", idle_repeat=None), DataConfig(),
+                                     None)
+    assert "'unstick_after' needs action_choice 'classes'" in problem
 
 
 def test_procgen_rendering_options_reach_the_game():
