@@ -35,6 +35,16 @@ def machine_line(machine: dict | None) -> str:
     return f"{machine['machine']}, {device}; Python {machine['python']}, torch {machine['torch']}"
 
 
+def where_inexact(report: dict, t: int) -> str:
+    """The world minus the still frame over the windows where the still frame is not exact (reports from before
+    they kept it: nothing)."""
+    exact = report.get(f"copy_prompt_exact_t{t}")
+    if exact is None:
+        return ""
+    stat = report[f"dynamics_minus_copy_prompt_inexact_t{t}_db"]
+    return f"; in the {stat['n']} windows where it is not exact (it is in {exact}): {cell(stat)}"
+
+
 def numbers_table(run: Path) -> tuple[str, str]:
     """(the run's name, its table) from RUN/report.json and RUN/*/stage.json."""
     report = json.loads((run / "report.json").read_text())
@@ -56,7 +66,7 @@ def numbers_table(run: Path) -> tuple[str, str]:
         (f"dynamics PSNR at t={t}, inferred actions", f"{cell(world)} ({world['n']} windows)"),
         (f"baseline: the prompt frame shown again, at t={t}",
          f"{cell(copy)}; the world minus it, window by window: "
-         f"**{cell(report[f'dynamics_minus_copy_prompt_t{t}_db'])}**"),
+         f"**{cell(report[f'dynamics_minus_copy_prompt_t{t}_db'])}**" + where_inexact(report, t)),
         (f"baseline: the prompt's tokens shown again, at t={t}", cell(report[f"copy_prompt_tokens_psnr_t{t}_db"])),
         (f"controllability dtPSNR at t={t}", f"**{cell(report[f'dtpsnr_t{t}_db'])}** "
          f"({report[f'dtpsnr_t{t}_db']['n']} windows)"),

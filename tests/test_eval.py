@@ -57,9 +57,17 @@ class LevelSource(VideoSource):
     def record(self, unit):
         rng = np.random.default_rng(int(unit))
         actions = rng.integers(0, ACTIONS, 40)
-        levels = np.cumsum(np.concatenate([[rng.integers(0, LEVELS)], actions[:-1]])) % LEVELS
-        frames = np.repeat((levels * 255 // (LEVELS - 1)).astype(np.uint8)[:, None, None, None], RES, 1)
-        yield Episode(frames=np.repeat(np.repeat(frames, RES, 2), 3, 3), actions=actions)
+        yield level_episode(self.changed(actions), rng.integers(0, LEVELS))
+
+    def changed(self, actions):
+        return actions
+
+
+def level_episode(actions, first_level) -> Episode:
+    """Frames of one brightness level each, the level moved by each action (0: it stays)."""
+    levels = np.cumsum(np.concatenate([[first_level], actions[:-1]])) % LEVELS
+    frames = np.repeat((levels * 255 // (LEVELS - 1)).astype(np.uint8)[:, None, None, None], RES, 1)
+    return Episode(frames=np.repeat(np.repeat(frames, RES, 2), 3, 3), actions=actions)
 
 
 def level_of(video):  # [..., C, H, W] -> [...] the brightness level
@@ -209,11 +217,45 @@ def test_baselines_are_the_prompt_shown_again(levels):
     gain = perfect["dynamics_minus_copy_prompt_at_t_db"]["4"]
     assert gain["mean"] == pytest.approx(100.0 - expected[:, 3].mean().item()) and gain["n"] == 12
     assert not perfect["windows_overlap"]
+    # windows where the prompt frame is exact (scored at the cap) are counted, and left out of the second difference
+    exact = expected[:, 3] >= 100.0
+    assert perfect["copy_prompt_exact_at_t"]["4"] == int(exact.sum())
+    inexact = perfect["dynamics_minus_copy_prompt_inexact_at_t_db"]["4"]
+    assert inexact["n"] == 12 - int(exact.sum())
+    assert inexact["mean"] == pytest.approx(100.0 - expected[~exact, 3].mean().item())
 
     still = World(*list(attrs.astuple(known_world(True), recurse=False))[:3], StillSampler(Empty()))
     result = Evaluation(still, levels, "val", settings, Accelerator(cpu=True)).run()
     assert result["dynamics_psnr_by_step_db"] == result["copy_prompt_psnr_by_step_db"]
     assert result["dynamics_minus_copy_prompt_at_t_db"]["4"]["mean"] == 0.0
+    assert result["dynamics_minus_copy_prompt_inexact_at_t_db"]["4"]["mean"] == 0.0
+
+
+class PausingSource(LevelSource):
+    """LevelSource whose episodes stand still for a stretch: action 0 (no change) for 10 steps."""
+
+    def changed(self, actions):
+        return np.concatenate([actions[:5], np.zeros(10, dtype=actions.dtype), actions[15:]])
+
+
+def test_windows_where_the_prompt_frame_is_exact_are_counted_and_set_apart(tmp_path):
+    """Where nothing moved, the prompt frame shown again is exact (the PSNR cap): such windows are counted, and the
+    world minus the prompt frame is also given over the other windows alone, window by window."""
+    source = PausingSource(Empty(), DataSpec(resolution=RES))
+    build_dataset(source, source_identity(source, "pausing", Owner("pausing", "tests", "0")),
+                  DataConfig(resolution=RES, min_episode_frames=FRAMES), tmp_path / "ds", log=lambda *_: None)
+    index = EpisodeIndex.open(tmp_path / "ds")
+    world = known_world(obeys_actions=False)  # its rollouts drift: not exact, even where nothing moved
+    result = evaluate(world, index, windows=30, per_window=True)
+    world_psnr = torch.tensor(result["per_window"]["dynamics_psnr_at_t_db"]["4"])
+    still = torch.tensor(result["per_window"]["copy_prompt_psnr_at_t_db"]["4"])
+    exact = still >= 100.0
+    assert 0 < int(exact.sum()) < 30 and result["copy_prompt_exact_at_t"]["4"] == int(exact.sum())
+    inexact = result["dynamics_minus_copy_prompt_inexact_at_t_db"]["4"]
+    assert inexact["n"] == 30 - int(exact.sum())
+    assert inexact["mean"] == pytest.approx((world_psnr - still)[~exact].mean().item())
+    everything = result["dynamics_minus_copy_prompt_at_t_db"]["4"]["mean"]
+    assert everything == pytest.approx((world_psnr - still).mean().item()) and everything < inexact["mean"]
 
 
 def test_latent_actions_are_scored_on_classes_of_true_actions_too(levels):

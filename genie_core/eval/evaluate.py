@@ -29,6 +29,7 @@ from genie_core.config import EvalConfig
 from genie_core.data.footage import EpisodeIndex, WindowDataset, evenly_spaced, overlapping
 from genie_core.errors import GenieError
 from genie_core.eval.metrics import (
+    PSNR_CAP_DB,
     action_agreement,
     action_class_lookup,
     codebook_stats,
@@ -173,6 +174,13 @@ class Evaluation:
             # paired, window by window: the same windows, so the interval is that of the difference itself
             "dynamics_minus_copy_prompt_at_t_db": {str(t): mean_and_ci(step_psnr[:, t - 1] - copy_psnr[:, t - 1])
                                                    for t in ts},
+            # Where nothing moved (or the frame came back to the prompt's), the prompt frame shown again is exact and
+            # scores the PSNR cap: a handful of such windows decide the mean difference above. The count, and the
+            # difference over the other windows, say how much.
+            "copy_prompt_exact_at_t": {str(t): int((copy_psnr[:, t - 1] >= PSNR_CAP_DB).sum()) for t in ts},
+            "dynamics_minus_copy_prompt_inexact_at_t_db": {
+                str(t): mean_and_ci((step_psnr[:, t - 1] - copy_psnr[:, t - 1])[copy_psnr[:, t - 1] < PSNR_CAP_DB])
+                for t in ts},
             "windows_overlap": self.windows_overlap(dataset),
             "lam_codebook": codebook_stats(usage),
             "lam_usage": usage.tolist(),
@@ -184,6 +192,7 @@ class Evaluation:
         if settings.per_window:
             result["per_window"] = {
                 "dynamics_psnr_at_t_db": {str(t): step_psnr[:, t - 1].tolist() for t in ts},
+                "copy_prompt_psnr_at_t_db": {str(t): copy_psnr[:, t - 1].tolist() for t in ts},
                 "dtpsnr_db": {str(t): deltas[:, k].tolist() for k, t in enumerate(ts)}}
         if features:
             from genie_core.eval.fvd import frechet_distance

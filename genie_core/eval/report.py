@@ -16,6 +16,12 @@ def cell(stat: dict | None, digits: int = 2, unit: str | None = None) -> str:
     return f"{stat['mean']:.{digits}f}{ci}" + (f" (n={stat['n']} {unit})" if unit else "")
 
 
+def inexact(stat: dict, exact: int) -> str:
+    """The world minus the prompt frame shown again over the windows where that frame is not exact, and how many
+    windows it is exact in (where it scores the PSNR cap)."""
+    return f"{cell(stat, unit='windows')}; exact in {exact}"
+
+
 def summary_rows(result: dict) -> list[tuple[str, str]]:
     """(metric, value) rows of the short table `genie eval` prints and compares."""
     rows = [("tokenizer PSNR (dB)", cell(result["tokenizer_psnr_db"])),
@@ -27,6 +33,10 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
                  (f"copy-prompt PSNR t={t} (dB)", cell(result["copy_prompt_psnr_at_t_db"][t])),
                  (f"copy-prompt tokens PSNR t={t} (dB)", cell(result["copy_prompt_tokens_psnr_at_t_db"][t])),
                  (f"dynamics minus copy-prompt t={t} (dB)", cell(result["dynamics_minus_copy_prompt_at_t_db"][t]))]
+        if "copy_prompt_exact_at_t" in result:  # (evaluations from before kept no count)
+            rows.append((f"  where copy-prompt is not exact t={t} (dB)",
+                         inexact(result["dynamics_minus_copy_prompt_inexact_at_t_db"][t],
+                                 result["copy_prompt_exact_at_t"][t])))
     last = result["horizon"]
     rows.append((f"dynamics SSIM t={last}", cell(result["dynamics_ssim_by_step"][-1], 3)))
     fvd = result.get("fvd")
@@ -144,6 +154,8 @@ def report_markdown(report: dict, t: int) -> str:
         f"{cell(report[f'copy_prompt_tokens_psnr_t{t}_db'], unit='windows')} |",
         f"| dynamics minus the prompt frame again, at t={t} (dB, paired) | "
         f"{cell(report[f'dynamics_minus_copy_prompt_t{t}_db'], unit='windows')} |",
+        f"| the same, where the prompt frame again is not exact (dB, paired) | "
+        f"{inexact(report[f'dynamics_minus_copy_prompt_inexact_t{t}_db'], report[f'copy_prompt_exact_t{t}'])} |",
         f"| tokenizer reconstruction SSIM | {cell(report['tokenizer_ssim'], 3, unit='frames')} |",
         f"| latent vs true actions NMI | {nmi} |",
         f"| latent actions used / perplexity | {lam['used']}/{lam['size']} / {lam['perplexity']:.2f} |",

@@ -381,6 +381,9 @@ class Pipeline:
             f"copy_prompt_psnr_t{t}_db": measured["copy_prompt_psnr_at_t_db"][str(t)],
             f"copy_prompt_tokens_psnr_t{t}_db": measured["copy_prompt_tokens_psnr_at_t_db"][str(t)],
             f"dynamics_minus_copy_prompt_t{t}_db": measured["dynamics_minus_copy_prompt_at_t_db"][str(t)],
+            f"copy_prompt_exact_t{t}": measured["copy_prompt_exact_at_t"][str(t)],
+            f"dynamics_minus_copy_prompt_inexact_t{t}_db":
+                measured["dynamics_minus_copy_prompt_inexact_at_t_db"][str(t)],
             "windows_overlap": measured["windows_overlap"],
             "actions_vs_true_nmi": (measured["actions_vs_true"] or {}).get("nmi"),
             "actions_vs_true_classes_nmi": (measured["actions_vs_true_classes"] or {}).get("nmi"),
