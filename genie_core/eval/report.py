@@ -34,7 +34,7 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
                  (f"copy-prompt tokens PSNR t={t} (dB)", cell(result["copy_prompt_tokens_psnr_at_t_db"][t])),
                  (f"dynamics minus copy-prompt t={t} (dB)", cell(result["dynamics_minus_copy_prompt_at_t_db"][t]))]
         if "copy_prompt_exact_at_t" in result:  # (evaluations from before kept no count)
-            rows.append((f"  where copy-prompt is not exact t={t} (dB)",
+            rows.append((f"dynamics minus copy-prompt where it is not exact t={t} (dB)",
                          inexact(result["dynamics_minus_copy_prompt_inexact_at_t_db"][t],
                                  result["copy_prompt_exact_at_t"][t])))
     last = result["horizon"]
