@@ -6,7 +6,8 @@ paper's policy: a fresh action at every step). The action is drawn uniformly fro
 paper's `action_choice = "buttons"`), or from the classes of combinations that do different things (`"classes"`, for
 the games in ACTION_CLASSES: in CoinRun left, right or neither, with or without a jump; then one combination of that
 class), so the agent is not idle most of the time (8 of the 15 combinations do nothing in CoinRun); drawn by class,
-the idle class can be held for fewer steps than the moves (`idle_repeat`). Training levels are seeds
+the idle class can be held for fewer steps than the moves (`idle_repeat`), and a move given up once the frame has
+stayed unchanged for a few steps (`unstick_after`: the agent pushes into a wall). Training levels are seeds
 [first_level, first_level + train_levels); validation levels are the next val_levels seeds, never trained on.
 procgen's rendering options pass through (`backgrounds`, `restrict_themes`, `monochrome_assets`, `center_agent`);
 the defaults draw the games as the paper saw them.
@@ -94,10 +95,10 @@ class ProcgenSource(VideoSource):
         names = procgen().env.ENV_NAMES
         if config.game not in names:
             return [f"'game' {config.game!r} is not a procgen game; games: {', '.join(names)}"]
-        for key in ("idle_repeat", "unstick_after"):
+        for key, why in (("idle_repeat", "which class does nothing is known only then"),
+                         ("unstick_after", "it draws its holds by class")):
             if getattr(config, key) is not None and config.action_choice != "classes":
-                return [f"'{key}' needs action_choice 'classes' (which class does nothing is known only then); "
-                        f"got action_choice {config.action_choice!r}"]
+                return [f"'{key}' needs action_choice 'classes' ({why}); got action_choice {config.action_choice!r}"]
         if config.action_choice == "classes" and config.game not in ACTION_CLASSES:
             return [f"'action_choice' 'classes' needs to know which of {config.game}'s buttons do the same; it is "
                     f"known for {', '.join(ACTION_CLASSES)}; use 'buttons' for {config.game}"]
