@@ -42,14 +42,15 @@ def scores(world, video: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     """PSNR [windows, steps] of each window's rollout per [world] window, and of the prompt shown again."""
     truth = video[:, 1:]
     out = {"copy_prompt": psnr(video[:, :1].expand_as(truth), truth)}
-    for window in WINDOWS:
+    firsts = range(0, len(video), BATCH)
+    actions = torch.cat([infer_actions_in_windows(world.action_model, video[f : f + BATCH]) for f in firsts])
+    for window in WINDOWS:  # the same actions and sampling noise for each
         moving = attrs.evolve(world, config=attrs.evolve(world.config, window=window))
         per_batch = []
-        for first in range(0, len(video), BATCH):
-            clip = video[first : first + BATCH]
-            actions = infer_actions_in_windows(world.action_model, clip)
+        for first in firsts:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + first)
-            per_batch.append(psnr(moving.rollout(clip[:, 0], actions, generator)[:, 1:], clip[:, 1:]))
+            rollout = moving.rollout(video[first : first + BATCH, 0], actions[first : first + BATCH], generator)
+            per_batch.append(psnr(rollout[:, 1:], truth[first : first + BATCH]))
         out[window] = torch.cat(per_batch)
     return out
 
