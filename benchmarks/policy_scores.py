@@ -1,8 +1,9 @@
-"""How well the registered policies play a game: the mean score over N episodes with its 95% interval, each
-episode played from its own seed as `genie data build atari` plays them (so these are the scores of the footage a
-policy makes).
+"""How well the registered policies play a recipe's game: the mean score over N episodes with its 95% interval, each
+episode played from its own seed (a procgen level) as the recipe's source plays its footage, on seeds no footage of
+the recipe uses (so these are the scores of the footage a policy makes, and of the players `genie agent` compares).
 
-    python benchmarks/policy_scores.py --game Breakout --policies random breakout-ram-expert --episodes 20
+    python benchmarks/policy_scores.py --recipe recipes/breakout-agent.toml --policies random breakout-ram-expert
+    python benchmarks/policy_scores.py --recipe recipes/coinrun-agent.toml --policies random coinrun-lookahead-expert
 
 Prints a table; saves benchmarks/results/policy-scores-GAME.json.
 """
@@ -15,47 +16,58 @@ import sys
 import time
 from pathlib import Path
 
+import attrs
 import torch
 from tqdm.auto import tqdm
 
+from genie_core.capabilities import PlaysEpisodes
+from genie_core.config import DataConfig
 from genie_core.eval.metrics import mean_and_ci
 from genie_core.interfaces import DataSpec
 from genie_core.io.machine import describe as describe_machine
-from genie_plugins.atari_source import AtariConfig, AtariSource
+from genie_core.recipe import load_recipe
 
+REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--game", default="Breakout")
+    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "breakout-agent.toml")
     parser.add_argument("--policies", nargs="+", default=["random", "breakout-ram-expert"])
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--first-seed", type=int, default=10_000, help="episodes use seeds from here on")
     parser.add_argument("--max-steps", type=int, default=2000, help="steps per episode at most")
     args = parser.parse_args()
+    recipe = load_recipe(args.recipe)
+    choice = recipe.components["source"]
+    if not issubclass(choice.info.cls, PlaysEpisodes):
+        sys.exit(f"error: {args.recipe}: source '{choice.name}' is not a game a policy plays")
     rows = {}
     for policy in args.policies:
-        config = AtariConfig(game=args.game, policy=policy, train_episodes=args.first_seed + args.episodes,
-                             val_episodes=1, max_steps_per_episode=args.max_steps)
-        problems = AtariSource.check_recipe(config, None, None)
+        config = attrs.evolve(choice.config, policy=policy)
+        problems = choice.info.cls.check_recipe(config, DataConfig(), recipe.train)
         if problems:
             sys.exit(f"error: {'; '.join(problems)}")
-        source = AtariSource(config, DataSpec(resolution=16))  # the frames are not kept: any resolution will do
+        source = choice.info.cls(config, DataSpec(resolution=16))  # the frames are not kept: any resolution will do
+        if set(source.footage_seeds()) & set(range(args.first_seed, args.first_seed + args.episodes)):
+            sys.exit(f"error: --first-seed {args.first_seed}: the recipe's footage uses seeds "
+                     f"{source.footage_seeds().start}..{source.footage_seeds().stop - 1}")
         start = time.perf_counter()
-        scores = [source.play(seed, source.policy(), keep_frames=False)[2] for seed in
+        scores = [source.play(seed, source.policy(), keep_frames=False, max_steps=args.max_steps)[2] for seed in
                   tqdm(range(args.first_seed, args.first_seed + args.episodes), desc=policy, unit="episode")]
         rows[policy] = {**mean_and_ci(torch.tensor(scores)), "scores": scores,
                         "seconds": round(time.perf_counter() - start, 1)}
-    print(f"| policy ({args.game}, {args.episodes} episodes of at most {args.max_steps} steps) | mean score, 95% CI |")
+    game = choice.config.game
+    print(f"| policy ({game}, {args.episodes} episodes of at most {args.max_steps} steps) | mean score, 95% CI |")
     print("|---|---|")
     for policy, row in rows.items():
         print(f"| {policy} | {row['mean']:.2f} ± {row['ci95']:.2f} |")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"policy-scores-{args.game.lower()}.json"
-    out.write_text(json.dumps({"game": args.game, "episodes": args.episodes, "first_seed": args.first_seed,
-                               "max_steps": args.max_steps, "policies": rows, "machine": describe_machine()},
-                              indent=2))
+    out = RESULTS / f"policy-scores-{game.lower()}.json"
+    out.write_text(json.dumps({"recipe": str(args.recipe), "game": game, "episodes": args.episodes,
+                               "first_seed": args.first_seed, "max_steps": args.max_steps, "policies": rows,
+                               "machine": describe_machine()}, indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -104,7 +104,9 @@ def _parser() -> argparse.ArgumentParser:
 
     agent = sub.add_parser("agent", help="clone the expert of a run's game footage through its latent actions and "
                                          "score it in the real game (RUN/agent/)")
-    agent.add_argument("run_dir", type=Path, help="a finished run on footage of a game played by a policy (atari)")
+    agent.add_argument("run_dir", type=Path,
+                       help="a finished run on footage of a game played by a registered policy (atari; procgen with "
+                            "source.policy)")
     agent.add_argument("--labels", type=_steps, default=(20, 200, 2000),
                        help="labelled transitions that map latent to real actions, comma-separated (default "
                             "20,200,2000)")

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import attrs
+import numpy as np
 import torch
 from torch import nn
 
@@ -298,7 +299,9 @@ class Policy(Component, abc.ABC):
     `reset(seed)` starts an episode: the policy's own randomness is seeded from it, so an episode's footage does not
     depend on the order episodes are played in. `act(observation, info)` gives the next action in
     [0, spec.num_actions): `observation` is the screen (numpy uint8 [H, W, 3] at the environment's own size), `info`
-    what the environment offers besides (Atari sources: the console's 128 bytes of RAM as "ram").
+    what the environment offers besides (Atari: the console's 128 bytes of RAM as "ram"; procgen: the level's seed
+    as "level" and the game as "game", a look-ahead that tells where the agent is and what a few actions would
+    lead to).
     """
 
     # The games a policy can play (a scripted expert reads one game's RAM); None: any game.
@@ -307,6 +310,17 @@ class Policy(Component, abc.ABC):
     def __init__(self, config: Any, spec: PolicySpec):
         super().__init__(config)
         self.spec = spec
+
+    @classmethod
+    def contract_inputs(cls, steps: int) -> tuple[PolicySpec, list[tuple[Any, dict[str, Any]]]]:
+        """The game and `steps` (observation, info) pairs the contract tests play the policy on. The default: a game
+        of 4 Atari actions, random 210x160 screens and random RAM; override it for a policy that reads more (a
+        scripted expert that looks into its game)."""
+        rng = np.random.default_rng(0)
+        spec = PolicySpec(game=cls.games[0] if cls.games else "AnyGame", num_actions=4,
+                          action_names=("NOOP", "FIRE", "RIGHT", "LEFT"))
+        return spec, [(rng.integers(0, 256, (210, 160, 3), dtype=np.uint8),
+                       {"ram": rng.integers(0, 256, 128, dtype=np.uint8)}) for _ in range(steps)]
 
     @abc.abstractmethod
     def reset(self, seed: int) -> None: ...

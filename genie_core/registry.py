@@ -135,6 +135,24 @@ class Registry:
             self.components[(info.kind, info.name)] = info
 
 
+def policy_problem(name: str, game: str) -> str | None:
+    """None if `name` is a registered policy that plays `game`, else a sentence naming the valid choices (for the
+    sources whose footage a policy plays)."""
+    try:
+        info = get_registry().get("policy", name)
+    except PluginError as error:
+        return f"'policy': {error}"
+    if info.cls.games is not None and game not in info.cls.games:
+        return f"'policy' {name!r} plays {', '.join(info.cls.games)}, not {game!r}"
+    return None
+
+
+def make_policy(name: str, spec: Any) -> Any:
+    """The registered policy `name` with its default settings, for the game `spec` (a PolicySpec) describes."""
+    info = get_registry().get("policy", name)
+    return info.cls(info.cls.config_class(), spec)
+
+
 def _strict() -> bool:
     return os.environ.get(STRICT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 

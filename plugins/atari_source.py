@@ -26,7 +26,7 @@ from genie_core.errors import GenieError
 from genie_core.extras import missing_extra, require_extra
 from genie_core.interfaces import Episode, Policy, PolicySpec, VideoSource
 from genie_core.io.media import resize_frames
-from genie_core.registry import get_registry
+from genie_core.registry import make_policy, policy_problem
 
 RESIZE_CHUNK = 256  # native frames held before resizing (a native frame is 100 KB)
 
@@ -41,20 +41,6 @@ def gymnasium():
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
     module.register_envs(ale_py)
     return module
-
-
-def policy_problem(name: str, game: str) -> str | None:
-    """None if `name` is a registered policy that plays `game`, else a sentence naming the valid choices."""
-    from genie_core.errors import PluginError
-
-    registry = get_registry()
-    try:
-        info = registry.get("policy", name)
-    except PluginError as error:
-        return f"'policy': {error}"
-    if info.cls.games is not None and game not in info.cls.games:
-        return f"'policy' {name!r} plays {', '.join(info.cls.games)}, not {game!r}"
-    return None
 
 
 def env_id(game: str) -> str:
@@ -154,10 +140,9 @@ class AtariSource(VideoSource):
             problem = policy_problem(c.policy, c.game)
             if problem is not None:
                 raise GenieError(f"source atari: {problem}")
-            info = get_registry().get("policy", c.policy)
             spec = PolicySpec(game=c.game, num_actions=int(self.make_env().action_space.n),
                               action_names=tuple(self.action_names()))
-            policy = self.__dict__["_policy"] = info.cls(info.cls.config_class(), spec)
+            policy = self.__dict__["_policy"] = make_policy(c.policy, spec)
         return policy
 
     def record(self, unit):

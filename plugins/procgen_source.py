@@ -11,6 +11,13 @@ stayed unchanged for a few steps (`unstick_after`: the agent pushes into a wall)
 [first_level, first_level + train_levels); validation levels are the next val_levels seeds, never trained on.
 procgen's rendering options pass through (`backgrounds`, `restrict_themes`, `monochrome_assets`, `center_agent`);
 the defaults draw the games as the paper saw them.
+
+With `policy` set to a registered policy (`coinrun-lookahead-expert`, or `random`: each step's combination drawn
+uniformly), that policy plays instead: one episode per level, from the level's start until the game ends it or for
+steps_per_level steps, with its score (the sum of the game's rewards; CoinRun's coin is worth 10) kept in the
+episode's meta. Agents cloned from such footage are scored in the game on levels it never used. A policy reads the
+screen and, in `info`, the level's seed ("level") and the game itself ("game", a `Lookahead`: where the agent is,
+and what a few actions would lead to), a scripted expert's privilege as the console's RAM is for Atari.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import struct
 
 import attrs
 import numpy as np
@@ -27,8 +35,9 @@ from genie_core import hookimpl
 from genie_core.config import positive
 from genie_core.errors import GenieError
 from genie_core.extras import missing_extra, require_extra
-from genie_core.interfaces import Episode, VideoSource
+from genie_core.interfaces import Episode, Policy, PolicySpec, VideoSource
 from genie_core.io.media import resize_frames
+from genie_core.registry import make_policy, policy_problem
 
 NATIVE_RESOLUTION = 64  # procgen renders 64x64 observations
 
@@ -72,6 +81,13 @@ class ProcgenConfig:
     restrict_themes: bool = False
     monochrome_assets: bool = False
     center_agent: bool = True  # the view follows the agent; False shows the whole level (small at 64x64)
+    # A registered policy plays the footage instead of the random player above: one episode per level, its score
+    # kept. None: the random player.
+    policy: str | None = attrs.field(default=None, validator=v.optional(v.instance_of(str)))
+
+
+# The random player's options: with a policy, the policy chooses every action and these must stay at their defaults.
+RANDOM_PLAYER_OPTIONS = ("action_repeat", "action_choice", "idle_repeat", "unstick_after")
 
 
 class ProcgenSource(VideoSource):
@@ -95,6 +111,14 @@ class ProcgenSource(VideoSource):
         names = procgen().env.ENV_NAMES
         if config.game not in names:
             return [f"'game' {config.game!r} is not a procgen game; games: {', '.join(names)}"]
+        if config.policy is not None:
+            defaults = ProcgenConfig()
+            for key in RANDOM_PLAYER_OPTIONS:
+                if getattr(config, key) != getattr(defaults, key):
+                    return [f"'{key}' is the random player's; with 'policy' {config.policy!r} the policy chooses "
+                            f"every action (drop '{key}', or 'policy' for the random player)"]
+            problem = policy_problem(config.policy, config.game)
+            return [] if problem is None else [problem]
         for key, why in (("idle_repeat", "which class does nothing is known only then"),
                          ("unstick_after", "it draws its holds by class")):
             if getattr(config, key) is not None and config.action_choice != "classes":
@@ -127,9 +151,62 @@ class ProcgenSource(VideoSource):
                                      use_backgrounds=c.backgrounds, restrict_themes=c.restrict_themes,
                                      use_monochrome_assets=c.monochrome_assets, center_agent=c.center_agent)
 
+    def __getstate__(self):
+        return {**super().__getstate__(), "_policy": None}  # a copy builds its own player
+
+    def policy(self) -> Policy:
+        """The registered policy that plays the footage (`policy`), built once per source with its default settings."""
+        policy = self.__dict__.get("_policy")
+        if policy is None:
+            c = self.config
+            if c.policy is None:
+                raise GenieError("source procgen: its footage is played by the random player of action_repeat and "
+                                 "action_choice, not a registered policy; set source.policy (e.g. 'random', "
+                                 "'coinrun-lookahead-expert') to play it with one")
+            problem = policy_problem(c.policy, c.game)
+            if problem is not None:
+                raise GenieError(f"source procgen: {problem}")
+            spec = PolicySpec(game=c.game, num_actions=len(ACTION_NAMES), action_names=ACTION_NAMES)
+            policy = self.__dict__["_policy"] = make_policy(c.policy, spec)
+        return policy
+
+    def footage_seeds(self) -> range:
+        c = self.config
+        return range(c.first_level, c.first_level + c.train_levels + c.val_levels)
+
+    def play(self, seed: int, policy: Policy, keep_frames: bool = True,
+             max_steps: int | None = None) -> tuple[np.ndarray | None, list[int], float]:
+        """One episode of level `seed`, from its start, played by `policy` (reset with the same seed) until the game
+        ends it or for at most `max_steps` steps (None: steps_per_level): its frames at the data resolution (None
+        unless kept), its actions and its score. The frame an ending action leads to is never shown (procgen starts
+        the next episode at once), so then the frames are as many as the actions, else one more."""
+        env, limit = self.make_env(seed, 1), max_steps or self.config.steps_per_level
+        policy.reset(seed)
+        lookahead = Lookahead(env)
+        frames, actions, score = [], [], 0.0
+        for step in range(limit + 1):
+            reward, obs, first = env.observe()
+            if step > 0:
+                score += float(reward[0])
+                if first[0]:  # the last action ended the episode
+                    break
+            if keep_frames:
+                frames.append(obs["rgb"][0])
+            if step == limit:
+                break
+            actions.append(int(policy.act(obs["rgb"][0], {"level": seed, "game": lookahead})))
+            env.act(np.array(actions[-1:], dtype=np.int32))
+        env.close()
+        return (resize_frames(np.stack(frames), self.spec.resolution) if keep_frames else None), actions, score
+
     def record(self, unit):
         level = int(unit.removeprefix("level-"))
         c = self.config
+        if c.policy is not None:
+            frames, actions, score = self.play(level, self.policy())
+            acts = np.asarray(actions[:len(frames) - 1] + [-1], dtype=np.int16)  # -1: nothing shown follows it
+            return [Episode(frames=frames, actions=acts,
+                            meta={"level": level, "policy": c.policy, "score": score})]
         num = min(c.num_envs, c.steps_per_level)
         steps = math.ceil(c.steps_per_level / num)
         env = self.make_env(level, num)
@@ -218,6 +295,50 @@ class ProcgenSource(VideoSource):
             return held.copy()
 
         return choose
+
+
+class Lookahead:
+    """What a procgen policy may read of the game besides its screen (`info["game"]`): where the agent is, and what
+    a few actions from here would lead to, played from the game's own state, which is then put back."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def agent_position(self) -> tuple[float, float]:
+        """The agent's (x, y) in the level, in tiles, x growing rightwards and y upwards."""
+        return agent_position(self.env.get_state()[0])
+
+    def try_actions(self, actions) -> tuple[float, bool, tuple[float, float] | None]:
+        """Plays `actions` from the present state, then restores it: (the reward they earned, whether the episode
+        ended in them, where the agent is after them, or None if it ended)."""
+        state = self.env.get_state()
+        reward, ended = 0.0, False
+        try:
+            for action in actions:
+                self.env.act(np.array([action], dtype=np.int32))
+                rewards, _, first = self.env.observe()
+                reward += float(rewards[0])
+                if first[0]:
+                    ended = True
+                    break
+            position = None if ended else self.agent_position()
+        finally:
+            self.env.set_state(state)
+        return reward, ended, position
+
+
+def agent_position(state: bytes) -> tuple[float, float]:
+    """The agent's (x, y) from a procgen game's serialised state (`get_state`): the header's fields are skipped to
+    the entity list, whose first entity is the agent (procgen/src/basic-abstract-game.cpp writes them in this order)."""
+    offset = 4  # the format's version
+    offset += 4 + struct.unpack_from("i", state, offset)[0]  # the game's name: its length, then its bytes
+    offset += 4 * 12 + 4 * 5  # the 12 options, then grid_step, the level seed range, game_type and game_n
+    for _ in range(2):  # two random generators: a "seeded" flag, then their state as a string
+        offset += 4
+        offset += 4 + struct.unpack_from("i", state, offset)[0]
+    offset += 4 * 3 + 4 * 12  # the last step's reward, done, level_complete; then the episode's bookkeeping
+    offset += 4 + 4  # grid_size, then the number of entities
+    return struct.unpack_from("ff", state, offset)
 
 
 # procgen's 15 button combinations, in the order of its discrete actions (the same for every game)

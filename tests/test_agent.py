@@ -1,10 +1,11 @@
-"""Agents from unlabeled video: `genie agent RUN` on a tiny run over Breakout expert footage labels it with the run's
-latent actions, clones through them and on the true actions, maps latent to real actions with N labels, and scores
-every agent in the real game on seeds the footage never used."""
+"""Agents from unlabeled video: `genie agent RUN` on a tiny run over a scripted expert's footage (Breakout, CoinRun)
+labels it with the run's latent actions, clones through them and on the true actions, maps latent to real actions
+with N labels, and scores every agent in the real game on seeds (levels) the footage never used."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,12 +14,16 @@ from PIL import Image
 
 from genie_core.agent.cloning import CloningData, Footage, PolicyNet, fit_latent_to_real
 from genie_core.cli import main
+from genie_core.data.footage import EpisodeIndex
+from genie_core.run.folder import RunFolder
 
 from conftest import REPO
 
 SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
 BREAKOUT = ["source.name=atari", "source.game=Breakout", "source.policy=breakout-ram-expert",
             "source.train_episodes=3", "source.val_episodes=1", "source.max_steps_per_episode=60", "run.trackers=none"]
+COINRUN = ["source.policy=coinrun-lookahead-expert", "source.train_levels=4", "source.val_levels=1",
+           "source.steps_per_level=60", "run.trackers=none"]
 
 
 @pytest.fixture(scope="module")
@@ -28,29 +33,58 @@ def breakout_run(tmp_path_factory):
     return run
 
 
-def test_agent_scores_every_player_on_unseen_seeds(breakout_run, capsys):
-    args = ["agent", str(breakout_run), "--labels", "5,50", "--episodes", "2", "--max-steps", "40", "--steps", "6"]
+@pytest.fixture(scope="module")
+def coinrun_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("agent") / "coinrun"
+    assert main(["run", SMOKE, *COINRUN, "--out", str(run)]) == 0
+    return run
+
+
+@pytest.mark.parametrize(("game", "expert"), [("breakout", "breakout-ram-expert"),
+                                               ("coinrun", "coinrun-lookahead-expert")])
+def test_agent_scores_every_player_on_unseen_seeds(game, expert, request, capsys):
+    run = request.getfixturevalue(f"{game}_run")
+    args = ["agent", str(run), "--labels", "5,50", "--episodes", "2", "--max-steps", "40", "--steps", "6"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    for name in ("random", "expert (breakout-ram-expert)", "oracle cloning (every true action)",
+    report = json.loads((run / "agent" / "agent.json").read_text())
+    index = EpisodeIndex.open(RunFolder.find(run).data)
+    taken = np.concatenate([actions for _, actions in index.episode_arrays("train")])
+    commonest = index.manifest["action_names"][np.bincount(taken[taken >= 0]).argmax()]
+    always = f"always {commonest} (the footage's most frequent action)"
+    for name in ("random", always, f"expert ({expert})", "oracle cloning (every true action)",
                  "latent cloning, 5 labels", "latent cloning, 50 labels"):
         assert f"{name}: " in out
-    report = json.loads((breakout_run / "agent" / "agent.json").read_text())
     assert all(len(r["scores"]) == 2 for r in report["results"].values())
     assert 0 <= report["latent_vs_true"]["nmi"] <= 1
-    assert (breakout_run / "agent" / "scores.png").stat().st_size > 0
-    with Image.open(breakout_run / "agent" / "episode.gif") as gif:
+    assert (run / "agent" / "scores.png").stat().st_size > 0
+    with Image.open(run / "agent" / "episode.gif") as gif:
         assert 2 <= gif.n_frames <= 41  # the watched episode: its prompt screen and up to 40 steps
-    assert "| latent cloning, 50 labels |" in (breakout_run / "agent" / "agent.md").read_text()
-    assert not list((breakout_run / "checkpoints").glob("agent-*/step-*"))  # gone once trained
+    assert "| latent cloning, 50 labels |" in (run / "agent" / "agent.md").read_text()
+    assert not list((run / "checkpoints").glob("agent-*/step-*"))  # gone once trained
 
 
-def test_agent_refuses_seeds_of_its_footage_and_footage_of_no_game(breakout_run, played_run, capsys):
+def test_agent_refuses_seen_seeds_more_labels_than_recorded_and_footage_of_no_policy(breakout_run, played_run, capsys):
     assert main(["agent", str(breakout_run), "--first-seed", "2", "--steps", "2"]) == 2
     assert "the footage was played from seeds 0..3; score on seeds it never used (from 4 on)" in \
         capsys.readouterr().err
-    assert main(["agent", str(played_run)]) == 2
-    assert "its footage comes from source 'procgen', which is not a game a policy plays" in capsys.readouterr().err
+    assert main(["agent", str(breakout_run), "--labels", "20,100000", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--labels 100000: the training footage has " in err and " transitions with a recorded action" in err
+    assert main(["agent", str(played_run)]) == 2  # procgen footage of the random player, which is no policy
+    assert "its footage is played by the random player of action_repeat and action_choice, not a registered " \
+        "policy; set source.policy" in capsys.readouterr().err
+
+
+def test_agent_refuses_footage_that_records_no_actions(breakout_run, tmp_path, capsys):
+    copy = tmp_path / "no-actions"
+    shutil.copytree(breakout_run, copy, ignore=shutil.ignore_patterns("agent"))
+    data = RunFolder.find(copy).data
+    for path in data.rglob("*actions*.npy"):  # the copy's footage, as a source without actions would have stored it
+        np.save(path, np.full_like(np.load(path), -1))
+    assert main(["agent", str(copy), "--steps", "2"]) == 2
+    assert "its training footage records no actions; the oracle and the latent -> real map need the true actions" \
+        in capsys.readouterr().err
 
 
 def test_the_latent_map_takes_each_latent_action_to_its_most_frequent_real_one():

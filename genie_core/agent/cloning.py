@@ -123,6 +123,24 @@ def fit_latent_to_real(footage: Footage, labels: int, num_latent: int, seed: int
 
 
 @attrs.define(frozen=True, kw_only=True)
+class FixedActionConfig:
+    action: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+
+
+class FixedAction(Policy):
+    """The same action at every step: played with the footage's most frequent one, the score of an agent that
+    learned nothing of when to do what (what latent cloning falls to when its latent actions say nothing)."""
+
+    config_class = FixedActionConfig
+
+    def reset(self, seed: int) -> None:  # noqa: ARG002 - the Policy signature
+        pass
+
+    def act(self, observation, info) -> int:  # noqa: ARG002 - the Policy signature
+        return self.config.action
+
+
+@attrs.define(frozen=True, kw_only=True)
 class ClonedAgentConfig:
     greedy: bool = False  # False: sample from the network's softmax (as the footage's own randomness did)
 

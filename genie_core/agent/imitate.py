@@ -1,9 +1,11 @@
 """`genie agent RUN`: clone the expert of a run's footage through its latent actions and score it in the real game.
 
-For a run whose footage is an Atari game played by a policy, with a trained latent action model:
+For a run whose footage is a game played by a registered policy (Atari; procgen with `policy`), with a trained latent
+action model:
     - the latent cloner (the footage's frames -> the LAM's latent actions), trained once, then mapped to real
       actions with N labelled transitions for each N asked (20, 200, 2000 by default)
-    - the oracle (the same network on every true action), the run's own expert, and random play
+    - the oracle (the same network on every true action), the run's own expert, random play, and the footage's most
+      frequent action played at every step (what an agent scores that learned nothing of when to do what)
 each play the same episodes, from seeds the footage never used. Writes RUN/agent/: agent.json, agent.md,
 scores.png (score against N, the paper's Figure 16) and episode.gif (the agent with the most labels, playing).
 Both networks train with the stages' engine, with full-state checkpoints under RUN/checkpoints/agent-*, so an
@@ -26,6 +28,8 @@ from genie_core.agent.cloning import (
     ClonedAgentConfig,
     CloningData,
     CloningTask,
+    FixedAction,
+    FixedActionConfig,
     PolicyNet,
     fit_latent_to_real,
     label,
@@ -74,8 +78,9 @@ def _imitate(folder: RunFolder, settings: ImitationSettings, resume: bool, cpu: 
     source_choice = recipe.components["source"]
     if not issubclass(source_choice.info.cls, PlaysEpisodes):
         raise GenieError(f"{folder.path}: its footage comes from source '{source_choice.name}', which is not a game a "
-                         f"policy plays; an agent is scored in the game it imitates (source 'atari' is one)")
+                         f"policy plays; an agent is scored in the game it imitates ('atari' and 'procgen' are)")
     source = source_choice.info.cls(source_choice.config, DataSpec(resolution=recipe.data.resolution))
+    expert = source.policy()  # before any training: a source whose footage no registered policy played stops here
     used = source.footage_seeds()
     scored = range(settings.first_seed, settings.first_seed + settings.episodes)
     if set(scored) & set(used):
@@ -91,6 +96,13 @@ def _imitate(folder: RunFolder, settings: ImitationSettings, resume: bool, cpu: 
     resolution = index.manifest["resolution"]
     say(f"genie agent: labelling the footage of {folder.path} with its latent actions")
     footage = label(action_model, index, "train", accelerator.device)
+    recorded = int(sum((a >= 0).sum() for a in footage.true_actions))  # what labels, the oracle and scores can use
+    if recorded == 0:
+        raise GenieError(f"{folder.data}: its training footage records no actions; the oracle and the latent -> real "
+                         f"map need the true actions of the transitions they read")
+    if max(settings.labels) > recorded:
+        raise GenieError(f"--labels {max(settings.labels)}: the training footage has {recorded} transitions with a "
+                         f"recorded action to draw labels from; ask for at most {recorded}")
     num_real = len(index.manifest.get("action_names") or []) or int(max(a.max() for a in footage.true_actions)) + 1
     identity = (folder.stage_record("dynamics") or {}).get("id")
 
@@ -110,7 +122,7 @@ def _imitate(folder: RunFolder, settings: ImitationSettings, resume: bool, cpu: 
     latent_net = cloned("latent", footage.latent_actions, action_model.num_actions)
     oracle_net = cloned("oracle", footage.true_actions, num_real)
 
-    spec = source.policy().spec
+    spec = expert.spec
 
     def scores(name: str, policy) -> dict:
         played = [source.play(seed, policy, keep_frames=False, max_steps=settings.max_steps)[2]
@@ -118,8 +130,13 @@ def _imitate(folder: RunFolder, settings: ImitationSettings, resume: bool, cpu: 
         return {**mean_and_ci(torch.tensor(played)), "scores": played}
 
     random_info = get_registry().get("policy", "random")
+    taken = np.concatenate(footage.true_actions)
+    commonest = int(np.bincount(taken[taken >= 0]).argmax())
+    commonest_name = spec.action_names[commonest] if spec.action_names else str(commonest)
     agents = {"random": random_info.cls(random_info.cls.config_class(), spec),
-              f"expert ({registered_name(source.policy())})": source.policy(),
+              f"always {commonest_name} (the footage's most frequent action)":
+                  FixedAction(FixedActionConfig(action=commonest), spec),
+              f"expert ({registered_name(expert)})": expert,
               "oracle cloning (every true action)": ClonedAgent(ClonedAgentConfig(), spec, oracle_net)}
     mappings = {}
     for labels in settings.labels:
@@ -181,7 +198,7 @@ def figure(report: dict, path: Path) -> None:
     ax.errorbar(labels, [r["mean"] for r in latent], yerr=[r["ci95"] for r in latent], marker="o",
                 label="latent cloning")
     for (name, r), style in zip(((n, r) for n, r in results.items() if not n.startswith("latent")),
-                                (":", "--", "-.")):
+                                (":", (0, (1, 4)), "--", "-.")):
         ax.axhline(r["mean"], linestyle=style, color="grey", label=name)
     ax.set_xscale("log")
     ax.set_xlabel("labelled transitions")
