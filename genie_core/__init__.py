@@ -5,7 +5,7 @@ The public API, importable from `genie_core` itself:
 - for users: `load_recipe` and `Pipeline` (what `genie run` does), `RunFolder`, `load_world` and `open_world` (a
   trained world from a run folder or a training checkpoint), `World` and `Rollout` (play it from Python),
   `EpisodeIndex` and `WindowDataset` (footage), `evaluate_runs`, `Evaluation` and `EvalSettings` (held-out
-  scores), `load_image` and `save_gif`;
+  scores), `imitate` and `AgentConfig` (what `genie agent` does), `load_image` and `save_gif`;
 - for plugin authors: `hookimpl`, the component kinds and their specs and outputs (`genie_core.interfaces`), the
   optional capabilities (`genie_core.capabilities`), the errors, and `get_registry`; the attrs validators recipes
   use are in `genie_core.config`, the shared layers in `genie_core.nn`, the contract kit in `genie_core.testing`.
@@ -37,6 +37,8 @@ _EXPORTS = {
     "EvalSettings": "genie_core.eval.evaluate",
     "EpisodeIndex": "genie_core.data.footage",
     "WindowDataset": "genie_core.data.footage",
+    "imitate": "genie_core.agent.imitate",
+    "AgentConfig": "genie_core.config",
     "load_image": "genie_core.io.media",
     "save_gif": "genie_core.io.media",
     # plugin authors

@@ -107,14 +107,17 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("run_dir", type=Path,
                        help="a finished run on footage of a game played by a registered policy (atari; procgen with "
                             "source.policy)")
-    agent.add_argument("--labels", type=_steps, default=(20, 200, 2000),
-                       help="labelled transitions that map latent to real actions, comma-separated (default "
-                            "20,200,2000)")
-    agent.add_argument("--episodes", type=positive_int, default=20, help="scored episodes per agent (default 20)")
-    agent.add_argument("--first-seed", type=int, default=100_000,
-                       help="scored episodes use seeds from here on, none of the footage's (default 100000)")
-    agent.add_argument("--max-steps", type=positive_int, default=2000, help="steps per scored episode at most")
-    agent.add_argument("--steps", type=positive_int, default=2000, help="training steps of each network")
+    agent.add_argument("--labels", type=_steps,
+                       help="labelled transitions that map latent to real actions, comma-separated (default: the "
+                            "recipe's agent.labels, 20,200,2000 unless it sets them)")
+    agent.add_argument("--episodes", type=positive_int, help="scored episodes per agent (default: agent.episodes, 20)")
+    agent.add_argument("--first-seed", type=int,
+                       help="scored episodes use seeds from here on, none of the footage's (default: "
+                            "agent.first_seed, 100000)")
+    agent.add_argument("--max-steps", type=positive_int,
+                       help="steps per scored episode at most (default: agent.max_steps, 2000)")
+    agent.add_argument("--steps", type=positive_int,
+                       help="training steps of each network (default: agent.steps, 2000)")
     agent.add_argument("--resume", action="store_true", help="continue interrupted training from its checkpoints")
     agent.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
 
@@ -153,10 +156,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_agent(args) -> int:
-    from genie_core.agent.imitate import ImitationSettings, imitate
+    import attrs
 
-    settings = ImitationSettings(labels=args.labels, episodes=args.episodes, first_seed=args.first_seed,
-                                 max_steps=args.max_steps, steps=args.steps)
+    from genie_core.agent.imitate import imitate
+    from genie_core.run.folder import RunFolder
+
+    flags = {key: getattr(args, key) for key in ("labels", "episodes", "first_seed", "max_steps", "steps")}
+    try:
+        settings = attrs.evolve(RunFolder.find(args.run_dir).recipe().agent,
+                                **{key: value for key, value in flags.items() if value is not None})
+    except ValueError as error:  # a flag the [agent] table's validators refuse
+        raise GenieError(f"genie agent: {error}") from None
     report = imitate(args.run_dir, settings, resume=args.resume, cpu=args.cpu)
     for name, result in report["results"].items():
         print(f"{name}: {result['mean']:.2f} ± {result['ci95']:.2f}")

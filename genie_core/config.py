@@ -229,6 +229,31 @@ class WorldConfig:
     decode_frames: int = attrs.field(default=0, validator=v.ge(0))
 
 
+def positive_ints(instance, attribute, value):  # noqa: ARG001 - attrs validator signature
+    """A non-empty list of positive integers (a TOML array)."""
+    if (not isinstance(value, (list, tuple)) or not value
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)):
+        raise ValueError(f"'{attribute.name}' must be a non-empty list of positive integers, such as [20, 200]: "
+                         f"{value!r}")
+
+
+@attrs.define(frozen=True, kw_only=True)
+class AgentConfig:
+    """What `genie agent RUN` does with a finished run ([agent] in a recipe; its command-line flags override it):
+    how the cloned policy networks train, how many labelled transitions map latent to real actions, and how the
+    agents are scored in the real game."""
+
+    labels: tuple[int, ...] = attrs.field(default=(20, 200, 2000), converter=tuple, validator=positive_ints)
+    episodes: int = attrs.field(default=20, validator=positive)  # scored episodes per agent
+    first_seed: int = attrs.field(default=100_000, validator=v.ge(0))  # scored from this seed on: none the footage's
+    max_steps: int = attrs.field(default=2000, validator=positive)  # steps per scored episode at most
+    context: int = attrs.field(default=2, validator=positive)  # frames the policy network sees
+    steps: int = attrs.field(default=2000, validator=positive)  # training steps of each network
+    batch_size: int = attrs.field(default=64, validator=positive)
+    lr: float = attrs.field(default=1e-3, validator=positive)
+    seed: int = 0
+
+
 @attrs.define(frozen=True, kw_only=True)
 class EvalConfig:
     windows: int = attrs.field(default=64, validator=positive)  # held-out windows for PSNR and dtPSNR

@@ -20,6 +20,7 @@ import attrs
 
 from genie_core.capabilities import ChecksRecipe
 from genie_core.config import (
+    AgentConfig,
     DataConfig,
     DynamicsTrainConfig,
     EvalConfig,
@@ -34,7 +35,8 @@ from genie_core.errors import PluginError, RecipeError
 from genie_core.interfaces import KINDS
 from genie_core.registry import ComponentInfo, Registry, get_registry
 
-CORE_SECTIONS = {"run": RunConfig, "data": DataConfig, "eval": EvalConfig, "world": WorldConfig}
+CORE_SECTIONS = {"run": RunConfig, "data": DataConfig, "eval": EvalConfig, "world": WorldConfig,
+                 "agent": AgentConfig}
 TRAIN_TABLES = {"tokenizer": TrainConfig, "dynamics": DynamicsTrainConfig}  # [train.STAGE] -> its config class
 
 
@@ -59,6 +61,7 @@ class Recipe:
     components: dict[str, ComponentChoice]  # kind -> choice
     train: dict[str, TrainConfig]  # stage -> config
     world: WorldConfig = WorldConfig()
+    agent: AgentConfig = AgentConfig()  # read by `genie agent`, no stage of `genie run`
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -66,6 +69,7 @@ class Recipe:
             "data": config_to_dict(self.data),
             "eval": config_to_dict(self.eval),
             "world": config_to_dict(self.world),
+            "agent": config_to_dict(self.agent),
             **{kind: {"name": c.name, **config_to_dict(c.config)} for kind, c in self.components.items()},
             "train": {stage: config_to_dict(cfg) for stage, cfg in self.train.items()},
         }
@@ -220,7 +224,8 @@ def recipe_from_table(table: dict[str, Any], source: str, registry: Registry | N
                         f"{dynamics_train.seq_len}, the longest window the dynamics model is trained on")
     if problems:
         raise RecipeError(problems)
-    return Recipe(source, table, core["run"], core["data"], core["eval"], components, train, core["world"])
+    return Recipe(source, table, core["run"], core["data"], core["eval"], components, train, core["world"],
+                  core["agent"])
 
 
 def check_lengths(train: dict, eval_cfg: EvalConfig | None, source: str) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,10 @@ from PIL import Image
 
 from genie_core.agent.cloning import CloningData, Footage, PolicyNet, fit_latent_to_real
 from genie_core.cli import main
+from genie_core.config import AgentConfig
 from genie_core.data.footage import EpisodeIndex
+from genie_core.errors import RecipeError
+from genie_core.recipe import load_recipe
 from genie_core.run.folder import RunFolder
 
 from conftest import REPO
@@ -23,7 +27,10 @@ SMOKE = str(REPO / "recipes" / "coinrun-smoke.toml")
 BREAKOUT = ["source.name=atari", "source.game=Breakout", "source.policy=breakout-ram-expert",
             "source.train_episodes=3", "source.val_episodes=1", "source.max_steps_per_episode=60", "run.trackers=none"]
 COINRUN = ["source.policy=coinrun-lookahead-expert", "source.train_levels=4", "source.val_levels=1",
-           "source.steps_per_level=60", "run.trackers=none"]
+           "source.steps_per_level=60", "run.trackers=none",  # and what `genie agent` does, from the recipe:
+           "agent.labels=[5, 50]", "agent.episodes=2", "agent.max_steps=40", "agent.steps=6"]
+AGENT_FLAGS = {"breakout": ["--labels", "5,50", "--episodes", "2", "--max-steps", "40", "--steps", "6"],
+               "coinrun": []}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +51,7 @@ def coinrun_run(tmp_path_factory):
                                                ("coinrun", "coinrun-lookahead-expert")])
 def test_agent_scores_every_player_on_unseen_seeds(game, expert, request, capsys):
     run = request.getfixturevalue(f"{game}_run")
-    args = ["agent", str(run), "--labels", "5,50", "--episodes", "2", "--max-steps", "40", "--steps", "6"]
-    assert main(args) == 0
+    assert main(["agent", str(run), *AGENT_FLAGS[game]]) == 0
     out = capsys.readouterr().out
     report = json.loads((run / "agent" / "agent.json").read_text())
     index = EpisodeIndex.open(RunFolder.find(run).data)
@@ -56,6 +62,8 @@ def test_agent_scores_every_player_on_unseen_seeds(game, expert, request, capsys
                  "latent cloning, 5 labels", "latent cloning, 50 labels"):
         assert f"{name}: " in out
     assert all(len(r["scores"]) == 2 for r in report["results"].values())
+    assert report["settings"] == {**attrs.asdict(AgentConfig()), "labels": [5, 50], "episodes": 2, "max_steps": 40,
+                                  "steps": 6}  # the flags, or the recipe's [agent] table
     assert 0 <= report["latent_vs_true"]["nmi"] <= 1
     assert (run / "agent" / "scores.png").stat().st_size > 0
     with Image.open(run / "agent" / "episode.gif") as gif:
@@ -70,7 +78,9 @@ def test_agent_refuses_seen_seeds_more_labels_than_recorded_and_footage_of_no_po
         capsys.readouterr().err
     assert main(["agent", str(breakout_run), "--labels", "20,100000", "--steps", "2"]) == 2
     err = capsys.readouterr().err
-    assert "--labels 100000: the training footage has " in err and " transitions with a recorded action" in err
+    assert "agent labels 100000: the training footage has " in err and " transitions with a recorded action" in err
+    assert main(["agent", str(breakout_run), "--first-seed", "-5"]) == 2
+    assert "genie agent: 'first_seed' must be >= 0: -5" in capsys.readouterr().err
     assert main(["agent", str(played_run)]) == 2  # procgen footage of the random player, which is no policy
     assert "its footage is played by the random player of action_repeat and action_choice, not a registered " \
         "policy; set source.policy" in capsys.readouterr().err
@@ -85,6 +95,16 @@ def test_agent_refuses_footage_that_records_no_actions(breakout_run, tmp_path, c
     assert main(["agent", str(copy), "--steps", "2"]) == 2
     assert "its training footage records no actions; the oracle and the latent -> real map need the true actions" \
         in capsys.readouterr().err
+
+
+def test_the_agent_table_is_checked_with_the_recipe():
+    with pytest.raises(RecipeError) as error:
+        load_recipe(SMOKE, ["agent.labels=[20, 0]", "agent.greedy=true"])
+    assert str(error.value).count("\n") == 1  # one line per problem
+    assert "[agent]: key 'labels': 'labels' must be a non-empty list of positive integers, such as [20, 200]" in \
+        str(error.value)
+    assert "[agent]: unknown key 'greedy'; valid keys: labels, episodes, first_seed" in str(error.value)
+    assert load_recipe(SMOKE, ["agent.labels=[7]"]).agent.labels == (7,)
 
 
 def test_the_latent_map_takes_each_latent_action_to_its_most_frequent_real_one():

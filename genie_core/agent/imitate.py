@@ -35,7 +35,7 @@ from genie_core.agent.cloning import (
     label,
 )
 from genie_core.capabilities import PlaysEpisodes
-from genie_core.config import TrainConfig
+from genie_core.config import AgentConfig, TrainConfig
 from genie_core.data.footage import EpisodeIndex
 from genie_core.errors import GenieError
 from genie_core.eval.metrics import action_agreement, mean_and_ci
@@ -49,27 +49,14 @@ from genie_core.run.folder import RunFolder
 GIF_FRAMES = 300  # the first steps of the watched episode: enough to see it play, a GIF of a few MB at most
 
 
-@attrs.frozen(kw_only=True)
-class ImitationSettings:
-    labels: tuple[int, ...] = (20, 200, 2000)  # labelled transitions that map latent to real actions
-    episodes: int = 20  # scored episodes per agent
-    first_seed: int = 100_000  # scored episodes use seeds from here on: none the footage was made from
-    max_steps: int = 2000  # steps per scored episode at most
-    context: int = 2  # frames the policy sees
-    steps: int = 2000  # training steps of each network
-    batch_size: int = 64
-    lr: float = 1e-3
-    seed: int = 0
-
-
-def imitate(run: Path, settings: ImitationSettings = ImitationSettings(), resume: bool = False,
-            cpu: bool = False) -> dict:
+def imitate(run: Path, settings: AgentConfig | None = None, resume: bool = False, cpu: bool = False) -> dict:
+    """settings: None for the run's own (its recipe's [agent] table)."""
     folder = RunFolder.find(run)
     with folder.lock():  # it writes checkpoints and RUN/agent: one writer at a time, as for `genie run`
-        return _imitate(folder, settings, resume, cpu)
+        return _imitate(folder, settings or folder.recipe().agent, resume, cpu)
 
 
-def _imitate(folder: RunFolder, settings: ImitationSettings, resume: bool, cpu: bool) -> dict:
+def _imitate(folder: RunFolder, settings: AgentConfig, resume: bool, cpu: bool) -> dict:
     from accelerate import Accelerator
 
     from genie_core.training.engine import Checkpointing, train
@@ -84,7 +71,7 @@ def _imitate(folder: RunFolder, settings: ImitationSettings, resume: bool, cpu: 
     used = source.footage_seeds()
     scored = range(settings.first_seed, settings.first_seed + settings.episodes)
     if set(scored) & set(used):
-        raise GenieError(f"--first-seed {settings.first_seed}: the footage was played from seeds {used.start}.."
+        raise GenieError(f"agent first_seed {settings.first_seed}: the footage was played from seeds {used.start}.."
                          f"{used.stop - 1}; score on seeds it never used (from {used.stop} on)")
     accelerator = Accelerator(cpu=cpu)
     # The world's action model: with the tokenizer a token-input one reads through, and on the training device.
@@ -101,7 +88,7 @@ def _imitate(folder: RunFolder, settings: ImitationSettings, resume: bool, cpu: 
         raise GenieError(f"{folder.data}: its training footage records no actions; the oracle and the latent -> real "
                          f"map need the true actions of the transitions they read")
     if max(settings.labels) > recorded:
-        raise GenieError(f"--labels {max(settings.labels)}: the training footage has {recorded} transitions with a "
+        raise GenieError(f"agent labels {max(settings.labels)}: the training footage has {recorded} transitions with a "
                          f"recorded action to draw labels from; ask for at most {recorded}")
     num_real = len(index.manifest.get("action_names") or []) or int(max(a.max() for a in footage.true_actions)) + 1
     identity = (folder.stage_record("dynamics") or {}).get("id")
