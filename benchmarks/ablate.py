@@ -173,6 +173,8 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], t: int) -> None:
     lines += ["| " + " | ".join(cell(row, key) for key, _ in shown) + " |" for row in rows]
     lines += ["", "Variants: " + "; ".join(f"**{r['variant']}** " + (f"`{' '.join(r['overrides'])}`" if r["overrides"]
                                                                      else "(the base recipe)") for r in rows)]
+    own = [f"**{r['variant']}** `{r['data']}`" for r in rows if r.get("data", meta["footage"]) != meta["footage"]]
+    lines += ["", f"Footage: `{meta['footage']}`" + (f", except {'; '.join(own)}" if own else "") + "."]
     failed = [r for r in rows if r["status"] != "ok"]
     lines += [f"- {r['variant']} failed: {r['error']}" for r in failed]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
@@ -241,9 +243,9 @@ def main(argv=None) -> int:
 
     versions = {name: importlib.metadata.version(name) for name in LIBRARIES}
     shown = [o.replace(str(Path.cwd()) + "/", "") for o in shared]  # paths as the user typed them, not absolute
-    shown.append(f"data.path={footage([])}")  # the base's; variants that change the footage name theirs in overrides
     meta = {"name": args.ablation.stem, "ablation_file": str(args.ablation), "base": spec["base"],
-            "overrides": shown, "environment": environment() | {"libraries": versions}}
+            "overrides": shown, "footage": str(footage([])),  # the base's; a variant that changes it has its own
+            "environment": environment() | {"libraries": versions}}
     previous = {}
     if (out / "ablation.json").is_file():
         previous = {r["variant"]: r for r in json.loads((out / "ablation.json").read_text())["rows"]}
@@ -262,7 +264,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, str(args.ablation), *args.overrides, f"data.path={data}", "--out", str(out),
                "--runs", str(runs_root), "--variant-child", name, str(run_dir)]
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        row = {"variant": name, "overrides": overrides, "seconds": time.perf_counter() - start}
+        row = {"variant": name, "overrides": overrides, "data": str(data), "seconds": time.perf_counter() - start}
         if done.returncode == 0:
             row |= {"status": "ok", "error": None, **json.loads(done.stdout.strip().splitlines()[-1])}
         else:

@@ -72,6 +72,10 @@ overrides = ["source.game=bigfish"]
     assert [r["variant"] for r in table] == ["base", "token-lam", "broken", "cooler-token-lam", "bigfish"]
     assert table[2]["error"]
     assert "| base | ok |" in (out / "ablation.md").read_text() and (out / "ablation.png").stat().st_size > 0
+    # the header names the base's footage, and the variants with footage of their own, not as a shared override
+    assert not any(o.startswith("data.path=") for o in meta["overrides"]) and meta["footage"] == str(games["coinrun"])
+    footage = f"Footage: `{games['coinrun']}`, except **bigfish** `{games['bigfish']}`."
+    assert footage in (out / "ablation.md").read_text()
 
     # --only reruns just that variant (the others keep their rows); it reuses the tokenizer the token-lam run kept,
     # and the same seeds give the same scores
