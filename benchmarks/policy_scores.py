@@ -17,12 +17,10 @@ import time
 from pathlib import Path
 
 import attrs
-import torch
-from tqdm.auto import tqdm
 
 from genie_core.capabilities import PlaysEpisodes
 from genie_core.config import DataConfig
-from genie_core.eval.metrics import mean_and_ci
+from genie_core.eval.games import game_scores
 from genie_core.interfaces import DataSpec
 from genie_core.io.machine import describe as describe_machine
 from genie_core.recipe import load_recipe
@@ -54,9 +52,8 @@ def main() -> int:
             sys.exit(f"error: --first-seed {args.first_seed}: the recipe's footage uses seeds "
                      f"{source.footage_seeds().start}..{source.footage_seeds().stop - 1}")
         start = time.perf_counter()
-        scores = [source.play(seed, source.policy(), keep_frames=False, max_steps=args.max_steps)[2] for seed in
-                  tqdm(range(args.first_seed, args.first_seed + args.episodes), desc=policy, unit="episode")]
-        rows[policy] = {**mean_and_ci(torch.tensor(scores)), "scores": scores,
+        seeds = range(args.first_seed, args.first_seed + args.episodes)
+        rows[policy] = {**game_scores(source, source.policy(), seeds, args.max_steps, desc=policy),
                         "seconds": round(time.perf_counter() - start, 1)}
     game = choice.config.game
     print(f"| policy ({game}, {args.episodes} episodes of at most {args.max_steps} steps) | mean score, 95% CI |")

@@ -21,7 +21,6 @@ from pathlib import Path
 import attrs
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from genie_core.agent.cloning import (
     ClonedAgent,
@@ -38,7 +37,8 @@ from genie_core.capabilities import PlaysEpisodes
 from genie_core.config import AgentConfig, TrainConfig
 from genie_core.data.footage import EpisodeIndex
 from genie_core.errors import GenieError
-from genie_core.eval.metrics import action_agreement, mean_and_ci
+from genie_core.eval.games import game_scores
+from genie_core.eval.metrics import action_agreement
 from genie_core.interfaces import DataSpec
 from genie_core.io.atomic import atomic_dir
 from genie_core.io.log import say
@@ -111,11 +111,6 @@ def _imitate(folder: RunFolder, settings: AgentConfig, resume: bool, cpu: bool) 
 
     spec = expert.spec
 
-    def scores(name: str, policy) -> dict:
-        played = [source.play(seed, policy, keep_frames=False, max_steps=settings.max_steps)[2]
-                  for seed in tqdm(scored, desc=name, unit="episode")]
-        return {**mean_and_ci(torch.tensor(played)), "scores": played}
-
     random_info = get_registry().get("policy", "random")
     taken = np.concatenate(footage.true_actions)
     commonest = int(np.bincount(taken[taken >= 0]).argmax())
@@ -130,7 +125,8 @@ def _imitate(folder: RunFolder, settings: AgentConfig, resume: bool, cpu: bool) 
         mappings[labels] = fit_latent_to_real(footage, labels, action_model.num_actions, settings.seed)
         agents[f"latent cloning, {labels} labels"] = ClonedAgent(ClonedAgentConfig(), spec, latent_net,
                                                                  mappings[labels])
-    results = {name: scores(name, agent) for name, agent in agents.items()}
+    results = {name: game_scores(source, agent, scored, settings.max_steps, desc=name)
+               for name, agent in agents.items()}
     watched = f"latent cloning, {max(settings.labels)} labels"  # a GIF of it playing its first scored episode
     frames = source.play(scored.start, agents[watched], keep_frames=True,
                          max_steps=min(GIF_FRAMES, settings.max_steps))[0]
