@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="steps per scored episode at most (default: agent.max_steps, 2000)")
     agent.add_argument("--steps", type=positive_int,
                        help="training steps of each network (default: agent.steps, 2000)")
+    agent.add_argument("--footage", type=Path,
+                       help="clone from this data set instead (an expert's, from `genie data build`): labelled with "
+                            "the run's latent actions, scored in its game; writes RUN/agent-on-...")
     agent.add_argument("--resume", action="store_true", help="continue interrupted training from its checkpoints")
     agent.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
 
@@ -167,7 +170,7 @@ def cmd_agent(args) -> int:
                                 **{key: value for key, value in flags.items() if value is not None})
     except ValueError as error:  # a flag the [agent] table's validators refuse
         raise GenieError(f"genie agent: {error}") from None
-    report = imitate(args.run_dir, settings, resume=args.resume, cpu=args.cpu)
+    report = imitate(args.run_dir, settings, resume=args.resume, cpu=args.cpu, footage=args.footage)
     for name, result in report["results"].items():
         print(f"{name}: {result['mean']:.2f} ± {result['ci95']:.2f}")
     return 0

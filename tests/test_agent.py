@@ -86,6 +86,21 @@ def test_agent_refuses_seen_seeds_more_labels_than_recorded_and_footage_of_no_po
         "policy; set source.policy" in capsys.readouterr().err
 
 
+def test_agent_clones_from_other_footage_with_the_runs_latent_actions(coinrun_run, breakout_run, capsys):
+    """--footage DATA: another data set's expert, labelled by this run's latent action model and scored in DATA's
+    game (the paper labels expert videos with a latent action model trained on other footage)."""
+    expert_data = RunFolder.find(breakout_run).data
+    args = ["agent", str(coinrun_run), "--footage", str(expert_data), *AGENT_FLAGS["breakout"]]
+    assert main(args) == 0
+    assert "expert (breakout-ram-expert): " in capsys.readouterr().out
+    out = coinrun_run / f"agent-on-{expert_data.parent.name}-{expert_data.name}"
+    report = json.loads((out / "agent.json").read_text())
+    assert report["game"] == "Breakout" and report["footage"] == str(expert_data)
+    assert report["run"] == str(coinrun_run) and (out / "episode.gif").is_file()
+    assert main(["agent", str(coinrun_run), "--footage", str(coinrun_run / "nowhere")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
 def test_agent_refuses_footage_that_records_no_actions(breakout_run, tmp_path, capsys):
     copy = tmp_path / "no-actions"
     shutil.copytree(breakout_run, copy, ignore=shutil.ignore_patterns("agent"))

@@ -34,7 +34,7 @@ from genie_core.agent.cloning import (
     label,
 )
 from genie_core.capabilities import PlaysEpisodes
-from genie_core.config import AgentConfig, TrainConfig
+from genie_core.config import AgentConfig, TrainConfig, build_config
 from genie_core.data.footage import EpisodeIndex
 from genie_core.errors import GenieError
 from genie_core.eval.games import game_scores
@@ -49,24 +49,46 @@ from genie_core.run.folder import RunFolder
 GIF_FRAMES = 300  # the first steps of the watched episode: enough to see it play, a GIF of a few MB at most
 
 
-def imitate(run: Path, settings: AgentConfig | None = None, resume: bool = False, cpu: bool = False) -> dict:
-    """settings: None for the run's own (its recipe's [agent] table)."""
+def imitate(run: Path, settings: AgentConfig | None = None, resume: bool = False, cpu: bool = False,
+            footage: Path | None = None) -> dict:
+    """settings: None for the run's own (its recipe's [agent] table). footage: another data set to clone from (an
+    expert's, built by `genie data build`), labelled with this run's latent actions and scored in its own game, as
+    the paper labels expert videos with a latent action model trained on other footage; None: the run's own."""
     folder = RunFolder.find(run)
     with folder.lock():  # it writes checkpoints and RUN/agent: one writer at a time, as for `genie run`
-        return _imitate(folder, settings or folder.recipe().agent, resume, cpu)
+        return _imitate(folder, settings or folder.recipe().agent, resume, cpu, footage)
 
 
-def _imitate(folder: RunFolder, settings: AgentConfig, resume: bool, cpu: bool) -> dict:
+def footage_source(folder: RunFolder, footage: Path | None) -> tuple[str, object, Path]:
+    """The source that played the footage to clone (its registered name, the source, the data set): the run's own
+    recipe's, or the one another data set's manifest records."""
+    recipe = folder.recipe()
+    if footage is None:
+        choice = recipe.components["source"]
+        return choice.name, choice.info.cls(choice.config, DataSpec(resolution=recipe.data.resolution)), folder.data
+    manifest = EpisodeIndex.open(footage).manifest
+    if manifest["resolution"] != recipe.data.resolution:
+        raise GenieError(f"--footage {footage}: its frames are {manifest['resolution']}x{manifest['resolution']}; "
+                         f"the latent action model of {folder.path} reads {recipe.data.resolution}x"
+                         f"{recipe.data.resolution} (build it with data.resolution={recipe.data.resolution})")
+    name = manifest["source"]["name"]
+    info = get_registry().get("source", name)
+    problems: list[str] = []
+    config = build_config(info.cls.config_class, manifest["source"]["config"], f"{footage} (source {name})", problems)
+    if config is None:
+        raise GenieError("; ".join(problems))
+    return name, info.cls(config, DataSpec(resolution=manifest["resolution"])), footage
+
+
+def _imitate(folder: RunFolder, settings: AgentConfig, resume: bool, cpu: bool, other: Path | None) -> dict:
     from accelerate import Accelerator
 
     from genie_core.training.engine import Checkpointing, train
 
-    recipe = folder.recipe()
-    source_choice = recipe.components["source"]
-    if not issubclass(source_choice.info.cls, PlaysEpisodes):
-        raise GenieError(f"{folder.path}: its footage comes from source '{source_choice.name}', which is not a game a "
-                         f"policy plays; an agent is scored in the game it imitates ('atari' and 'procgen' are)")
-    source = source_choice.info.cls(source_choice.config, DataSpec(resolution=recipe.data.resolution))
+    source_name, source, data = footage_source(folder, other)
+    if not isinstance(source, PlaysEpisodes):
+        raise GenieError(f"{other or folder.path}: its footage comes from source '{source_name}', which is not a game "
+                         f"a policy plays; an agent is scored in the game it imitates ('atari' and 'procgen' are)")
     expert = source.policy()  # before any training: a source whose footage no registered policy played stops here
     used = source.footage_seeds()
     scored = range(settings.first_seed, settings.first_seed + settings.episodes)
@@ -79,19 +101,21 @@ def _imitate(folder: RunFolder, settings: AgentConfig, resume: bool, cpu: bool) 
     if action_model.reads_true_actions:
         raise GenieError(f"{folder.path}: its action model reads the true actions; cloning through latent actions "
                          f"needs a latent action model")
-    index = EpisodeIndex.open(folder.data)
+    index = EpisodeIndex.open(data)
     resolution = index.manifest["resolution"]
-    say(f"genie agent: labelling the footage of {folder.path} with its latent actions")
+    say(f"genie agent: labelling the footage of {data} with the latent actions of {folder.path}")
     footage = label(action_model, index, "train", accelerator.device)
     recorded = int(sum((a >= 0).sum() for a in footage.true_actions))  # what labels, the oracle and scores can use
     if recorded == 0:
-        raise GenieError(f"{folder.data}: its training footage records no actions; the oracle and the latent -> real "
+        raise GenieError(f"{data}: its training footage records no actions; the oracle and the latent -> real "
                          f"map need the true actions of the transitions they read")
     if max(settings.labels) > recorded:
         raise GenieError(f"agent labels {max(settings.labels)}: the training footage has {recorded} transitions with a "
                          f"recorded action to draw labels from; ask for at most {recorded}")
     num_real = len(index.manifest.get("action_names") or []) or int(max(a.max() for a in footage.true_actions)) + 1
-    identity = (folder.stage_record("dynamics") or {}).get("id")
+    # What the networks learn from: the world's latent actions, and the footage (another data set's by its shards)
+    identity = [(folder.stage_record("dynamics") or {}).get("id"), None if other is None else index.manifest["shards"]]
+    name = "agent" if other is None else f"agent-on-{'-'.join(Path(other).resolve().parts[-2:])}"  # its folder
 
     def cloned(kind: str, targets, num_outputs: int) -> PolicyNet:
         torch.manual_seed(settings.seed)
@@ -102,8 +126,8 @@ def _imitate(folder: RunFolder, settings: AgentConfig, resume: bool, cpu: bool) 
         trained_by = {k: getattr(settings, k) for k in ("context", "steps", "batch_size", "lr", "seed")}
         fingerprint = hashlib.sha256(json.dumps([identity, kind, trained_by], sort_keys=True).encode()).hexdigest()[:16]
         train(accelerator, CloningTask(net), CloningData(footage, targets, settings.context), cfg, settings.seed,
-              folder.logs / f"agent-{kind}.jsonl", f"agent ({kind})",
-              Checkpointing(folder.checkpoints(f"agent-{kind}"), fingerprint, resume))
+              folder.logs / f"{name}-{kind}.jsonl", f"agent ({kind})",
+              Checkpointing(folder.checkpoints(f"{name}-{kind}"), fingerprint, resume))
         return net.cpu()
 
     latent_net = cloned("latent", footage.latent_actions, action_model.num_actions)
@@ -135,17 +159,17 @@ def _imitate(folder: RunFolder, settings: AgentConfig, resume: bool, cpu: bool) 
     # the most frequent action).
     agreement = action_agreement(torch.from_numpy(np.concatenate(footage.latent_actions)),
                                  torch.from_numpy(np.concatenate(footage.true_actions)), action_model.num_actions)
-    report = {"run": str(folder.path), "game": spec.game, "settings": attrs.asdict(settings),
+    report = {"run": str(folder.path), "footage": str(data), "game": spec.game, "settings": attrs.asdict(settings),
               "transitions": int(sum(a.size for a in footage.true_actions)),
               "latent_vs_true": {k: agreement[k] for k in ("nmi", "mapping_accuracy", "majority_baseline")},
               "latent_to_real": {str(n): m.tolist() for n, m in mappings.items()}, "results": results}
-    with atomic_dir(folder.path / "agent") as out:
+    with atomic_dir(folder.path / name) as out:
         (out / "agent.json").write_text(json.dumps(report, indent=2))
         (out / "agent.md").write_text(markdown(report))
         figure(report, out / "scores.png")
         save_gif(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255, out / "episode.gif", scale=3, fps=15,
                  captions=[f"{watched}, seed {scored.start}"])
-    say(f"  wrote {folder.path / 'agent' / 'agent.md'}")
+    say(f"  wrote {folder.path / name / 'agent.md'}")
     return report
 
 
@@ -161,7 +185,8 @@ def markdown(report: dict) -> str:
     rows = [f"| {name} | {r['mean']:.2f} ± {r['ci95']:.2f} |" for name, r in report["results"].items()]
     return "\n".join([
         f"# Agent from unlabeled video: {report['game']}", "",
-        f"Cloned from {report['transitions']} transitions of `{report['run']}`; each agent played {s['episodes']} "
+        f"Cloned from {report['transitions']} transitions of `{report['footage']}`, labelled with the latent actions "
+        f"of `{report['run']}`; each agent played {s['episodes']} "
         f"episodes from seeds {s['first_seed']} on (none in the footage), at most {s['max_steps']} steps.", "",
         "| agent | mean score, 95% CI |", "|---|---|", *rows, "",
         f"On the footage, the latent actions against the true ones: NMI {agreement['nmi']:.3f}; latent -> true map "
