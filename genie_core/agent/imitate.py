@@ -6,8 +6,9 @@ action model:
       actions with N labelled transitions for each N asked (20, 200, 2000 by default)
     - the oracle (the same network on every true action), the run's own expert, random play, and the footage's most
       frequent action played at every step (what an agent scores that learned nothing of when to do what)
-each play the same episodes, from seeds the footage never used. Writes RUN/agent/: agent.json, agent.md,
-scores.png (score against N, the paper's Figure 16) and episode.gif (the agent with the most labels, playing).
+each play the same episodes, from seeds the footage never used. Writes RUN/agent/ (RUN/agent-on-... when the footage
+is another data set's, `--footage`): agent.json, agent.md, scores.png (score against N, the paper's Figure 16) and
+episode.gif (the agent with the most labels, playing).
 Both networks train with the stages' engine, with full-state checkpoints under RUN/checkpoints/agent-*, so an
 interrupted `genie agent --resume` goes on where it stopped.
 """
@@ -39,7 +40,7 @@ from genie_core.data.footage import EpisodeIndex
 from genie_core.errors import GenieError
 from genie_core.eval.games import game_scores
 from genie_core.eval.metrics import action_agreement
-from genie_core.interfaces import DataSpec
+from genie_core.interfaces import DataSpec, VideoSource
 from genie_core.io.atomic import atomic_dir
 from genie_core.io.log import say
 from genie_core.io.media import save_gif
@@ -59,7 +60,7 @@ def imitate(run: Path, settings: AgentConfig | None = None, resume: bool = False
         return _imitate(folder, settings or folder.recipe().agent, resume, cpu, footage)
 
 
-def footage_source(folder: RunFolder, footage: Path | None) -> tuple[str, object, Path]:
+def footage_source(folder: RunFolder, footage: Path | None) -> tuple[str, VideoSource, Path]:
     """The source that played the footage to clone (its registered name, the source, the data set): the run's own
     recipe's, or the one another data set's manifest records."""
     recipe = folder.recipe()
