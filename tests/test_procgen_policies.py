@@ -25,7 +25,6 @@ class Peeking(Policy):
     """Runs right, but looks ahead (and back) in the game before every step: the game must not notice."""
 
     config_class = attrs.make_class("PeekingConfig", {}, frozen=True)
-    tries: list = []
 
     def reset(self, seed):  # noqa: ARG002 - the Policy signature
         self.tries = []

@@ -44,7 +44,7 @@ from genie_core.interfaces import DataSpec, VideoSource
 from genie_core.io.atomic import atomic_dir
 from genie_core.io.log import say
 from genie_core.io.media import save_gif
-from genie_core.registry import get_registry
+from genie_core.registry import get_registry, make_policy
 from genie_core.run.folder import RunFolder
 
 GIF_FRAMES = 300  # the first steps of the watched episode: enough to see it play, a GIF of a few MB at most
@@ -60,14 +60,16 @@ def imitate(run: Path, settings: AgentConfig | None = None, resume: bool = False
         return _imitate(folder, settings or folder.recipe().agent, resume, cpu, footage)
 
 
-def footage_source(folder: RunFolder, footage: Path | None) -> tuple[str, VideoSource, Path]:
+def footage_source(folder: RunFolder, footage: Path | None) -> tuple[str, VideoSource, EpisodeIndex]:
     """The source that played the footage to clone (its registered name, the source, the data set): the run's own
     recipe's, or the one another data set's manifest records."""
     recipe = folder.recipe()
     if footage is None:
         choice = recipe.components["source"]
-        return choice.name, choice.info.cls(choice.config, DataSpec(resolution=recipe.data.resolution)), folder.data
-    manifest = EpisodeIndex.open(footage).manifest
+        source = choice.info.cls(choice.config, DataSpec(resolution=recipe.data.resolution))
+        return choice.name, source, EpisodeIndex.open(folder.data)
+    index = EpisodeIndex.open(footage)
+    manifest = index.manifest
     if manifest["resolution"] != recipe.data.resolution:
         raise GenieError(f"--footage {footage}: its frames are {manifest['resolution']}x{manifest['resolution']}; "
                          f"the latent action model of {folder.path} reads {recipe.data.resolution}x"
@@ -78,7 +80,7 @@ def footage_source(folder: RunFolder, footage: Path | None) -> tuple[str, VideoS
     config = build_config(info.cls.config_class, manifest["source"]["config"], f"{footage} (source {name})", problems)
     if config is None:
         raise GenieError("; ".join(problems))
-    return name, info.cls(config, DataSpec(resolution=manifest["resolution"])), footage
+    return name, info.cls(config, DataSpec(resolution=manifest["resolution"])), index
 
 
 def _imitate(folder: RunFolder, settings: AgentConfig, resume: bool, cpu: bool, other: Path | None) -> dict:
@@ -86,7 +88,8 @@ def _imitate(folder: RunFolder, settings: AgentConfig, resume: bool, cpu: bool, 
 
     from genie_core.training.engine import Checkpointing, train
 
-    source_name, source, data = footage_source(folder, other)
+    source_name, source, index = footage_source(folder, other)
+    data = index.root
     if not isinstance(source, PlaysEpisodes):
         raise GenieError(f"{other or folder.path}: its footage comes from source '{source_name}', which is not a game "
                          f"a policy plays; an agent is scored in the game it imitates ('atari' and 'procgen' are)")
@@ -102,7 +105,6 @@ def _imitate(folder: RunFolder, settings: AgentConfig, resume: bool, cpu: bool, 
     if action_model.reads_true_actions:
         raise GenieError(f"{folder.path}: its action model reads the true actions; cloning through latent actions "
                          f"needs a latent action model")
-    index = EpisodeIndex.open(data)
     resolution = index.manifest["resolution"]
     say(f"genie agent: labelling the footage of {data} with the latent actions of {folder.path}")
     footage = label(action_model, index, "train", accelerator.device)
@@ -136,11 +138,10 @@ def _imitate(folder: RunFolder, settings: AgentConfig, resume: bool, cpu: bool, 
 
     spec = expert.spec
 
-    random_info = get_registry().get("policy", "random")
     taken = np.concatenate(footage.true_actions)
     commonest = int(np.bincount(taken[taken >= 0]).argmax())
     commonest_name = spec.action_names[commonest] if spec.action_names else str(commonest)
-    agents = {"random": random_info.cls(random_info.cls.config_class(), spec),
+    agents = {"random": make_policy("random", spec),
               f"always {commonest_name} (the footage's most frequent action)":
                   FixedAction(FixedActionConfig(action=commonest), spec),
               f"expert ({registered_name(expert)})": expert,
