@@ -9,7 +9,8 @@
 # What it does, most important first, each step logged to OUT/STEP.log and summed up in OUT/summary.txt:
 #   - the tiny recipe (shortened) end to end in fp16 (gradient scaler) with run.distributed=fsdp under torchrun
 #     (Accelerate applies FSDP only to GPU processes), and in bf16 in one plain process;
-#   - training and play throughput at the medium, paper (Appendix F) and tiny sizes, fp32 / bf16 / fp16;
+#   - training and play throughput at the medium, paper (Appendix F) and tiny sizes, fp32 / bf16 / fp16, and at
+#     the paper's whole batch on one GPU with activation checkpointing;
 #   - kill -9 mid-stage and --resume against an uninterrupted run, in fp16 (scaler state in the checkpoint);
 #   - ST vs full spatiotemporal attention, time and memory against T at the paper tokenizer's width;
 #   - play speed (frames/s against history, cached vs uncached) at the paper's and the tiny sizes, and with the
@@ -59,6 +60,10 @@ done
 # fit without activation checkpointing.
 PAPER="recipes/coinrun-paper.toml data.path=$TINY_DATA train.tokenizer.batch_size=6 train.dynamics.batch_size=4"
 step throughput-paper-bf16 150 $PY benchmarks/stage_throughput.py $PAPER --precision bf16 --steps 10 --frames 16
+# The paper's whole batches (48 and 36) on this one GPU, with activation checkpointing: steps/s and peak memory.
+step throughput-paper-bf16-ckpt 240 $PY benchmarks/stage_throughput.py recipes/coinrun-paper.toml \
+    data.path="$TINY_DATA" train.tokenizer.activation_checkpointing=true train.dynamics.activation_checkpointing=true \
+    --precision bf16 --steps 3 --frames 2
 
 step run-bf16 120 $PY -m genie_core.cli run $TINY run.mixed_precision=bf16 --out "$OUT/run-bf16"
 for run in run-bf16 run-fp16-fsdp; do

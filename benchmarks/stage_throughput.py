@@ -1,14 +1,18 @@
 """Training and sampling throughput of a recipe's components, measured side by side in one run.
 
-    python benchmarks/stage_throughput.py recipes/coinrun-tiny.toml [KEY=VALUE ...] [--steps 30] [--precision bf16]
+    python benchmarks/stage_throughput.py recipes/coinrun-tiny.toml [KEY=VALUE ...] [--steps 30] [--warmup 3]
+        [--frames 8] [--precision bf16]
     torchrun --nproc_per_node 2 benchmarks/stage_throughput.py recipes/coinrun-tiny.toml     # several processes
 
 For each training stage: optimizer steps/s and samples/s (all processes together) at the recipe's per-process
 batch, through Accelerate (DDP under torchrun, autocast under bf16/fp16, fp16 with its gradient scaler), on random
 video so no data needs building; peak memory of each stage on a GPU (on a CPU, the tokenizer stage's growth of
-the resident set); and for play (single process):
+the resident set); the activations a step keeps for its backward pass (counted, so the same on any device; set
+`train.*.activation_checkpointing=true` to see what checkpointing saves); the step's floating-point work (torch's
+FLOP counter: matrix products and attention) and the rate it runs at, beside this machine's rate on one large
+matrix product, which says how much room the step leaves; and for play (single process):
 frames/s of the sampler from a one-frame prompt. Prints a table and saves JSON (with the machine, GPU, library
-versions and git commit) to benchmarks/results/throughput-RUNNAME-PRECISION-Nproc[-cuda].json.
+versions and git commit) to benchmarks/results/throughput-RUNNAME-PRECISION-Nproc[-ckpt][-cuda].json.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from accelerate import Accelerator
 
 from genie_core.interfaces import TokenSpec, VideoSpec
 from genie_core.io.machine import describe as describe_machine
+from genie_core.nn import saved_activation_bytes, use_activation_checkpointing
 from genie_core.recipe import load_recipe
 from genie_core.training.engine import TokenizerTask, WorldModelTask
 from genie_core.world.model import World
@@ -58,6 +63,39 @@ def timed_steps(task: torch.nn.Module, batch: torch.Tensor | tuple, steps: int, 
     return seconds
 
 
+def step_work(task: torch.nn.Module, batch: torch.Tensor | tuple, accelerator: Accelerator) -> dict:
+    """One forward and backward pass of `task` (not an optimizer step): its GFLOP (matrix products and attention, as
+    torch's FLOP counter counts them) and the GiB of activations it keeps between the two."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = tuple(b.to(accelerator.device) for b in batch) if isinstance(batch, tuple) else batch.to(accelerator.device)
+    task.to(accelerator.device).train()
+    counter = FlopCounterMode(display=False)
+    with counter, accelerator.autocast():
+        (loss, _), kept = saved_activation_bytes(lambda: task(batch), task)
+        loss.backward()
+    task.zero_grad(set_to_none=True)
+    return {"gflop_per_step": counter.get_total_flops() / 1e9, "activations_gib": kept / 2**30}
+
+
+def matmul_gflop_per_s(device: torch.device, n: int = 2048, rounds: int = 5, repeats: int = 4) -> float:
+    """This machine's rate on one large float32 matrix product, the best of `rounds` (noise only ever slows it):
+    about the most a training step's products can reach."""
+    a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(rounds):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def synchronize(accelerator: Accelerator) -> None:
     """GPU work is asynchronous: wait for it before reading the clock."""
     if accelerator.device.type == "cuda":
@@ -85,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("recipe", type=Path)
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per stage")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     parser.add_argument("--frames", type=int, default=8, help="frames sampled for the play measurement")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="fp16 (with a gradient scaler) needs a GPU")
@@ -100,19 +139,24 @@ def main(argv=None) -> int:
     res = recipe.data.resolution
     c = recipe.components
     rows = []
+    peak_rate = matmul_gflop_per_s(accelerator.device)
 
     tok_cfg = recipe.train["tokenizer"]
     tokenizer = c["tokenizer"].info.cls(c["tokenizer"].config,
                                         VideoSpec(height=res, width=res, num_frames=tok_cfg.seq_len))
     batch = torch.rand(tok_cfg.batch_size, tok_cfg.seq_len, 3, res, res)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    seconds = timed_steps(TokenizerTask(tokenizer), batch, args.steps, accelerator=accelerator)
+    task = TokenizerTask(tokenizer)
+    if tok_cfg.activation_checkpointing:
+        use_activation_checkpointing(task)
+    seconds = timed_steps(task, batch, args.steps, args.warmup, accelerator)
     # On a CPU torch counts no allocations; the growth of the process's peak resident set is the tokenizer stage's
     # (it runs first). Later stages' growth would be hidden under it, so only this row gets a CPU figure.
     memory = peak_memory_gib() or (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2**20
     rows.append({"stage": "tokenizer", "batch": list(batch.shape[:2]), "steps_per_s": 1 / seconds,
                  "samples_per_s": procs * tok_cfg.batch_size / seconds, "peak_memory_gib": memory,
-                 "parameters": sum(p.numel() for p in tokenizer.parameters())})
+                 "parameters": sum(p.numel() for p in tokenizer.parameters()),
+                 **step_work(task, batch, accelerator)})
 
     dyn_cfg = recipe.train["dynamics"]
     # An action model that reads the footage's actions gets random ones, as many as procgen's buttons.
@@ -128,11 +172,17 @@ def main(argv=None) -> int:
     batch = torch.rand(dyn_cfg.batch_size, dyn_cfg.seq_len, 3, res, res)
     if true_actions:
         batch = (batch, torch.randint(0, true_actions, (dyn_cfg.batch_size, dyn_cfg.seq_len - 1)))
-    seconds = timed_steps(WorldModelTask(action_model, dynamics, tokenizer.to(accelerator.device)), batch, args.steps,
-                          accelerator=accelerator)
+    task = WorldModelTask(action_model, dynamics, tokenizer.to(accelerator.device))
+    if dyn_cfg.activation_checkpointing:
+        use_activation_checkpointing(task)
+    seconds = timed_steps(task, batch, args.steps, args.warmup, accelerator)
     rows.append({"stage": "lam+dynamics", "batch": [dyn_cfg.batch_size, dyn_cfg.seq_len], "steps_per_s": 1 / seconds,
                  "samples_per_s": procs * dyn_cfg.batch_size / seconds, "peak_memory_gib": peak_memory_gib(),
-                 "parameters": sum(p.numel() for m in (action_model, dynamics) for p in m.parameters())})
+                 "parameters": sum(p.numel() for m in (action_model, dynamics) for p in m.parameters()),
+                 **step_work(task, batch, accelerator)})
+    for row in rows:
+        row["gflop_per_s"] = row["gflop_per_step"] * row["steps_per_s"]
+        row["share_of_matmul_rate"] = row["gflop_per_s"] / peak_rate
 
     if not accelerator.is_main_process:
         return 0
@@ -157,16 +207,24 @@ def main(argv=None) -> int:
                  "batch": [1, 1], "steps_per_s": args.frames / seconds, "samples_per_s": args.frames / seconds,
                  "peak_memory_gib": peak_memory_gib(), "parameters": 0})
 
-    print(f"{'stage':<40} {'batch':>8} {'steps/s':>9} {'samples/s':>10} {'peak GiB':>9} {'params':>12}")
+    print(f"{'stage':<40} {'batch':>8} {'steps/s':>9} {'samples/s':>10} {'peak GiB':>9} {'act. GiB':>9} "
+          f"{'GFLOP/step':>11} {'GFLOP/s':>8} {'of mm':>6} {'params':>12}")
     for row in rows:
         memory = f"{row['peak_memory_gib']:.2f}" if row["peak_memory_gib"] is not None else "-"
+        work = f"{'-':>9} {'-':>11} {'-':>8} {'-':>6}"  # play: not a training step
+        if "gflop_per_s" in row:
+            work = (f"{row['activations_gib']:>9.3f} {row['gflop_per_step']:>11.2f} {row['gflop_per_s']:>8.1f} "
+                    f"{row['share_of_matmul_rate']:>6.0%}")
         print(f"{row['stage']:<40} {'x'.join(map(str, row['batch'])):>8} {row['steps_per_s']:>9.2f} "
-              f"{row['samples_per_s']:>10.1f} {memory:>9} {row['parameters']:>12,}")
+              f"{row['samples_per_s']:>10.1f} {memory:>9} {work} {row['parameters']:>12,}")
+    print(f"one 2048x2048 float32 matrix product on {device.type}: {peak_rate:.1f} GFLOP/s")
     RESULTS.mkdir(exist_ok=True)
-    suffix = "-cuda" if device.type == "cuda" else ""
+    checkpointing = any(recipe.train[stage].activation_checkpointing for stage in ("tokenizer", "dynamics"))
+    suffix = ("-ckpt" if checkpointing else "") + ("-cuda" if device.type == "cuda" else "")
     out = RESULTS / f"throughput-{recipe.run.name}-{args.precision}-{procs}proc{suffix}.json"
     out.write_text(json.dumps({"recipe": str(args.recipe), "overrides": args.overrides, "precision": args.precision,
-                               "processes": procs, "environment": environment(), "rows": rows}, indent=2))
+                               "processes": procs, "environment": environment(), "matmul_gflop_per_s": peak_rate,
+                               "rows": rows}, indent=2))
     print(f"saved {out}")
     return 0
 

@@ -11,6 +11,10 @@
   quantizer is chosen by name (`QUANTIZERS`): VQ with a learned codebook, FSQ or LFQ.
 - `patchify` / `unpatchify`: frames <-> flattened non-overlapping patches.
 - `draw_categorical`: one sample per row of a probability table, for the samplers.
+- `run_block` / `use_activation_checkpointing`: activation checkpointing for any module that runs blocks in
+  sequence (`train.*.activation_checkpointing`): each block's activations are recomputed in the backward pass
+  instead of kept, so a batch needs about one block's activations instead of the whole stack's;
+  `saved_activation_bytes` measures what a step keeps for its backward pass, on any device.
 """
 
 from __future__ import annotations
@@ -30,6 +34,46 @@ if TYPE_CHECKING:
 # brings torchvision and torch._dynamo), which every `genie` command that loads the plugins would otherwise pay.
 
 QUANTIZERS = ("vq", "fsq", "lfq")
+
+
+def run_block(owner: nn.Module, block: nn.Module, *args, **kwargs):
+    """block(*args, **kwargs), or the same under activation checkpointing when `owner` has it on and gradients are
+    being recorded: the block keeps only its inputs for the backward pass and runs again there. The values and
+    gradients are the same either way; a frozen model (no gradients recorded) never recomputes."""
+    if owner.activation_checkpointing and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(block, *args, use_reentrant=False, **kwargs)
+    return block(*args, **kwargs)
+
+
+def use_activation_checkpointing(module: nn.Module) -> list[str]:
+    """Turns on activation checkpointing in every submodule of `module` that supports it (declares an
+    `activation_checkpointing` attribute and runs its blocks through `run_block`); returns their names."""
+    names = []
+    for name, sub in module.named_modules():
+        if hasattr(sub, "activation_checkpointing"):
+            sub.activation_checkpointing = True
+            names.append(name)
+    return names
+
+
+def saved_activation_bytes(step, module: nn.Module | None = None):
+    """Runs step() and returns (its result, the bytes autograd keeps for the backward pass meanwhile): every distinct
+    tensor saved for backward, `module`'s own weights excepted. What a training step holds between forward and
+    backward, counted the same way on any device (activation checkpointing keeps each block's inputs only)."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()} if module is not None else set()
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights and tensor.device.type != "meta":
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = step()
+    return result, sum(kept.values())
 
 
 def patchify(video: torch.Tensor, patch: int) -> torch.Tensor:
@@ -170,6 +214,8 @@ class FrameCache:
 class STTransformer(nn.Module):
     """A stack of STBlocks with a final LayerNorm. Input and output [B, T, N, D]."""
 
+    activation_checkpointing = False  # `use_activation_checkpointing` turns it on for training
+
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
                  temporal: bool = True):
         super().__init__()
@@ -178,7 +224,7 @@ class STTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x)
+            x = run_block(self, block, x)
         return self.norm(x)
 
     def prefill(self, x: torch.Tensor, capacity: int = 0) -> tuple[torch.Tensor, FrameCache]:
@@ -369,6 +415,8 @@ class FullSTTransformer(nn.Module):
     directly. The boolean mask also keeps SDPA off its flash kernel on GPUs.
     """
 
+    activation_checkpointing = False
+
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True):
         super().__init__()
         self.blocks = nn.ModuleList(AttentionBlock(dim, heads, mlp_ratio, qk_norm) for _ in range(depth))
@@ -379,5 +427,5 @@ class FullSTTransformer(nn.Module):
         mask = block_causal_mask(t, n, x.device)
         x = x.reshape(b, t * n, d)
         for block in self.blocks:
-            x = block(x, mask)
+            x = run_block(self, block, x, mask)
         return self.norm(x).reshape(b, t, n, d)

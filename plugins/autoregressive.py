@@ -20,7 +20,7 @@ from torch import nn
 from genie_core import hookimpl
 from genie_core.config import check_heads, layers, positive
 from genie_core.interfaces import DynamicsModel, DynamicsOutput, Sampler, TokenSpec
-from genie_core.nn import AttentionBlock, SpaceTimePositions, draw_categorical
+from genie_core.nn import AttentionBlock, SpaceTimePositions, draw_categorical, run_block
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -47,6 +47,7 @@ class AutoregressiveDynamics(DynamicsModel):
 
     config_class = AutoregressiveDynamicsConfig
     supports_masking = False
+    activation_checkpointing = False  # its blocks run through run_block: train.*.activation_checkpointing applies
     # logits at raster position i of a frame do not depend on that frame's tokens at positions >= i, so a sampler
     # may leave those positions as placeholders (see AutoregressiveSampler).
     causal_in_raster_order: ClassVar[bool] = True
@@ -78,7 +79,7 @@ class AutoregressiveDynamics(DynamicsModel):
         x = x + F.pad(self.action_embed(actions), (0, 0, 1, 0))[:, :, None]
         x = self.positions(x).reshape(b, t * n, -1)
         for block in self.blocks:
-            x = block(x, is_causal=True)  # raster order: position p sees positions <= p
+            x = run_block(self, block, x, is_causal=True)  # raster order: position p sees positions <= p
         return self.head(self.norm(x)).reshape(b, t, h, w, -1)
 
     def loss(self, tokens, actions, generator=None):

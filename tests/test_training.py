@@ -17,7 +17,7 @@ from accelerate import Accelerator
 
 from genie_core.cli import main
 from genie_core.config import TrainConfig
-from genie_core.errors import TrainingDiverged
+from genie_core.errors import GenieError, TrainingDiverged
 from genie_core.testing import TINY_VIDEO, build
 from genie_core.training.engine import Checkpointing, Task, TokenizerTask, rebuilt, train
 
@@ -253,3 +253,39 @@ def test_tiny_recipe_on_two_processes(tmp_path):
     assert result.stdout.count("Accelerate runs FSDP on GPUs only; these 2 cpu processes use DDP") == 1
     for line in ("genie run: ", "stage data: finished", "stage dynamics: finished", "tokenizer PSNR "):
         assert result.stdout.count(line) == 1, (line, result.stdout)
+
+
+def test_activation_checkpointing_trains_the_same_run(tmp_path, capsys):
+    """train.*.activation_checkpointing recomputes the blocks' activations in the backward pass: every logged loss,
+    metric and validation score of both stages is the one the run without it logs, and the stages' fingerprints
+    are the same, so a run may turn it on or off and resume."""
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    assert main(["run", SMOKE, "run.trackers=none", "--out", str(plain)]) == 0
+    capsys.readouterr()
+    assert main(["run", SMOKE, "run.trackers=none", "train.tokenizer.activation_checkpointing=true",
+                 "train.dynamics.activation_checkpointing=true", "--out", str(checkpointed)]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizer: activation checkpointing in tokenizer.encoder, tokenizer.decoder" in out
+    assert ("lam+dynamics: activation checkpointing in dynamics.transformer, action_model.encoder, "
+            "action_model.decoder") in out
+    for stage in ("tokenizer", "dynamics"):
+        assert log_rows(checkpointed, stage) == log_rows(plain, stage)
+        assert (json.loads((checkpointed / stage / "stage.json").read_text())["fingerprint"]
+                == json.loads((plain / stage / "stage.json").read_text())["fingerprint"])
+
+
+def test_activation_checkpointing_without_a_model_that_supports_it_is_refused(tmp_path):
+    class Linear(Task):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def forward(self, video):
+            return self.layer(video).mean(), {}
+
+    cfg = TrainConfig(steps=1, batch_size=2, seq_len=2, warmup_steps=0, checkpoint_every=0,
+                      activation_checkpointing=True)
+    with pytest.raises(GenieError, match=r"^train\.tokenizer\.activation_checkpointing is true, but no model the "
+                                         r"lin stage trains supports it: layer \(torch\.nn\.modules\.linear\.Linear\)"):
+        train(Accelerator(cpu=True), Linear(), [torch.rand(4)] * 4, cfg, 0, tmp_path / "log.jsonl", "lin",
+              Checkpointing(tmp_path / "ckpt", "x"))

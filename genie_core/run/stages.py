@@ -23,8 +23,9 @@ from genie_core.recipe import Recipe
 STAGES = ("data", "tokenizer", "dynamics", "report")
 STAGE_FILE = "stage.json"
 
-# Settings that change how a stage reports, not what it produces.
-COSMETIC = {"log_every", "num_workers", "gif_scale", "checkpoint_every", "keep_checkpoints", "trackers"}
+# Settings that change how a stage reports or what it costs, not what it produces.
+COSMETIC = {"log_every", "num_workers", "gif_scale", "checkpoint_every", "keep_checkpoints", "trackers",
+            "activation_checkpointing"}
 
 
 def stage_settings(recipe: Recipe, stage: str) -> dict:

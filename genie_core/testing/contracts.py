@@ -2,12 +2,14 @@
 
 A check takes the registered name (NAME or NAME:VARIANT) of the component it checks, builds it from its tiny config
 and asserts: shapes and dtypes, determinism under a seed, the encode/decode round trip, causality in time, that it
-can learn (one repeated batch, the loss falls by OVERFIT_FACTOR), and, for a `CachedDynamics`, that the cache gives
+can learn (one repeated batch, the loss falls by OVERFIT_FACTOR), that activation checkpointing keeps its training
+step's loss and gradients, and, for a `CachedDynamics`, that the cache gives
 what the whole sequence gives. `contract_checks` lists them for the components of one package.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import attrs
@@ -18,6 +20,7 @@ import torch
 from genie_core.capabilities import CachedDynamics
 from genie_core.errors import GenieError
 from genie_core.interfaces import DataSpec
+from genie_core.nn import saved_activation_bytes, use_activation_checkpointing
 from genie_core.registry import Registry, get_registry
 from genie_core.testing import TINY_VIDEO, build, names, token_spec, tokens_and_actions, video
 
@@ -52,6 +55,28 @@ def overfit(module, loss_fn, steps: int = OVERFIT_STEPS, lr: float = 3e-3) -> tu
         loss.backward()
         optimizer.step()
     return first, loss_fn().item()
+
+
+def same_training_step_with_activation_checkpointing(module, loss_fn) -> None:
+    """train.*.activation_checkpointing changes what a step costs, not what it computes: a copy of `module` with it
+    on gives the same loss and the same gradient for every weight, while keeping less for the backward pass.
+    Skipped for a component that supports none (declares no `activation_checkpointing`)."""
+    plain, checkpointed = copy.deepcopy(module).train(), copy.deepcopy(module).train()
+    if not use_activation_checkpointing(checkpointed):
+        pytest.skip(f"{type(module).__name__} supports no activation checkpointing")
+
+    def step(model):
+        torch.manual_seed(0)  # the same data-dependent codebook initialisation and masks for both
+        loss, kept = saved_activation_bytes(lambda: loss_fn(model), model)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, kept
+
+    (loss_a, grads_a, kept_a), (loss_b, grads_b, kept_b) = step(plain), step(checkpointed)
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6), (loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name, grad in grads_a.items():
+        assert torch.allclose(grad, grads_b[name], rtol=1e-4, atol=1e-6), name
+    assert kept_b < kept_a, (kept_a, kept_b)
 
 
 # ------------------------------------------------------------------------------------------------ tokenizers
@@ -103,6 +128,11 @@ def tokenizer_causal_in_time(name):
     assert not torch.equal(tx, ty)
     # the decoder too: frames <= t decode the same whatever the later tokens are
     assert torch.allclose(tok.decode(tx)[:, :3], tok.decode(ty)[:, :3], atol=1e-6)
+
+
+def tokenizer_activation_checkpointing_keeps_the_step(name):
+    x = video()
+    same_training_step_with_activation_checkpointing(build("tokenizer", name, TINY_VIDEO), lambda m: m.loss(x).loss)
 
 
 def tokenizer_overfits_one_batch(name):
@@ -162,6 +192,13 @@ def action_model_causal_in_time(name):
     assert torch.allclose(recon_x[:, :3], recon_y[:, :3], atol=1e-5)
 
 
+def action_model_activation_checkpointing_keeps_the_step(name):
+    lam = build("action_model", name, TINY_VIDEO)
+    x = video()
+    given = lam.true_action_inputs(true_actions(x))
+    same_training_step_with_activation_checkpointing(lam, lambda m: m.loss(x, **given).loss)
+
+
 def action_model_overfits_one_batch(name):
     lam = build("action_model", name, TINY_VIDEO)
     if not any(p.requires_grad for p in lam.parameters()):
@@ -218,6 +255,13 @@ def dynamics_action_t_steers_frame_t_plus_1(name):
         a, b = dyn(tokens, actions), dyn(tokens, other)
     assert torch.allclose(a[:, : k + 1], b[:, : k + 1], atol=1e-5)
     assert not torch.allclose(a[:, k + 1], b[:, k + 1])
+
+
+def dynamics_activation_checkpointing_keeps_the_step(name):
+    tokens, actions = tokens_and_actions()
+    same_training_step_with_activation_checkpointing(
+        build("dynamics", name, token_spec()),
+        lambda m: m.loss(tokens, actions, torch.Generator().manual_seed(0)).loss)
 
 
 def dynamics_overfits_one_batch(name):
@@ -355,11 +399,14 @@ def policy_acts_within_its_actions_and_repeats_under_a_seed(name):
 
 CHECKS = {
     "tokenizer": [tokenizer_shapes_and_dtypes, tokenizer_deterministic_under_seed,
-                  tokenizer_round_trip_matches_training_path, tokenizer_causal_in_time, tokenizer_overfits_one_batch],
+                  tokenizer_round_trip_matches_training_path, tokenizer_causal_in_time, tokenizer_overfits_one_batch,
+                  tokenizer_activation_checkpointing_keeps_the_step],
     "action_model": [action_model_shapes_and_dtypes, action_model_deterministic_under_seed,
-                     action_model_causal_in_time, action_model_overfits_one_batch],
+                     action_model_causal_in_time, action_model_overfits_one_batch,
+                     action_model_activation_checkpointing_keeps_the_step],
     "dynamics": [dynamics_shapes_and_dtypes, dynamics_deterministic_under_seed, dynamics_causal_in_time,
-                 dynamics_action_t_steers_frame_t_plus_1, dynamics_overfits_one_batch],
+                 dynamics_action_t_steers_frame_t_plus_1, dynamics_overfits_one_batch,
+                 dynamics_activation_checkpointing_keeps_the_step],
     "source": [source_contract],
     "policy": [policy_acts_within_its_actions_and_repeats_under_a_seed],
 }

@@ -24,10 +24,11 @@ from accelerate.utils import DistributedType
 from torch import nn
 from tqdm.auto import tqdm
 
-from genie_core.config import TrainConfig
+from genie_core.config import DynamicsTrainConfig, TrainConfig
 from genie_core.errors import GenieError, TrainingDiverged, first_line
 from genie_core.interfaces import DynamicsModel, LatentActionModel, VideoTokenizer
 from genie_core.io.log import say
+from genie_core.nn import use_activation_checkpointing
 from genie_core.run.folder import CHECKPOINT_STATE, complete_checkpoints
 from genie_core.world.components import DAMAGE
 
@@ -122,6 +123,19 @@ class WorldModelTask(Task):
 
     def warning(self, metrics: dict[str, float]) -> str | None:
         return lam_collapse(metrics)  # (a frozen LAM logs no usage: nothing to say)
+
+
+def _checkpoint_activations(task: Task, cfg: TrainConfig, desc: str) -> None:
+    """train.*.activation_checkpointing: on in every trained model's block stacks that support it; an error when
+    none does, since the user asked for memory the run would not save."""
+    stacks = use_activation_checkpointing(task)
+    key = f"train.{'dynamics' if isinstance(cfg, DynamicsTrainConfig) else 'tokenizer'}.activation_checkpointing"
+    if not stacks:
+        models = ", ".join(f"{name} ({type(m).__module__}.{type(m).__qualname__})" for name, m in task.named_children())
+        raise GenieError(f"{key} is true, but no model the {desc} stage trains supports it: {models}; a model "
+                         f"supports it by declaring `activation_checkpointing = False` and running its blocks through "
+                         f"genie_core.nn.run_block")
+    say(f"{desc}: activation checkpointing in {', '.join(stacks)}")
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -278,6 +292,8 @@ def train(accelerator: Accelerator, task: Task, dataset: torch.utils.data.Datase
         dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) >= cfg.batch_size,
         num_workers=cfg.num_workers, generator=generator,
     )
+    if cfg.activation_checkpointing:
+        _checkpoint_activations(task, cfg, desc)
     model = accelerator.prepare(task)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
