@@ -249,10 +249,10 @@ def _load_recipe(args):
 
 
 def cmd_validate(args) -> int:
-    from genie_core.run.stages import check_fits_the_machine
+    from genie_core.run.stages import check_trainable
 
     recipe = _load_recipe(args)
-    check_fits_the_machine(recipe)  # as `genie run` does first: absurd sizes stop here, not out of memory mid-run
+    check_trainable(recipe)  # as `genie run` does first: absurd sizes stop here, not out of memory mid-run
     parts = ", ".join(f"{kind}={choice.name}" for kind, choice in recipe.components.items())
     print(f"{args.recipe}: ok ({parts})")
     return 0

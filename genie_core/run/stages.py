@@ -80,42 +80,69 @@ BYTES_PER_TRAINED_PARAMETER = 16  # float32 weights, gradients and AdamW's two m
 BYTES_PER_FROZEN_PARAMETER = 4
 
 
-def parameter_counts(recipe: Recipe) -> dict[str, int | None]:
-    """The parameters of the recipe's tokenizer, action model and dynamics model, counted on PyTorch's meta device
-    (nothing is allocated, whatever the sizes): None for a model that cannot be built there (a plugin may need real
-    tensors in its constructor), -1 for one whose tensors are too large to even describe (over 2**63 bytes)."""
+def models_on_meta(recipe: Recipe) -> dict[str, object]:
+    """The recipe's tokenizer, action model and dynamics model, built on PyTorch's meta device (nothing is allocated,
+    whatever the sizes): None for a model that cannot be built there (a plugin may need real tensors in its
+    constructor), -1 for one whose tensors are too large to even describe (over 2**63 bytes)."""
     import torch
 
-    components, counts, built = recipe.components, {}, {}
+    components, built = recipe.components, {}
 
-    def count(kind: str, build) -> None:
+    def build(kind: str, make) -> None:
         try:
             with torch.device("meta"):
-                built[kind] = build()
-            counts[kind] = sum(p.numel() for p in built[kind].parameters())
+                built[kind] = make()
         except RuntimeError as error:
-            counts[kind] = -1 if "overflow" in str(error) else None
+            built[kind] = -1 if "overflow" in str(error) else None
         except Exception:  # noqa: BLE001 - a plugin that cannot be built on the meta device is simply not counted
-            counts[kind] = None
+            built[kind] = None
 
     tok, lam, dyn = components["tokenizer"], components["action_model"], components["dynamics"]
-    count("tokenizer", lambda: tok.info.cls(tok.config, video_spec(recipe, "tokenizer")))
-    tokenizer = built.get("tokenizer")
-    count("action_model", lambda: lam.info.cls(lam.config, video_spec(
+    build("tokenizer", lambda: tok.info.cls(tok.config, video_spec(recipe, "tokenizer")))
+    tokenizer = built["tokenizer"] if isinstance(built["tokenizer"], torch.nn.Module) else None
+    build("action_model", lambda: lam.info.cls(lam.config, video_spec(
         recipe, "dynamics", lam.info.cls.needs_tokenizer and tokenizer, FOOTPRINT_TRUE_ACTIONS)))
-    if tokenizer is not None and "action_model" in built:
+    if tokenizer is not None and isinstance(built["action_model"], torch.nn.Module):
         spec = TokenSpec(vocab_size=tokenizer.codebook_size, grid=tokenizer.grid,
                          num_frames=recipe.train["dynamics"].seq_len, num_actions=built["action_model"].num_actions)
-        count("dynamics", lambda: dyn.info.cls(dyn.config, spec))
+        build("dynamics", lambda: dyn.info.cls(dyn.config, spec))
     else:
-        counts["dynamics"] = None
-    return counts
+        built["dynamics"] = None
+    return built
 
 
-def footprint_problems(recipe: Recipe, memory_bytes: int, where: str) -> list[str]:
+def parameter_counts(recipe: Recipe, models: dict | None = None) -> dict[str, int | None]:
+    """The parameters of the recipe's tokenizer, action model and dynamics model (`models_on_meta`, or `models` as it
+    returned them): None for a model that cannot be built on the meta device, -1 for one too large to describe."""
+    models = models_on_meta(recipe) if models is None else models
+    return {kind: m if m in (None, -1) else sum(p.numel() for p in m.parameters()) for kind, m in models.items()}
+
+
+TRAINED_IN = {"tokenizer": ("tokenizer",), "dynamics": ("action_model", "dynamics")}
+
+
+def activation_checkpointing_problems(recipe: Recipe, models: dict, where: str) -> list[str]:
+    """A stage set to checkpoint activations (train.STAGE.activation_checkpointing) whose trained models support
+    none: one sentence per stage. A model that cannot be built on the meta device is not judged here; the training
+    engine says so when its stage starts."""
+    from genie_core.nn import use_activation_checkpointing
+
+    problems = []
+    for stage, kinds in TRAINED_IN.items():
+        if not recipe.train[stage].activation_checkpointing or any(models[k] in (None, -1) for k in kinds):
+            continue
+        if not any(use_activation_checkpointing(models[k]) for k in kinds):
+            named = ", ".join(f"{kind.replace('_', ' ')} '{recipe.components[kind].name}' (package "
+                              f"{recipe.components[kind].info.owner.package})" for kind in kinds)
+            problems.append(f"{where}: train.{stage}.activation_checkpointing is true, but no model that stage "
+                            f"trains supports it ({named}); set it to false, or see CONTRIBUTING.md on run_block")
+    return problems
+
+
+def footprint_problems(recipe: Recipe, memory_bytes: int, where: str, models: dict | None = None) -> list[str]:
     """A recipe whose models could not even be trained in `memory_bytes` (their weights, gradients and optimizer
     state alone, before any activation): one sentence per problem, with the estimate."""
-    counts = parameter_counts(recipe)
+    counts = parameter_counts(recipe, models)
     huge = [kind for kind, n in counts.items() if n == -1]
     if huge:
         return [f"{where}: the {kind.replace('_', ' ')}'s sizes are too large to build at all (its tensors would "
@@ -133,12 +160,15 @@ def footprint_problems(recipe: Recipe, memory_bytes: int, where: str) -> list[st
             f"{memory_bytes / 2**30:,.1f} GiB this machine has; lower the sizes"]
 
 
-def check_fits_the_machine(recipe: Recipe) -> None:
-    """Refuses (RecipeError) a recipe whose models could not be trained in this machine's memory."""
+def check_trainable(recipe: Recipe) -> None:
+    """Refuses (RecipeError) a recipe whose models could not be trained here, before any work: models too large for
+    this machine's memory, or activation checkpointing asked of a stage whose models support none."""
     from genie_core.errors import RecipeError
     from genie_core.io.machine import memory_bytes
 
-    problems = footprint_problems(recipe, memory_bytes(recipe.run.cpu), recipe.source)
+    models = models_on_meta(recipe)
+    problems = (footprint_problems(recipe, memory_bytes(recipe.run.cpu), recipe.source, models)
+                or activation_checkpointing_problems(recipe, models, recipe.source))
     if problems:
         raise RecipeError(problems)
 

@@ -41,7 +41,7 @@ from genie_core.run.folder import RunFolder
 from genie_core.run.stages import (
     STAGE_FILE,
     STAGES,
-    check_fits_the_machine,
+    check_trainable,
     stage_fingerprint,
     stage_settings,
     upstream,
@@ -125,7 +125,7 @@ class Pipeline:
         self.resume = resume
         if redo_from is not None and redo_from not in STAGES:
             raise GenieError(f"--redo-from '{redo_from}': no such stage; stages: {', '.join(STAGES)}")
-        check_fits_the_machine(self.recipe)
+        check_trainable(self.recipe)
         run_cfg = self.recipe.run
         # One writer per run folder, held before anything is written (the recipe, the trackers' logs); under several
         # processes the main one holds it for all.
