@@ -168,7 +168,7 @@ def check_trainable(recipe: Recipe) -> None:
 
     models = models_on_meta(recipe)
     problems = (footprint_problems(recipe, memory_bytes(recipe.run.cpu), recipe.source, models)
-                or activation_checkpointing_problems(recipe, models, recipe.source))
+                + activation_checkpointing_problems(recipe, models, recipe.source))
     if problems:
         raise RecipeError(problems)
 
