@@ -10,7 +10,8 @@
 #   - the tiny recipe (shortened) end to end in fp16 (gradient scaler) with run.distributed=fsdp under torchrun
 #     (Accelerate applies FSDP only to GPU processes), and in bf16 in one plain process;
 #   - training and play throughput at the medium, paper (Appendix F) and tiny sizes, fp32 / bf16 / fp16, and at
-#     the paper's whole batch on one GPU with activation checkpointing;
+#     the paper's whole batch on one GPU with activation checkpointing, and the medium steps with their transformer
+#     stacks compiled;
 #   - kill -9 mid-stage and --resume against an uninterrupted run, in fp16 (scaler state in the checkpoint);
 #   - ST vs full spatiotemporal attention, time and memory against T at the paper tokenizer's width;
 #   - play speed (frames/s against history, cached vs uncached) at the paper's and the tiny sizes, and with the
@@ -64,6 +65,10 @@ step throughput-paper-bf16 150 $PY benchmarks/stage_throughput.py $PAPER --preci
 step throughput-paper-bf16-ckpt 240 $PY benchmarks/stage_throughput.py recipes/coinrun-paper.toml \
     data.path="$TINY_DATA" train.tokenizer.activation_checkpointing=true train.dynamics.activation_checkpointing=true \
     --precision bf16 --steps 3 --frames 2
+# The medium steps with every transformer stack through torch.compile (inductor, Triton), beside the plain bf16 row:
+# on a GPU the small steps wait on kernel launches, which compiling fuses away.
+step throughput-medium-bf16-compiled 180 $PY benchmarks/stage_throughput.py recipes/coinrun-tiny.toml $MEDIUM \
+    data.path="$TINY_DATA" --precision bf16 --steps 20 --compile
 
 step run-bf16 120 $PY -m genie_core.cli run $TINY run.mixed_precision=bf16 --out "$OUT/run-bf16"
 for run in run-bf16 run-fp16-fsdp; do

@@ -108,9 +108,9 @@ def main(argv=None) -> int:
         tok_batch = torch.rand(tok_cfg.batch_size, tok_cfg.seq_len, 3, res, res)
         dyn_batch = torch.rand(dyn_cfg.batch_size, dyn_cfg.seq_len, 3, res, res)
         consumes = {
-            "tokenizer": tok_cfg.batch_size / timed_steps(TokenizerTask(tokenizer), tok_batch, args.train_steps),
+            "tokenizer": tok_cfg.batch_size / timed_steps(TokenizerTask(tokenizer), tok_batch, args.train_steps)[0],
             "dynamics": dyn_cfg.batch_size / timed_steps(WorldModelTask(lam, dyn, tokenizer), dyn_batch,
-                                                         args.train_steps),
+                                                         args.train_steps)[0],
         }
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -31,7 +31,9 @@ def machine_line(machine: dict | None) -> str:
     if not machine:
         return "not recorded (a run from before reports kept it)"
     threads = machine["cpu_threads"]
-    device = machine["gpu"] or f"CPU ({machine['cpu_cores']} cores, {threads} thread{'s' * (threads != 1)})"
+    cpu = ", ".join(filter(None, [machine.get("cpu"), machine.get("cpu_capability")]))  # reports from before: none
+    device = machine["gpu"] or (f"CPU ({cpu + ', ' if cpu else ''}{machine['cpu_cores']} cores, "
+                                f"{threads} thread{'s' * (threads != 1)})")
     return f"{machine['machine']}, {device}; Python {machine['python']}, torch {machine['torch']}"
 
 

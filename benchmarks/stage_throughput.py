@@ -1,23 +1,25 @@
 """Training and sampling throughput of a recipe's components, measured side by side in one run.
 
     python benchmarks/stage_throughput.py recipes/coinrun-tiny.toml [KEY=VALUE ...] [--steps 30] [--warmup 3]
-        [--frames 8] [--precision bf16]
+        [--frames 8] [--precision bf16] [--compile]
     torchrun --nproc_per_node 2 benchmarks/stage_throughput.py recipes/coinrun-tiny.toml     # several processes
 
 For each training stage: optimizer steps/s and samples/s (all processes together) at the recipe's per-process
 batch, through Accelerate (DDP under torchrun, autocast under bf16/fp16, fp16 with its gradient scaler), on random
 video so no data needs building; peak memory of each stage on a GPU (on a CPU, the tokenizer stage's growth of
 the resident set); the activations a step keeps for its backward pass (counted, so the same on any device; set
-`train.*.activation_checkpointing=true` to see what checkpointing saves); the step's floating-point work (torch's
+`train.*.activation_checkpointing=true` to see what checkpointing saves; `--compile` runs every transformer stack
+through torch.compile, the warm-up steps compiling them); the step's floating-point work (torch's
 FLOP counter: matrix products and attention) and the rate it runs at, beside this machine's rate on one large
 matrix product, which says how much room the step leaves; and for play (single process):
 frames/s of the sampler from a one-frame prompt. Prints a table and saves JSON (with the machine, GPU, library
-versions and git commit) to benchmarks/results/throughput-RUNNAME-PRECISION-Nproc[-ckpt][-cuda].json.
+versions and git commit) to benchmarks/results/throughput-RUNNAME-PRECISION-Nproc[-ckpt][-compiled][-cuda].json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -39,20 +41,34 @@ from genie_core.world.model import World
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def with_compiled_stacks(task: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `task` whose trained models' transformer stacks (the submodules that declare
+    `activation_checkpointing`) run through torch.compile; the rest of a step (quantizers, losses, the frozen
+    tokenizer, the optimizer) stays eager. A copy, so that the FLOP count and play run the plain modules. Compiling
+    the whole task instead stops in dynamo inside vector-quantize-pytorch's codebook updates."""
+    task = copy.deepcopy(task)
+    for sub in task.modules():
+        if hasattr(sub, "activation_checkpointing"):
+            sub.compile(dynamic=False)
+    return task
+
+
 def timed_steps(task: torch.nn.Module, batch: torch.Tensor | tuple, steps: int, warmup: int = 3,
-                accelerator: Accelerator | None = None) -> float:
-    """Seconds per optimizer step, after `warmup` untimed steps (k-means codebook init, allocator warm-up). `batch`:
-    video, or (video, true actions) for an action model that reads them."""
+                accelerator: Accelerator | None = None) -> tuple[float, float]:
+    """(seconds per optimizer step, after `warmup` untimed steps (k-means codebook init, allocator warm-up, compiling);
+    seconds those took). `batch`: video, or (video, true actions) for an action model that reads them."""
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     model = accelerator.prepare(task)
     optimizer = accelerator.prepare(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
     batch = tuple(b.to(accelerator.device) for b in batch) if isinstance(batch, tuple) else batch.to(accelerator.device)
+    synchronize(accelerator)
+    start = time.perf_counter()
     for i in range(warmup + steps):
         if i == warmup:
             synchronize(accelerator)
-            start = time.perf_counter()
+            warmup_seconds, start = time.perf_counter() - start, time.perf_counter()
         loss, _ = model(batch)  # prepare() wrapped forward in autocast under mixed precision
         accelerator.backward(loss)
         optimizer.step()
@@ -60,7 +76,7 @@ def timed_steps(task: torch.nn.Module, batch: torch.Tensor | tuple, steps: int, 
     synchronize(accelerator)
     seconds = (time.perf_counter() - start) / steps
     accelerator.free_memory()
-    return seconds
+    return seconds, warmup_seconds
 
 
 def step_work(task: torch.nn.Module, batch: torch.Tensor | tuple, accelerator: Accelerator) -> dict:
@@ -96,11 +112,13 @@ def matmul_gflop_per_s(device: torch.device, n: int = 2048, rounds: int = 5, rep
     return best
 
 
-def synchronize(accelerator: Accelerator) -> None:
-    """GPU work is asynchronous: wait for it before reading the clock."""
+def synchronize(accelerator: Accelerator, every_process: bool = True) -> None:
+    """GPU work is asynchronous: wait for it before reading the clock, and for the other processes
+    (`every_process`) when they all time the same steps."""
     if accelerator.device.type == "cuda":
         torch.cuda.synchronize()
-    accelerator.wait_for_everyone()
+    if every_process:
+        accelerator.wait_for_everyone()
 
 
 def peak_memory_gib() -> float | None:
@@ -127,6 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=8, help="frames sampled for the play measurement")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="fp16 (with a gradient scaler) needs a GPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the transformer stacks through torch.compile (compiled in the warm-up steps)")
     args = parser.parse_args(argv)
     if args.precision == "fp16" and not torch.cuda.is_available():
         parser.error("--precision fp16: needs a GPU (fp16 training runs with a gradient scaler on CUDA); "
@@ -149,13 +169,14 @@ def main(argv=None) -> int:
     task = TokenizerTask(tokenizer)
     if tok_cfg.activation_checkpointing:
         use_activation_checkpointing(task)
-    seconds = timed_steps(task, batch, args.steps, args.warmup, accelerator)
+    seconds, warmup_seconds = timed_steps(with_compiled_stacks(task) if args.compile else task, batch, args.steps,
+                                          args.warmup, accelerator)
     # On a CPU torch counts no allocations; the growth of the process's peak resident set is the tokenizer stage's
     # (it runs first). Later stages' growth would be hidden under it, so only this row gets a CPU figure.
     memory = peak_memory_gib() or (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2**20
     rows.append({"stage": "tokenizer", "batch": list(batch.shape[:2]), "steps_per_s": 1 / seconds,
                  "samples_per_s": procs * tok_cfg.batch_size / seconds, "peak_memory_gib": memory,
-                 "parameters": sum(p.numel() for p in tokenizer.parameters()),
+                 "parameters": sum(p.numel() for p in tokenizer.parameters()), "warmup_seconds": warmup_seconds,
                  **step_work(task, batch, accelerator)})
 
     dyn_cfg = recipe.train["dynamics"]
@@ -175,11 +196,12 @@ def main(argv=None) -> int:
     task = WorldModelTask(action_model, dynamics, tokenizer.to(accelerator.device))
     if dyn_cfg.activation_checkpointing:
         use_activation_checkpointing(task)
-    seconds = timed_steps(task, batch, args.steps, args.warmup, accelerator)
+    seconds, warmup_seconds = timed_steps(with_compiled_stacks(task) if args.compile else task, batch, args.steps,
+                                          args.warmup, accelerator)
     rows.append({"stage": "lam+dynamics", "batch": [dyn_cfg.batch_size, dyn_cfg.seq_len], "steps_per_s": 1 / seconds,
                  "samples_per_s": procs * dyn_cfg.batch_size / seconds, "peak_memory_gib": peak_memory_gib(),
                  "parameters": sum(p.numel() for m in (action_model, dynamics) for p in m.parameters()),
-                 **step_work(task, batch, accelerator)})
+                 "warmup_seconds": warmup_seconds, **step_work(task, batch, accelerator)})
     for row in rows:
         row["gflop_per_s"] = row["gflop_per_step"] * row["steps_per_s"]
         row["share_of_matmul_rate"] = row["gflop_per_s"] / peak_rate
@@ -196,10 +218,10 @@ def main(argv=None) -> int:
         torch.cuda.reset_peak_memory_stats()
     with accelerator.autocast():
         world.rollout(prompt, actions[:, :1], generator)  # warm-up
-        synchronize(accelerator)
+        synchronize(accelerator, every_process=False)  # play: the main process alone, the others are done
         start = time.perf_counter()
         world.rollout(prompt, actions, generator)
-        synchronize(accelerator)
+        synchronize(accelerator, every_process=False)
     seconds = time.perf_counter() - start
     steps = getattr(c["sampler"].config, "steps", None)
     steps_shown = f", {steps} steps" if steps else ""
@@ -220,9 +242,11 @@ def main(argv=None) -> int:
     print(f"one 2048x2048 float32 matrix product on {device.type}: {peak_rate:.1f} GFLOP/s")
     RESULTS.mkdir(exist_ok=True)
     checkpointing = any(recipe.train[stage].activation_checkpointing for stage in ("tokenizer", "dynamics"))
-    suffix = ("-ckpt" if checkpointing else "") + ("-cuda" if device.type == "cuda" else "")
+    suffix = ("-ckpt" if checkpointing else "") + ("-compiled" if args.compile else "") + (
+        "-cuda" if device.type == "cuda" else "")
     out = RESULTS / f"throughput-{recipe.run.name}-{args.precision}-{procs}proc{suffix}.json"
     out.write_text(json.dumps({"recipe": str(args.recipe), "overrides": args.overrides, "precision": args.precision,
+                               "compiled": args.compile,
                                "processes": procs, "environment": environment(), "matmul_gflop_per_s": peak_rate,
                                "rows": rows}, indent=2))
     print(f"saved {out}")

@@ -122,7 +122,7 @@ def test_sampler_front_scores_every_setting_and_picks_the_fastest_good_one(playe
     assert [(r["order"], r["steps"]) for r in rows] == [("confidence", 1), ("confidence", 2), ("random", 1),
                                                           ("random", 2)]
     assert len({json.dumps(r["copy_prompt_psnr_db"]) for r in rows}) == 1  # the same windows for every setting
-    assert all(r["frames_per_s"] > 0 and r["dtpsnr_db"]["n"] == 4 for r in rows)
+    assert all(r["frames_per_s"] > 0 and r["sustained_frames_per_s"] > 0 and r["dtpsnr_db"]["n"] == 4 for r in rows)
     # One greedy step reveals every token at once: the order cannot matter there.
     assert rows[0]["dynamics_psnr_db"] == rows[2]["dynamics_psnr_db"]
     for key in ("dynamics_psnr_db", "dtpsnr_db"):  # window by window against the best setting
@@ -294,6 +294,8 @@ def test_readme_numbers_come_from_the_run(played_run, tmp_path):
     assert f"| dynamics PSNR at t=4, inferred actions | {world['mean']:.2f} ± {world['ci95']:.2f} dB" in text
     assert "old table" not in text and "time per stage | data " in text and "report " in text
     assert f"torch {report['machine']['torch']}" in text
+    # the CPU's vector instructions (AVX2, AVX512, ...), which set a CPU's speed as much as its core count
+    assert report["machine"]["cpu_capability"] and f"{report['machine']['cpu_capability']}, " in text
     # a file without the run's block is refused by name
     page.write_text("no blocks here\n")
     done = subprocess.run([sys.executable, str(script), str(played_run), "--update", str(page)], capture_output=True,

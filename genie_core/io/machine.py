@@ -7,8 +7,22 @@ import os
 import platform
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (Linux), else what the platform says; "" when neither says."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def describe() -> dict:
-    """Architecture, CPU threads torch uses, the GPU if one is visible, and the versions that shape the numbers."""
+    """Architecture, the CPU (its model and the widest vector instructions torch's kernels use on it: two CPUs of
+    one name can differ twofold in speed by these), the CPU threads torch uses, the GPU if one is visible, and the
+    versions that shape the numbers."""
     import torch
 
     def version(package: str) -> str | None:
@@ -17,7 +31,8 @@ def describe() -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    return {"machine": platform.machine(), "processor": platform.processor(), "cpu_cores": os.cpu_count(),
+    return {"machine": platform.machine(), "processor": platform.processor(), "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_cores": os.cpu_count(),
             "cpu_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__, "genie": version("genie-world")}
