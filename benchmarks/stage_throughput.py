@@ -1,7 +1,7 @@
 """Training and sampling throughput of a recipe's components, measured side by side in one run.
 
     python benchmarks/stage_throughput.py recipes/coinrun-tiny.toml [KEY=VALUE ...] [--steps 30] [--warmup 3]
-        [--frames 8] [--precision bf16] [--compile]
+        [--frames 8] [--precision bf16] [--compile] [--out DIR]
     torchrun --nproc_per_node 2 benchmarks/stage_throughput.py recipes/coinrun-tiny.toml     # several processes
 
 For each training stage: optimizer steps/s and samples/s (all processes together) at the recipe's per-process
@@ -13,7 +13,8 @@ through torch.compile, the warm-up steps compiling them); the step's floating-po
 FLOP counter: matrix products and attention) and the rate it runs at, beside this machine's rate on one large
 matrix product, which says how much room the step leaves; and for play (single process):
 frames/s of the sampler from a one-frame prompt. Prints a table and saves JSON (with the machine, GPU, library
-versions and git commit) to benchmarks/results/throughput-RUNNAME-PRECISION-Nproc[-ckpt][-compiled][-cuda].json.
+versions and git commit) to benchmarks/results/ (or --out) as
+throughput-RUNNAME-PRECISION-Nproc[-ckpt][-compiled][-cuda].json.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def main(argv=None) -> int:
                         help="fp16 (with a gradient scaler) needs a GPU")
     parser.add_argument("--compile", action="store_true",
                         help="run the transformer stacks through torch.compile (compiled in the warm-up steps)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
     if args.precision == "fp16" and not torch.cuda.is_available():
         parser.error("--precision fp16: needs a GPU (fp16 training runs with a gradient scaler on CUDA); "
@@ -240,11 +242,11 @@ def main(argv=None) -> int:
         print(f"{row['stage']:<40} {'x'.join(map(str, row['batch'])):>8} {row['steps_per_s']:>9.2f} "
               f"{row['samples_per_s']:>10.1f} {memory:>9} {work} {row['parameters']:>12,}")
     print(f"one 2048x2048 float32 matrix product on {device.type}: {peak_rate:.1f} GFLOP/s")
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     checkpointing = any(recipe.train[stage].activation_checkpointing for stage in ("tokenizer", "dynamics"))
     suffix = ("-ckpt" if checkpointing else "") + ("-compiled" if args.compile else "") + (
         "-cuda" if device.type == "cuda" else "")
-    out = RESULTS / f"throughput-{recipe.run.name}-{args.precision}-{procs}proc{suffix}.json"
+    out = args.out / f"throughput-{recipe.run.name}-{args.precision}-{procs}proc{suffix}.json"
     out.write_text(json.dumps({"recipe": str(args.recipe), "overrides": args.overrides, "precision": args.precision,
                                "compiled": args.compile,
                                "processes": procs, "environment": environment(), "matmul_gflop_per_s": peak_rate,

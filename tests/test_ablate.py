@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -274,6 +275,27 @@ def test_action_signal_tells_footage_that_shows_its_actions_from_footage_that_do
     assert shown["accuracy"] > 0.8 and shown["nmi"] > 0.5, shown
     assert hidden["nmi"] < 0.1 and hidden["accuracy"] < 0.5, hidden
     assert shown["classes_nmi"] is None  # the source declares no classes
+
+
+def test_stage_throughput_measures_both_stages_in_one_and_in_two_processes(tmp_path):
+    """benchmarks/stage_throughput.py on the smoke recipe: a row per training stage and one for play, with the
+    machine that measured them, in one process and under torchrun with two, where the main process times play alone
+    after the others are done. (Not --compile: a cold compile of even these models takes over a minute.)"""
+    script = [str(REPO / "benchmarks" / "stage_throughput.py"), str(REPO / "recipes" / "coinrun-smoke.toml"),
+              "--steps", "1", "--warmup", "1", "--frames", "1", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"1proc": [sys.executable, *script],
+            "2proc": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script]}
+    for name, cmd in runs.items():
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert done.returncode == 0, (name, done.stderr[-3000:])
+        result = json.loads((tmp_path / f"throughput-coinrun-smoke-fp32-{name}.json").read_text())
+        stages = [row["stage"] for row in result["rows"]]
+        assert stages[:2] == ["tokenizer", "lam+dynamics"] and stages[2].startswith("play"), stages
+        assert all(row["steps_per_s"] > 0 for row in result["rows"])
+        assert result["processes"] == int(name[0]) and not result["compiled"]
+        assert result["environment"]["cpu_capability"]
+        assert all(row["gflop_per_step"] > 0 and row["warmup_seconds"] > 0 for row in result["rows"][:2])
 
 
 def test_readme_numbers_come_from_the_run(played_run, tmp_path):
