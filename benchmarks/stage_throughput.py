@@ -8,10 +8,11 @@ For each training stage: optimizer steps/s and samples/s (all processes together
 batch, through Accelerate (DDP under torchrun, autocast under bf16/fp16, fp16 with its gradient scaler), on random
 video so no data needs building; peak memory of each stage on a GPU (on a CPU, the tokenizer stage's growth of
 the resident set); the activations a step keeps for its backward pass (counted, so the same on any device; set
-`train.*.activation_checkpointing=true` to see what checkpointing saves; `--compile` runs every transformer stack
-through torch.compile, the warm-up steps compiling them); the step's floating-point work (torch's
-FLOP counter: matrix products and attention) and the rate it runs at, beside this machine's rate on one large
-matrix product, which says how much room the step leaves; and for play (single process):
+`train.*.activation_checkpointing=true` to see what checkpointing saves; `--compile` trains as
+`train.*.compile=true` does, every transformer stack through torch.compile, the warm-up steps compiling them); the
+step's floating-point work (torch's FLOP counter: matrix products and attention) and the rate it runs at, beside
+this machine's rate on one large matrix product, which says how much room the step leaves; and for play (single
+process):
 frames/s of the sampler from a one-frame prompt. Prints a table and saves JSON (with the machine, GPU, library
 versions and git commit) to benchmarks/results/ (or --out) as
 throughput-RUNNAME-PRECISION-Nproc[-ckpt][-compiled][-cuda].json.
@@ -34,7 +35,7 @@ from accelerate import Accelerator
 
 from genie_core.interfaces import TokenSpec, VideoSpec
 from genie_core.io.machine import describe as describe_machine
-from genie_core.nn import saved_activation_bytes, use_activation_checkpointing
+from genie_core.nn import compile_block_stacks, saved_activation_bytes, use_activation_checkpointing
 from genie_core.recipe import load_recipe
 from genie_core.training.engine import TokenizerTask, WorldModelTask
 from genie_core.world.model import World
@@ -43,14 +44,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def with_compiled_stacks(task: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `task` whose trained models' transformer stacks (the submodules that declare
-    `activation_checkpointing`) run through torch.compile; the rest of a step (quantizers, losses, the frozen
-    tokenizer, the optimizer) stays eager. A copy, so that the FLOP count and play run the plain modules. Compiling
-    the whole task instead stops in dynamo inside vector-quantize-pytorch's codebook updates."""
+    """A copy of `task` as `train.*.compile` trains it (genie_core.nn.compile_block_stacks: the trained models'
+    transformer stacks through torch.compile; quantizers, losses, the frozen tokenizer and the optimizer eager). A
+    copy, so that the FLOP count and play run the plain modules."""
     task = copy.deepcopy(task)
-    for sub in task.modules():
-        if hasattr(sub, "activation_checkpointing"):
-            sub.compile(dynamic=False)
+    compile_block_stacks(task)
     return task
 
 
@@ -80,13 +78,19 @@ def timed_steps(task: torch.nn.Module, batch: torch.Tensor | tuple, steps: int, 
     return seconds, warmup_seconds
 
 
-def step_work(task: torch.nn.Module, batch: torch.Tensor | tuple, accelerator: Accelerator) -> dict:
+def step_work(task: torch.nn.Module, batch: torch.Tensor | tuple, accelerator: Accelerator,
+              first_pass: bool = False) -> dict:
     """One forward and backward pass of `task` (not an optimizer step): its GFLOP (matrix products and attention, as
-    torch's FLOP counter counts them) and the GiB of activations it keeps between the two."""
+    torch's FLOP counter counts them) and the GiB of activations it keeps between the two. `first_pass`: `task` has
+    not run yet (a compiled copy took the timed steps), so one uncounted pass goes first, where the codebooks take
+    their k-means initialisation, as they did in the timed warm-up."""
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = tuple(b.to(accelerator.device) for b in batch) if isinstance(batch, tuple) else batch.to(accelerator.device)
     task.to(accelerator.device).train()
+    if first_pass:
+        task(batch)[0].backward()
+        task.zero_grad(set_to_none=True)
     counter = FlopCounterMode(display=False)
     with counter, accelerator.autocast():
         (loss, _), kept = saved_activation_bytes(lambda: task(batch), task)
@@ -147,7 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="fp16 (with a gradient scaler) needs a GPU")
     parser.add_argument("--compile", action="store_true",
-                        help="run the transformer stacks through torch.compile (compiled in the warm-up steps)")
+                        help="train as train.*.compile=true does: the transformer stacks through torch.compile "
+                             "(compiled in the warm-up steps)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
     if args.precision == "fp16" and not torch.cuda.is_available():
@@ -179,7 +184,7 @@ def main(argv=None) -> int:
     rows.append({"stage": "tokenizer", "batch": list(batch.shape[:2]), "steps_per_s": 1 / seconds,
                  "samples_per_s": procs * tok_cfg.batch_size / seconds, "peak_memory_gib": memory,
                  "parameters": sum(p.numel() for p in tokenizer.parameters()), "warmup_seconds": warmup_seconds,
-                 **step_work(task, batch, accelerator)})
+                 **step_work(task, batch, accelerator, first_pass=args.compile)})
 
     dyn_cfg = recipe.train["dynamics"]
     # An action model that reads the footage's actions gets random ones, as many as procgen's buttons.
@@ -203,7 +208,7 @@ def main(argv=None) -> int:
     rows.append({"stage": "lam+dynamics", "batch": [dyn_cfg.batch_size, dyn_cfg.seq_len], "steps_per_s": 1 / seconds,
                  "samples_per_s": procs * dyn_cfg.batch_size / seconds, "peak_memory_gib": peak_memory_gib(),
                  "parameters": sum(p.numel() for m in (action_model, dynamics) for p in m.parameters()),
-                 "warmup_seconds": warmup_seconds, **step_work(task, batch, accelerator)})
+                 "warmup_seconds": warmup_seconds, **step_work(task, batch, accelerator, first_pass=args.compile)})
     for row in rows:
         row["gflop_per_s"] = row["gflop_per_step"] * row["steps_per_s"]
         row["share_of_matmul_rate"] = row["gflop_per_s"] / peak_rate

@@ -189,6 +189,10 @@ class TrainConfig:
     # twentieth of the activation memory for a fifth to a quarter more arithmetic, the same losses
     # (genie_core.nn.run_block; measured in benchmarks/README.md).
     activation_checkpointing: bool = False
+    # Run the trained models' transformer stacks through torch.compile while they train: the same losses to float
+    # rounding, at the cost of compiling in the first steps (genie_core.nn.compile_block_stacks; measured in
+    # benchmarks/README.md: it pays where a step is launch- or memory-bound and the run is long).
+    compile: bool = False
 
     def __attrs_post_init__(self):
         if self.min_lr > self.lr:

@@ -15,10 +15,12 @@
   sequence (`train.*.activation_checkpointing`): each block's activations are recomputed in the backward pass
   instead of kept, so a batch needs about one block's activations instead of the whole stack's;
   `saved_activation_bytes` measures what a step keeps for its backward pass, on any device.
+  `compile_block_stacks`: the same stacks' training forward through torch.compile (`train.*.compile`).
 """
 
 from __future__ import annotations
 
+import types
 from typing import TYPE_CHECKING
 
 import attrs
@@ -47,15 +49,40 @@ def run_block(owner: nn.Module, block: nn.Module, *args, **kwargs):
     return block(*args, **kwargs)
 
 
+def block_stacks(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, submodule) for every submodule of `module` that runs transformer blocks in sequence: those that declare
+    an `activation_checkpointing` attribute (and run their blocks through `run_block`)."""
+    return [(name, sub) for name, sub in module.named_modules() if hasattr(sub, "activation_checkpointing")]
+
+
 def use_activation_checkpointing(module: nn.Module) -> list[str]:
-    """Turns on activation checkpointing in every submodule of `module` that supports it (declares an
-    `activation_checkpointing` attribute and runs its blocks through `run_block`); returns their names."""
-    names = []
-    for name, sub in module.named_modules():
-        if hasattr(sub, "activation_checkpointing"):
-            sub.activation_checkpointing = True
-            names.append(name)
-    return names
+    """Turns on activation checkpointing in every block stack of `module` (`block_stacks`); returns their names."""
+    stacks = block_stacks(module)
+    for _, stack in stacks:
+        stack.activation_checkpointing = True
+    return [name for name, _ in stacks]
+
+
+def _forward_compiled_in_training(self, *args, **kwargs):
+    """The forward of a block stack that `compile_block_stacks` compiled."""
+    if self.training and torch.is_grad_enabled():
+        return self._compiled_forward(self, *args, **kwargs)
+    return type(self).forward(self, *args, **kwargs)
+
+
+def compile_block_stacks(module: nn.Module, **torch_compile_options) -> list[str]:
+    """Runs the forward of every block stack of `module` (`block_stacks`) through torch.compile while it trains (in
+    train mode, gradients recorded); returns their names. Evaluation, validation and sampling keep the eager forward:
+    each of their modes and shapes would compile again, for a few calls. What is compiled is the stacks alone: the
+    quantizers (vector-quantize-pytorch's codebook updates stop dynamo), losses and optimizer stay eager. Weights
+    and state_dict keys are unchanged, so a checkpoint loads either way."""
+    stacks = block_stacks(module)
+    for _, stack in stacks:
+        if "forward" not in vars(stack):  # not compiled yet
+            stack._compiled_forward = torch.compile(type(stack).forward,
+                                                    **({"dynamic": False} | torch_compile_options))
+            stack.forward = types.MethodType(_forward_compiled_in_training, stack)  # a copy of the module rebinds it
+    return [name for name, _ in stacks]
 
 
 def saved_activation_bytes(step, module: nn.Module | None = None):

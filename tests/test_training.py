@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -255,12 +256,19 @@ def test_tiny_recipe_on_two_processes(tmp_path):
         assert result.stdout.count(line) == 1, (line, result.stdout)
 
 
-def test_activation_checkpointing_trains_the_same_run(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def plain_smoke_run(tmp_path_factory):
+    """The smoke recipe's run with every speed and memory option off: what a run with any of them must match."""
+    plain = tmp_path_factory.mktemp("plain") / "run"
+    assert main(["run", SMOKE, "run.trackers=none", "--out", str(plain)]) == 0
+    return plain
+
+
+def test_activation_checkpointing_trains_the_same_run(tmp_path, capsys, plain_smoke_run):
     """train.*.activation_checkpointing recomputes the blocks' activations in the backward pass: every logged loss,
     metric and validation score of both stages is the one the run without it logs, and the stages' fingerprints
     are the same, so a run may turn it on or off and resume."""
-    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
-    assert main(["run", SMOKE, "run.trackers=none", "--out", str(plain)]) == 0
+    plain, checkpointed = plain_smoke_run, tmp_path / "checkpointed"
     capsys.readouterr()
     assert main(["run", SMOKE, "run.trackers=none", "train.tokenizer.activation_checkpointing=true",
                  "train.dynamics.activation_checkpointing=true", "--out", str(checkpointed)]) == 0
@@ -272,6 +280,78 @@ def test_activation_checkpointing_trains_the_same_run(tmp_path, capsys):
         assert log_rows(checkpointed, stage) == log_rows(plain, stage)
         assert (json.loads((checkpointed / stage / "stage.json").read_text())["fingerprint"]
                 == json.loads((plain / stage / "stage.json").read_text())["fingerprint"])
+
+
+def test_compile_trains_the_same_run(tmp_path, capsys, plain_smoke_run):
+    """train.*.compile runs the trained stacks through torch.compile (here the LAM + dynamics stage's three): every
+    logged loss, metric and validation score is the plain run's to float rounding, and the stage's fingerprint is
+    the same, so a run may turn it on or off and resume. (The tokenizer stage's stacks are the same class.)"""
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    plain, compiled = plain_smoke_run, tmp_path / "compiled"
+    capsys.readouterr()
+    assert main(["run", SMOKE, "run.trackers=none", "train.dynamics.compile=true", "--out", str(compiled)]) == 0
+    out = capsys.readouterr().out
+    assert ("lam+dynamics: torch.compile of dynamics.transformer, action_model.encoder, action_model.decoder "
+            "(compiling in the first steps)") in out
+    assert "torch.compile" not in out.split("lam+dynamics:")[0]  # the tokenizer stage was left as it was
+    for stage in ("tokenizer", "dynamics"):
+        rows, expected = log_rows(compiled, stage), log_rows(plain, stage)
+        assert [row.keys() for row in rows] == [row.keys() for row in expected]
+        for row, want in zip(rows, expected):
+            assert row == pytest.approx(want, rel=1e-4), stage
+        assert (json.loads((compiled / stage / "stage.json").read_text())["fingerprint"]
+                == json.loads((plain / stage / "stage.json").read_text())["fingerprint"])
+
+
+def test_compiled_stacks_compile_for_training_only():
+    """compile_block_stacks: a stack compiles once, for its training forward; evaluation and a forward without
+    gradients (validation, sampling) run the eager code, exactly as before. The weights' names are unchanged (a
+    checkpoint loads either way), and a copy of a compiled stack runs its own weights."""
+    import copy
+
+    from genie_core.nn import STTransformer, compile_block_stacks
+
+    graphs = []
+
+    def counting_backend(graph, _example_inputs):  # dynamo's graphs, run as traced: no compiler needed to count
+        graphs.append(graph)
+        return graph.forward
+
+    torch.manual_seed(0)
+    stack = STTransformer(dim=16, depth=1, heads=2)
+    plain = copy.deepcopy(stack)
+    names = stack.state_dict().keys()
+    assert compile_block_stacks(torch.nn.ModuleDict({"stack": stack}), backend=counting_backend) == ["stack"]
+    assert stack.state_dict().keys() == names
+    x = torch.rand(2, 3, 4, 16)
+    stack(x).sum().backward()
+    stack(x)
+    assert len(graphs) == 1  # compiled once, and run again from the cache
+    stack.eval()
+    plain.eval()
+    assert torch.equal(stack(x), plain(x))
+    stack.train()
+    plain.train()
+    with torch.no_grad():
+        assert torch.equal(stack(x), plain(x))
+    assert len(graphs) == 1
+    twin = copy.deepcopy(stack)
+    with torch.no_grad():
+        twin.norm.bias.fill_(1.0)
+    assert twin.forward.__self__ is twin
+    assert not torch.equal(twin(x), stack(x))
+
+
+def test_compile_without_a_cpp_compiler_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """torch.compile builds its CPU kernels with a C++ compiler: a CPU run asked to compile where there is none is
+    refused up front, naming the key, not stopped by a compiler error at its first step."""
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    out = tmp_path / "run"
+    assert main(["run", SMOKE, "run.cpu=true", "train.dynamics.compile=true", "--out", str(out)]) == 2
+    assert ("train.dynamics.compile is true, but torch.compile on the CPU needs a C++ compiler and none was found "
+            "(c++, g++); install one (e.g. apt-get install g++), or set it to false") in capsys.readouterr().err
+    assert not (out / "data").exists()
 
 
 def test_activation_checkpointing_without_a_model_that_supports_it_is_refused(tmp_path, capsys):
@@ -286,6 +366,9 @@ def test_activation_checkpointing_without_a_model_that_supports_it_is_refused(tm
             "'example-conv-vq' (package genie-example-plugin))") in err
     assert not (out / "data").exists()
     assert main(["validate", SMOKE, "train.dynamics.activation_checkpointing=true"]) == 0
+    assert main(["validate", SMOKE, "tokenizer.name=example-conv-vq", "train.tokenizer.compile=true"]) == 2
+    assert ("train.tokenizer.compile is true, but no model that stage trains supports it (tokenizer "
+            "'example-conv-vq' (package genie-example-plugin))") in capsys.readouterr().err
 
     class Linear(Task):
         def __init__(self):
@@ -296,9 +379,11 @@ def test_activation_checkpointing_without_a_model_that_supports_it_is_refused(tm
             return self.layer(video).mean(), {}
 
     cfg = TrainConfig(steps=1, batch_size=2, seq_len=2, warmup_steps=0, checkpoint_every=0,
-                      activation_checkpointing=True)
+                      activation_checkpointing=True, compile=True)
     capsys.readouterr()
     train(Accelerator(cpu=True), Linear(), [torch.rand(4)] * 4, cfg, 0, tmp_path / "log.jsonl", "lin",
           Checkpointing(tmp_path / "ckpt", "x"))
-    assert ("warning: lin: train.tokenizer.activation_checkpointing is true, but no model this stage trains supports "
-            "it (layer (torch.nn.modules.linear.Linear)); it trains without") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    for key in ("activation_checkpointing", "compile"):
+        assert (f"warning: lin: train.tokenizer.{key} is true, but no model this stage trains supports it (layer "
+                f"(torch.nn.modules.linear.Linear)); it trains without") in err

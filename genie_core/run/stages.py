@@ -25,7 +25,7 @@ STAGE_FILE = "stage.json"
 
 # Settings that change how a stage reports or what it costs, not what it produces.
 COSMETIC = {"log_every", "num_workers", "gif_scale", "checkpoint_every", "keep_checkpoints", "trackers",
-            "activation_checkpointing"}
+            "activation_checkpointing", "compile"}
 
 
 def stage_settings(recipe: Recipe, stage: str) -> dict:
@@ -121,22 +121,37 @@ def parameter_counts(recipe: Recipe, models: dict | None = None) -> dict[str, in
 TRAINED_IN = {"tokenizer": ("tokenizer",), "dynamics": ("action_model", "dynamics")}
 
 
-def activation_checkpointing_problems(recipe: Recipe, models: dict, where: str) -> list[str]:
-    """A stage set to checkpoint activations (train.STAGE.activation_checkpointing) whose trained models support
-    none: one sentence per stage. A model that cannot be built on the meta device is not judged here; the training
-    engine says so when its stage starts."""
-    from genie_core.nn import use_activation_checkpointing
+def block_stack_problems(recipe: Recipe, models: dict, where: str) -> list[str]:
+    """A stage set to checkpoint activations or compile (train.STAGE.activation_checkpointing, train.STAGE.compile)
+    whose trained models have no block stack to do it in: one sentence per stage and key. A model that cannot be
+    built on the meta device is not judged here; the training engine says so when its stage starts."""
+    from genie_core.nn import block_stacks
 
     problems = []
     for stage, kinds in TRAINED_IN.items():
-        if not recipe.train[stage].activation_checkpointing or any(models[k] in (None, -1) for k in kinds):
+        if any(models[k] in (None, -1) for k in kinds) or any(block_stacks(models[k]) for k in kinds):
             continue
-        if not any(use_activation_checkpointing(models[k]) for k in kinds):
-            named = ", ".join(f"{kind.replace('_', ' ')} '{recipe.components[kind].name}' (package "
-                              f"{recipe.components[kind].info.owner.package})" for kind in kinds)
-            problems.append(f"{where}: train.{stage}.activation_checkpointing is true, but no model that stage "
-                            f"trains supports it ({named}); set it to false, or see CONTRIBUTING.md on run_block")
+        named = ", ".join(f"{kind.replace('_', ' ')} '{recipe.components[kind].name}' (package "
+                          f"{recipe.components[kind].info.owner.package})" for kind in kinds)
+        for key in ("activation_checkpointing", "compile"):
+            if getattr(recipe.train[stage], key):
+                problems.append(f"{where}: train.{stage}.{key} is true, but no model that stage trains supports it "
+                                f"({named}); set it to false, or see CONTRIBUTING.md on run_block")
     return problems
+
+
+def compiler_problems(recipe: Recipe, where: str) -> list[str]:
+    """A stage set to compile (train.STAGE.compile) on a CPU with no C++ compiler, which torch.compile's CPU kernels
+    are built with: one sentence per stage, before any work rather than a compiler error at the first step."""
+    import shutil
+
+    import torch
+
+    if not (recipe.run.cpu or not torch.cuda.is_available()) or shutil.which("c++") or shutil.which("g++"):
+        return []
+    return [f"{where}: train.{stage}.compile is true, but torch.compile on the CPU needs a C++ compiler and none was "
+            f"found (c++, g++); install one (e.g. apt-get install g++), or set it to false"
+            for stage in TRAINED_IN if recipe.train[stage].compile]
 
 
 def footprint_problems(recipe: Recipe, memory_bytes: int, where: str, models: dict | None = None) -> list[str]:
@@ -162,13 +177,14 @@ def footprint_problems(recipe: Recipe, memory_bytes: int, where: str, models: di
 
 def check_trainable(recipe: Recipe) -> None:
     """Refuses (RecipeError) a recipe whose models could not be trained here, before any work: models too large for
-    this machine's memory, or activation checkpointing asked of a stage whose models support none."""
+    this machine's memory, activation checkpointing or compiling asked of a stage whose models support neither, or
+    compiling on a CPU with no C++ compiler."""
     from genie_core.errors import RecipeError
     from genie_core.io.machine import memory_bytes
 
     models = models_on_meta(recipe)
     problems = (footprint_problems(recipe, memory_bytes(recipe.run.cpu), recipe.source, models)
-                + activation_checkpointing_problems(recipe, models, recipe.source))
+                + block_stack_problems(recipe, models, recipe.source) + compiler_problems(recipe, recipe.source))
     if problems:
         raise RecipeError(problems)
 

@@ -20,7 +20,7 @@ import torch
 from genie_core.capabilities import CachedDynamics
 from genie_core.errors import GenieError
 from genie_core.interfaces import DataSpec
-from genie_core.nn import saved_activation_bytes, use_activation_checkpointing
+from genie_core.nn import compile_block_stacks, saved_activation_bytes, use_activation_checkpointing
 from genie_core.registry import Registry, get_registry
 from genie_core.testing import TINY_VIDEO, build, names, token_spec, tokens_and_actions, video
 
@@ -79,6 +79,33 @@ def same_training_step_with_activation_checkpointing(module, loss_fn) -> None:
     assert kept_b < kept_a, (kept_a, kept_b)
 
 
+def same_training_step_compiled(module, loss_fn) -> None:
+    """train.*.compile changes what a step costs, not what it computes: a copy of `module` with its block stacks
+    through torch.compile gives the same loss and the same gradient for every weight. The kit traces with dynamo and
+    AOT autograd as training does, then runs the traced graphs as they are (backend "aot_eager"), which keeps it
+    fast: no kernels are generated. Skipped for a component that has no block stack."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    plain, compiled = copy.deepcopy(module).train(), copy.deepcopy(module).train()
+    torch._dynamo.reset()  # every component's stacks compile afresh, not from another's cache entries
+    traced = CompileCounterWithBackend("aot_eager")
+    if not compile_block_stacks(compiled, backend=traced):
+        pytest.skip(f"{type(module).__name__} has no block stack to compile")
+
+    def step(model):
+        torch.manual_seed(0)
+        loss = loss_fn(model)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    (loss_a, grads_a), (loss_b, grads_b) = step(plain), step(compiled)
+    assert traced.frame_count > 0  # the step ran through the compiled stacks
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6), (loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name, grad in grads_a.items():
+        assert torch.allclose(grad, grads_b[name], rtol=1e-4, atol=1e-6), name
+
+
 # ------------------------------------------------------------------------------------------------ tokenizers
 
 
@@ -130,9 +157,18 @@ def tokenizer_causal_in_time(name):
     assert torch.allclose(tok.decode(tx)[:, :3], tok.decode(ty)[:, :3], atol=1e-6)
 
 
-def tokenizer_activation_checkpointing_keeps_the_step(name):
+def _tokenizer_training_step(name):
+    """A tiny tokenizer and its training loss on a tiny video."""
     x = video()
-    same_training_step_with_activation_checkpointing(build("tokenizer", name, TINY_VIDEO), lambda m: m.loss(x).loss)
+    return build("tokenizer", name, TINY_VIDEO), lambda m: m.loss(x).loss
+
+
+def tokenizer_activation_checkpointing_keeps_the_step(name):
+    same_training_step_with_activation_checkpointing(*_tokenizer_training_step(name))
+
+
+def tokenizer_compile_keeps_the_step(name):
+    same_training_step_compiled(*_tokenizer_training_step(name))
 
 
 def tokenizer_overfits_one_batch(name):
@@ -192,11 +228,20 @@ def action_model_causal_in_time(name):
     assert torch.allclose(recon_x[:, :3], recon_y[:, :3], atol=1e-5)
 
 
-def action_model_activation_checkpointing_keeps_the_step(name):
+def _action_model_training_step(name):
+    """A tiny action model and its training loss on a tiny video (with its true actions, for one that reads them)."""
     lam = build("action_model", name, TINY_VIDEO)
     x = video()
     given = lam.true_action_inputs(true_actions(x))
-    same_training_step_with_activation_checkpointing(lam, lambda m: m.loss(x, **given).loss)
+    return lam, lambda m: m.loss(x, **given).loss
+
+
+def action_model_activation_checkpointing_keeps_the_step(name):
+    same_training_step_with_activation_checkpointing(*_action_model_training_step(name))
+
+
+def action_model_compile_keeps_the_step(name):
+    same_training_step_compiled(*_action_model_training_step(name))
 
 
 def action_model_overfits_one_batch(name):
@@ -257,11 +302,19 @@ def dynamics_action_t_steers_frame_t_plus_1(name):
     assert not torch.allclose(a[:, k + 1], b[:, k + 1])
 
 
-def dynamics_activation_checkpointing_keeps_the_step(name):
+def _dynamics_training_step(name):
+    """A tiny dynamics model and its training loss on random tokens and actions, masks drawn from a fixed seed."""
     tokens, actions = tokens_and_actions()
-    same_training_step_with_activation_checkpointing(
-        build("dynamics", name, token_spec()),
-        lambda m: m.loss(tokens, actions, torch.Generator().manual_seed(0)).loss)
+    return (build("dynamics", name, token_spec()),
+            lambda m: m.loss(tokens, actions, torch.Generator().manual_seed(0)).loss)
+
+
+def dynamics_activation_checkpointing_keeps_the_step(name):
+    same_training_step_with_activation_checkpointing(*_dynamics_training_step(name))
+
+
+def dynamics_compile_keeps_the_step(name):
+    same_training_step_compiled(*_dynamics_training_step(name))
 
 
 def dynamics_overfits_one_batch(name):
@@ -400,13 +453,13 @@ def policy_acts_within_its_actions_and_repeats_under_a_seed(name):
 CHECKS = {
     "tokenizer": [tokenizer_shapes_and_dtypes, tokenizer_deterministic_under_seed,
                   tokenizer_round_trip_matches_training_path, tokenizer_causal_in_time, tokenizer_overfits_one_batch,
-                  tokenizer_activation_checkpointing_keeps_the_step],
+                  tokenizer_activation_checkpointing_keeps_the_step, tokenizer_compile_keeps_the_step],
     "action_model": [action_model_shapes_and_dtypes, action_model_deterministic_under_seed,
                      action_model_causal_in_time, action_model_overfits_one_batch,
-                     action_model_activation_checkpointing_keeps_the_step],
+                     action_model_activation_checkpointing_keeps_the_step, action_model_compile_keeps_the_step],
     "dynamics": [dynamics_shapes_and_dtypes, dynamics_deterministic_under_seed, dynamics_causal_in_time,
                  dynamics_action_t_steers_frame_t_plus_1, dynamics_overfits_one_batch,
-                 dynamics_activation_checkpointing_keeps_the_step],
+                 dynamics_activation_checkpointing_keeps_the_step, dynamics_compile_keeps_the_step],
     "source": [source_contract],
     "policy": [policy_acts_within_its_actions_and_repeats_under_a_seed],
 }

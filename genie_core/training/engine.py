@@ -28,7 +28,7 @@ from genie_core.config import DynamicsTrainConfig, TrainConfig
 from genie_core.errors import GenieError, TrainingDiverged, first_line
 from genie_core.interfaces import DynamicsModel, LatentActionModel, VideoTokenizer
 from genie_core.io.log import say
-from genie_core.nn import use_activation_checkpointing
+from genie_core.nn import compile_block_stacks, use_activation_checkpointing
 from genie_core.run.folder import CHECKPOINT_STATE, complete_checkpoints
 from genie_core.world.components import DAMAGE
 
@@ -125,15 +125,15 @@ class WorldModelTask(Task):
         return lam_collapse(metrics)  # (a frozen LAM logs no usage: nothing to say)
 
 
-def _checkpoint_activations(task: Task, cfg: TrainConfig, desc: str) -> None:
-    """train.*.activation_checkpointing: on in every trained model's block stacks that support it. A recipe whose
-    stage supports none is refused before any work (run.stages.check_trainable); a model it could not judge there,
-    or one phase of a stage (the LAM trained alone), may still support none: said, and trained without."""
-    stacks = use_activation_checkpointing(task)
+def _in_block_stacks(task: Task, cfg: TrainConfig, desc: str, key: str, use, done: str) -> None:
+    """train.*.activation_checkpointing and train.*.compile: `use(task)` on every trained model's block stacks. A
+    recipe whose stage has none is refused before any work (run.stages.check_trainable); a model it could not judge
+    there, or one phase of a stage (the LAM trained alone), may still have none: said, and trained without."""
+    stacks = use(task)
     if stacks:
-        say(f"{desc}: activation checkpointing in {', '.join(stacks)}")
+        say(f"{desc}: {done.format(', '.join(stacks))}")
         return
-    key = f"train.{'dynamics' if isinstance(cfg, DynamicsTrainConfig) else 'tokenizer'}.activation_checkpointing"
+    key = f"train.{'dynamics' if isinstance(cfg, DynamicsTrainConfig) else 'tokenizer'}.{key}"
     models = ", ".join(f"{name} ({type(m).__module__}.{type(m).__qualname__})" for name, m in task.named_children())
     say(f"warning: {desc}: {key} is true, but no model this stage trains supports it ({models}); it trains "
         f"without", stderr=True)
@@ -294,7 +294,11 @@ def train(accelerator: Accelerator, task: Task, dataset: torch.utils.data.Datase
         num_workers=cfg.num_workers, generator=generator,
     )
     if cfg.activation_checkpointing:
-        _checkpoint_activations(task, cfg, desc)
+        _in_block_stacks(task, cfg, desc, "activation_checkpointing", use_activation_checkpointing,
+                         "activation checkpointing in {}")
+    if cfg.compile:
+        _in_block_stacks(task, cfg, desc, "compile", compile_block_stacks,
+                         "torch.compile of {} (compiling in the first steps)")
     model = accelerator.prepare(task)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
