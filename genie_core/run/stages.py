@@ -129,14 +129,13 @@ def block_stack_problems(recipe: Recipe, models: dict, where: str) -> list[str]:
 
     problems = []
     for stage, kinds in TRAINED_IN.items():
-        if any(models[k] in (None, -1) for k in kinds) or any(block_stacks(models[k]) for k in kinds):
+        asked = [key for key in ("activation_checkpointing", "compile") if getattr(recipe.train[stage], key)]
+        if not asked or any(models[k] in (None, -1) for k in kinds) or any(block_stacks(models[k]) for k in kinds):
             continue
         named = ", ".join(f"{kind.replace('_', ' ')} '{recipe.components[kind].name}' (package "
                           f"{recipe.components[kind].info.owner.package})" for kind in kinds)
-        for key in ("activation_checkpointing", "compile"):
-            if getattr(recipe.train[stage], key):
-                problems.append(f"{where}: train.{stage}.{key} is true, but no model that stage trains supports it "
-                                f"({named}); set it to false, or see CONTRIBUTING.md on run_block")
+        problems += [f"{where}: train.{stage}.{key} is true, but no model that stage trains supports it ({named}); "
+                     f"set it to false, or see CONTRIBUTING.md on run_block" for key in asked]
     return problems
 
 
