@@ -146,7 +146,8 @@ def compiler_problems(recipe: Recipe, where: str) -> list[str]:
 
     import torch
 
-    if not (recipe.run.cpu or not torch.cuda.is_available()) or shutil.which("c++") or shutil.which("g++"):
+    on_gpu = torch.cuda.is_available() and not recipe.run.cpu
+    if on_gpu or shutil.which("c++") or shutil.which("g++"):
         return []
     return [f"{where}: train.{stage}.compile is true, but torch.compile on the CPU needs a C++ compiler and none was "
             f"found (c++, g++); install one (e.g. apt-get install g++), or set it to false"

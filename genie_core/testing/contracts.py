@@ -57,6 +57,24 @@ def overfit(module, loss_fn, steps: int = OVERFIT_STEPS, lr: float = 3e-3) -> tu
     return first, loss_fn().item()
 
 
+def _training_step(model, loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """One forward and backward pass of `model`: its loss, every weight's gradient, and the bytes autograd kept for
+    the backward pass."""
+    torch.manual_seed(0)  # the same data-dependent codebook initialisation and masks for every copy
+    loss, kept = saved_activation_bytes(lambda: loss_fn(model), model)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, kept
+
+
+def _same_loss_and_gradients(a, b) -> None:
+    """Two `_training_step` results agree: the loss, and the gradient of every weight."""
+    (loss_a, grads_a, _), (loss_b, grads_b, _) = a, b
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6), (loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name, grad in grads_a.items():
+        assert torch.allclose(grad, grads_b[name], rtol=1e-4, atol=1e-6), name
+
+
 def same_training_step_with_activation_checkpointing(module, loss_fn) -> None:
     """train.*.activation_checkpointing changes what a step costs, not what it computes: a copy of `module` with it
     on gives the same loss and the same gradient for every weight, while keeping less for the backward pass.
@@ -64,19 +82,9 @@ def same_training_step_with_activation_checkpointing(module, loss_fn) -> None:
     plain, checkpointed = copy.deepcopy(module).train(), copy.deepcopy(module).train()
     if not use_activation_checkpointing(checkpointed):
         pytest.skip(f"{type(module).__name__} supports no activation checkpointing")
-
-    def step(model):
-        torch.manual_seed(0)  # the same data-dependent codebook initialisation and masks for both
-        loss, kept = saved_activation_bytes(lambda: loss_fn(model), model)
-        loss.backward()
-        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, kept
-
-    (loss_a, grads_a, kept_a), (loss_b, grads_b, kept_b) = step(plain), step(checkpointed)
-    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6), (loss_a, loss_b)
-    assert grads_a.keys() == grads_b.keys() and grads_a
-    for name, grad in grads_a.items():
-        assert torch.allclose(grad, grads_b[name], rtol=1e-4, atol=1e-6), name
-    assert kept_b < kept_a, (kept_a, kept_b)
+    a, b = _training_step(plain, loss_fn), _training_step(checkpointed, loss_fn)
+    _same_loss_and_gradients(a, b)
+    assert b[2] < a[2], (a[2], b[2])
 
 
 def same_training_step_compiled(module, loss_fn) -> None:
@@ -91,19 +99,9 @@ def same_training_step_compiled(module, loss_fn) -> None:
     traced = CompileCounterWithBackend("aot_eager")
     if not compile_block_stacks(compiled, backend=traced):
         pytest.skip(f"{type(module).__name__} has no block stack to compile")
-
-    def step(model):
-        torch.manual_seed(0)
-        loss = loss_fn(model)
-        loss.backward()
-        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-    (loss_a, grads_a), (loss_b, grads_b) = step(plain), step(compiled)
+    a, b = _training_step(plain, loss_fn), _training_step(compiled, loss_fn)
     assert traced.frame_count > 0  # the step ran through the compiled stacks
-    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6), (loss_a, loss_b)
-    assert grads_a.keys() == grads_b.keys() and grads_a
-    for name, grad in grads_a.items():
-        assert torch.allclose(grad, grads_b[name], rtol=1e-4, atol=1e-6), name
+    _same_loss_and_gradients(a, b)
 
 
 # ------------------------------------------------------------------------------------------------ tokenizers
