@@ -11,7 +11,7 @@
 #     (Accelerate applies FSDP only to GPU processes), and in bf16 in one plain process;
 #   - training and play throughput at the medium, paper (Appendix F) and tiny sizes, fp32 / bf16 / fp16, and at
 #     the paper's whole batch on one GPU with activation checkpointing, and the medium steps with their transformer
-#     stacks compiled;
+#     stacks compiled, and those levers taking turns in one process (step_turns.py);
 #   - kill -9 mid-stage and --resume against an uninterrupted run, in fp16 (scaler state in the checkpoint);
 #   - ST vs full spatiotemporal attention, time and memory against T at the paper tokenizer's width;
 #   - play speed (frames/s against history, cached vs uncached) at the paper's and the tiny sizes, and with the
@@ -69,6 +69,9 @@ step throughput-paper-bf16-ckpt 240 $PY benchmarks/stage_throughput.py recipes/c
 # on a GPU the small steps wait on kernel launches, which compiling fuses away.
 step throughput-medium-bf16-compiled 180 $PY benchmarks/stage_throughput.py recipes/coinrun-tiny.toml $MEDIUM \
     data.path="$TINY_DATA" --precision bf16 --steps 20 --compile
+# The same levers taking turns in one process (fp32): torch's AdamW loop, the engine's fused one, compiled stacks.
+step turns-medium 150 $PY benchmarks/step_turns.py recipes/coinrun-tiny.toml $MEDIUM run.name=coinrun-medium-cuda \
+    data.path="$TINY_DATA" --variants adamw-loop,recipe,compile --rounds 6 --block 5
 
 step run-bf16 120 $PY -m genie_core.cli run $TINY run.mixed_precision=bf16 --out "$OUT/run-bf16"
 for run in run-bf16 run-fp16-fsdp; do

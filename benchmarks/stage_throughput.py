@@ -33,11 +33,12 @@ import attrs
 import torch
 from accelerate import Accelerator
 
+from genie_core.config import TrainConfig
 from genie_core.interfaces import TokenSpec, VideoSpec
 from genie_core.io.machine import describe as describe_machine
 from genie_core.nn import compile_block_stacks, saved_activation_bytes, use_activation_checkpointing
-from genie_core.recipe import load_recipe
-from genie_core.training.engine import TokenizerTask, WorldModelTask
+from genie_core.recipe import Recipe, load_recipe
+from genie_core.training.engine import TokenizerTask, WorldModelTask, adamw
 from genie_core.world.model import World
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,15 +53,43 @@ def with_compiled_stacks(task: torch.nn.Module) -> torch.nn.Module:
     return task
 
 
-def timed_steps(task: torch.nn.Module, batch: torch.Tensor | tuple, steps: int, warmup: int = 3,
+def tokenizer_stage(recipe: Recipe) -> tuple[torch.nn.Module, TokenizerTask, torch.Tensor]:
+    """The recipe's tokenizer, freshly built, its training task, and a batch of random video of the stage's shape."""
+    cfg, res, component = recipe.train["tokenizer"], recipe.data.resolution, recipe.components["tokenizer"]
+    tokenizer = component.info.cls(component.config, VideoSpec(height=res, width=res, num_frames=cfg.seq_len))
+    return tokenizer, TokenizerTask(tokenizer), torch.rand(cfg.batch_size, cfg.seq_len, 3, res, res)
+
+
+def world_stage(recipe: Recipe, tokenizer: torch.nn.Module):
+    """(action model, dynamics model, their training task on the frozen `tokenizer`, a batch of random video of the
+    stage's shape, with random true actions for an action model that reads them)."""
+    cfg, res, c = recipe.train["dynamics"], recipe.data.resolution, recipe.components
+    # An action model that reads the footage's actions gets random ones, as many as procgen's buttons.
+    true_actions = 15 if c["action_model"].info.cls.reads_true_actions else 0
+    spec = VideoSpec(height=res, width=res, num_frames=cfg.seq_len, true_actions=true_actions)
+    if c["action_model"].info.cls.needs_tokenizer:
+        spec = attrs.evolve(spec, token_vocab=tokenizer.codebook_size, token_grid=tuple(tokenizer.grid))
+    action_model = c["action_model"].info.cls(c["action_model"].config, spec)
+    action_model.use_tokenizer(tokenizer)
+    dynamics = c["dynamics"].info.cls(c["dynamics"].config, TokenSpec(
+        vocab_size=tokenizer.codebook_size, grid=tokenizer.grid, num_frames=cfg.seq_len,
+        num_actions=action_model.num_actions))
+    batch = torch.rand(cfg.batch_size, cfg.seq_len, 3, res, res)
+    if true_actions:
+        batch = (batch, torch.randint(0, true_actions, (cfg.batch_size, cfg.seq_len - 1)))
+    return action_model, dynamics, WorldModelTask(action_model, dynamics, tokenizer), batch
+
+
+def timed_steps(task: torch.nn.Module, batch: torch.Tensor | tuple, cfg: TrainConfig, steps: int, warmup: int = 3,
                 accelerator: Accelerator | None = None) -> tuple[float, float]:
-    """(seconds per optimizer step, after `warmup` untimed steps (k-means codebook init, allocator warm-up, compiling);
-    seconds those took). `batch`: video, or (video, true actions) for an action model that reads them."""
+    """(seconds per optimizer step, the stage's optimizer as the engine builds it, after `warmup` untimed steps
+    (k-means codebook init, allocator warm-up, compiling); seconds those took). `batch`: video, or (video, true
+    actions) for an action model that reads them."""
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     model = accelerator.prepare(task)
-    optimizer = accelerator.prepare(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
+    optimizer = accelerator.prepare(adamw([p for p in model.parameters() if p.requires_grad], cfg))
     batch = tuple(b.to(accelerator.device) for b in batch) if isinstance(batch, tuple) else batch.to(accelerator.device)
     synchronize(accelerator)
     start = time.perf_counter()
@@ -169,15 +198,12 @@ def main(argv=None) -> int:
     peak_rate = matmul_gflop_per_s(accelerator.device)
 
     tok_cfg = recipe.train["tokenizer"]
-    tokenizer = c["tokenizer"].info.cls(c["tokenizer"].config,
-                                        VideoSpec(height=res, width=res, num_frames=tok_cfg.seq_len))
-    batch = torch.rand(tok_cfg.batch_size, tok_cfg.seq_len, 3, res, res)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    task = TokenizerTask(tokenizer)
+    tokenizer, task, batch = tokenizer_stage(recipe)
     if tok_cfg.activation_checkpointing:
         use_activation_checkpointing(task)
-    seconds, warmup_seconds = timed_steps(with_compiled_stacks(task) if args.compile else task, batch, args.steps,
-                                          args.warmup, accelerator)
+    seconds, warmup_seconds = timed_steps(with_compiled_stacks(task) if args.compile else task, batch, tok_cfg,
+                                          args.steps, args.warmup, accelerator)
     # On a CPU torch counts no allocations; the growth of the process's peak resident set is the tokenizer stage's
     # (it runs first). Later stages' growth would be hidden under it, so only this row gets a CPU figure.
     memory = peak_memory_gib() or (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2**20
@@ -187,24 +213,11 @@ def main(argv=None) -> int:
                  **step_work(task, batch, accelerator, first_pass=args.compile)})
 
     dyn_cfg = recipe.train["dynamics"]
-    # An action model that reads the footage's actions gets random ones, as many as procgen's buttons.
-    true_actions = 15 if c["action_model"].info.cls.reads_true_actions else 0
-    spec = VideoSpec(height=res, width=res, num_frames=dyn_cfg.seq_len, true_actions=true_actions)
-    if c["action_model"].info.cls.needs_tokenizer:
-        spec = attrs.evolve(spec, token_vocab=tokenizer.codebook_size, token_grid=tuple(tokenizer.grid))
-    action_model = c["action_model"].info.cls(c["action_model"].config, spec)
-    action_model.use_tokenizer(tokenizer.to(accelerator.device))
-    dynamics = c["dynamics"].info.cls(c["dynamics"].config, TokenSpec(
-        vocab_size=tokenizer.codebook_size, grid=tokenizer.grid, num_frames=dyn_cfg.seq_len,
-        num_actions=action_model.num_actions))
-    batch = torch.rand(dyn_cfg.batch_size, dyn_cfg.seq_len, 3, res, res)
-    if true_actions:
-        batch = (batch, torch.randint(0, true_actions, (dyn_cfg.batch_size, dyn_cfg.seq_len - 1)))
-    task = WorldModelTask(action_model, dynamics, tokenizer.to(accelerator.device))
+    action_model, dynamics, task, batch = world_stage(recipe, tokenizer.to(accelerator.device))
     if dyn_cfg.activation_checkpointing:
         use_activation_checkpointing(task)
-    seconds, warmup_seconds = timed_steps(with_compiled_stacks(task) if args.compile else task, batch, args.steps,
-                                          args.warmup, accelerator)
+    seconds, warmup_seconds = timed_steps(with_compiled_stacks(task) if args.compile else task, batch, dyn_cfg,
+                                          args.steps, args.warmup, accelerator)
     rows.append({"stage": "lam+dynamics", "batch": [dyn_cfg.batch_size, dyn_cfg.seq_len], "steps_per_s": 1 / seconds,
                  "samples_per_s": procs * dyn_cfg.batch_size / seconds, "peak_memory_gib": peak_memory_gib(),
                  "parameters": sum(p.numel() for m in (action_model, dynamics) for p in m.parameters()),

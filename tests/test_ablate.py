@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import REPO
 
@@ -349,3 +350,30 @@ def test_long_rollout_compares_the_windows_past_the_trained_context(played_run, 
     past = result["past_context_db"]
     assert abs(result["block_minus_slide_db"]["mean"] - (past["block"]["mean"] - past["slide"]["mean"])) < 1e-4
     assert (tmp_path / "long-rollout-t.png").stat().st_size > 0
+
+
+def test_step_turns_compares_variants_of_the_same_steps_taking_turns(tmp_path):
+    """benchmarks/step_turns.py: every variant trains a copy of the same models on the same batch, in turns; each
+    gets its steps/s beside the first variant's and its warm-up losses, which a change of speed alone keeps (the
+    fused AdamW against torch's loop, float rounding; activation checkpointing, the same values). A variant it does
+    not know is refused in one line naming the choices."""
+    script = REPO / "benchmarks" / "step_turns.py"
+    done = subprocess.run([sys.executable, str(script), str(REPO / "recipes" / "coinrun-smoke.toml"),
+                           "--variants", "recipe,adamw-loop,checkpointing+adamw-foreach", "--rounds", "2",
+                           "--block", "1", "--warmup", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "turns-coinrun-smoke-recipe-vs-adamw-loop-vs-checkpointing+adamw-foreach.json")
+                        .read_text())
+    assert set(result["stages"]) == {"tokenizer", "dynamics"} and result["environment"]["cpu_capability"]
+    for stage, runs in result["stages"].items():
+        assert list(runs) == ["recipe", "adamw-loop", "checkpointing+adamw-foreach"]
+        assert runs["recipe"]["ratio_to_first"] == 1.0
+        reference = runs["recipe"]["warmup_losses"]
+        for name, run in runs.items():
+            assert len(run["steps_per_s"]) == 2 and all(rate > 0 for rate in run["steps_per_s"]), (stage, name)
+            assert run["warmup_losses"] == pytest.approx(reference, rel=1e-5), (stage, name)
+    refused = subprocess.run([sys.executable, str(script), str(REPO / "recipes" / "coinrun-smoke.toml"),
+                              "--variants", "recipe,fast"], capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert "unknown change 'fast'" in refused.stderr and "adamw-loop" in refused.stderr

@@ -20,7 +20,7 @@ from genie_core.cli import main
 from genie_core.config import TrainConfig
 from genie_core.errors import TrainingDiverged
 from genie_core.testing import TINY_VIDEO, build
-from genie_core.training.engine import Checkpointing, Task, TokenizerTask, rebuilt, train
+from genie_core.training.engine import Checkpointing, Task, TokenizerTask, adamw, rebuilt, train
 
 from conftest import REPO
 
@@ -217,6 +217,28 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
               Checkpointing(tmp_path / f"ckpt{batch}", "x"))
         weights.append(task.layer.weight.detach().clone())
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+def test_the_engine_steps_with_the_fused_adamw_and_it_makes_the_loops_update():
+    """The stage's AdamW is torch's fused one where every parameter's device has the kernel (CPU and CUDA float
+    parameters); its updates are those of torch's per-parameter loop to float rounding, over steps with weight decay
+    and both moments in play. Parameters on a device without the kernel get torch's default, not an error."""
+    cfg = TrainConfig(lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1)
+    weights = []
+    for fused in (None, False):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(8, 8)
+        optimizer = adamw(list(layer.parameters()), cfg, fused=fused)
+        assert optimizer.defaults["fused"] is (True if fused is None else None)
+        assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["weight_decay"] == 0.1
+        for step in range(5):
+            layer(torch.randn(4, 8, generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        weights.append(layer.weight.detach())
+    assert torch.allclose(weights[0], weights[1], atol=1e-6) and not torch.equal(weights[0], torch.zeros(8, 8))
+    on_meta = torch.nn.Linear(2, 2, device="meta")
+    assert adamw(list(on_meta.parameters()), cfg).defaults["fused"] is None
 
 
 def test_evaluation_split_across_processes_gives_the_same_report(tmp_path):
