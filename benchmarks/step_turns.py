@@ -165,14 +165,14 @@ def main(argv=None) -> int:
                                     args.warmup)
         first = variants[0][0]
         print(f"{stage}: {args.rounds} rounds of {args.block} steps each")
-        print(f"  {'variant':<28} {'steps/s':>8} {'x ' + first:>16} {'range':>12} {'faults':>8} {'sys ms':>7}"
-              f"  warm-up losses (per step: page faults, system time)")
+        print(f"  {'variant':<28} {'steps/s':>8} {'x ' + first:>16} {'range':>12} {'faults/step':>11} "
+              f"{'sys ms/step':>11}  warm-up losses")
         for name, run in results[stage].items():
             low, high = run["ratio_range"]
             losses = ", ".join(f"{loss:.6f}" for loss in run["warmup_losses"])
             print(f"  {name:<28} {run['median_steps_per_s']:>8.2f} {run['ratio_to_first']:>16.2f} "
-                  f"{low:>5.2f}-{high:<5.2f} {run['faults_per_step']:>8.0f} "
-                  f"{1e3 * run['system_seconds_per_step']:>7.1f}  {losses}")
+                  f"{low:>5.2f}-{high:<5.2f} {run['faults_per_step']:>11.0f} "
+                  f"{1e3 * run['system_seconds_per_step']:>11.1f}  {losses}")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"turns-{recipe.run.name}-{'-vs-'.join(name for name, _ in variants)}.json"
     out.write_text(json.dumps({"recipe": str(args.recipe), "overrides": args.overrides, "rounds": args.rounds,

@@ -1,10 +1,10 @@
 """The training engine: one loop for every stage, on Accelerate.
 
 A stage hands the engine a *task*: an nn.Module whose forward(video) returns (loss, metrics). The engine owns the
-optimizer (AdamW), the schedule (linear warm-up, then cosine from lr to min_lr, as in the paper's Appendix F), gradient
-accumulation and clipping, the NaN guard, full-state checkpoints and resume, logging (JSONL, Accelerate's trackers,
-progress bar), and the hand-off to Accelerate (`prepare`, `backward`), so that the same code runs on one CPU process
-or under `accelerate launch` on many GPUs.
+optimizer (AdamW, fused where the device has the kernel), the schedule (linear warm-up, then cosine from lr to min_lr,
+as in the paper's Appendix F), gradient accumulation and clipping, the NaN guard, full-state checkpoints and resume,
+logging (JSONL, Accelerate's trackers, progress bar), and the hand-off to Accelerate (`prepare`, `backward`), so that
+the same code runs on one CPU process or under `accelerate launch` on many GPUs.
 """
 
 from __future__ import annotations
