@@ -74,11 +74,8 @@ def variant_step(task: torch.nn.Module, changes: set[str], cfg, device: torch.de
         compile_block_stacks(task)
     params = [p for p in task.parameters() if p.requires_grad]
     attention = (lambda: sdpa_kernel(SDPBackend.MATH)) if "sdpa-math" in changes else contextlib.nullcontext
-    if "adamw-loop" in changes or "adamw-foreach" in changes:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                      weight_decay=cfg.weight_decay, foreach="adamw-foreach" in changes)
-    else:
-        optimizer = adamw(params, cfg)
+    torch_adamw = "adamw-loop" in changes or "adamw-foreach" in changes
+    optimizer = adamw(params, cfg, fused=False if torch_adamw else None, foreach="adamw-foreach" in changes)
 
     def step(batch) -> torch.Tensor:
         with attention():
@@ -120,11 +117,10 @@ def take_turns(task, batch, cfg, variants, device, rounds: int, block: int, warm
             after = resource.getrusage(resource.RUSAGE_SELF)
             run["faults"] += after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt
             run["system_seconds"] += after.ru_stime - before.ru_stime
-    first = next(iter(runs.values()))["steps_per_s"]
+    first, steps = next(iter(runs.values()))["steps_per_s"], rounds * block
     for run in runs.values():
         del run["step"]
         ratios = [mine / theirs for mine, theirs in zip(run["steps_per_s"], first)]
-        steps = rounds * block
         run |= {"faults_per_step": run.pop("faults") / steps,
                 "system_seconds_per_step": run.pop("system_seconds") / steps,
                 "median_steps_per_s": statistics.median(run["steps_per_s"]),

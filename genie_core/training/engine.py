@@ -142,15 +142,17 @@ def _in_block_stacks(task: Task, cfg: TrainConfig, desc: str, key: str, use, don
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel for float parameters
 
 
-def adamw(params: list[nn.Parameter], cfg: TrainConfig, fused: bool | None = None) -> torch.optim.AdamW:
+def adamw(params: list[nn.Parameter], cfg: TrainConfig, fused: bool | None = None,
+          foreach: bool | None = None) -> torch.optim.AdamW:
     """The stage's optimizer: AdamW with cfg's learning rate, betas and weight decay, fused where every parameter
     sits on a device that has the kernel (`fused=None`): one call updates them all, where torch's default on a CPU
     loops over the parameters with a dozen small operations each (over a thousand a step at the tiny recipe). The same
-    update up to float rounding; the optimizer state (and so a checkpoint) is the same either way."""
+    update up to float rounding; the optimizer state (and so a checkpoint) is the same either way. `fused=False`
+    gives torch's own choice, or its loop (`foreach=False`) or multi-tensor path (`foreach=True`)."""
     if fused is None:
         fused = bool(params) and all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                             fused=fused or None)
+                             fused=fused or None, foreach=None if fused else foreach)
 
 
 def lr_lambda(cfg: TrainConfig):
