@@ -11,9 +11,10 @@ C` it is built for C frames instead, and histories of C or more play with a movi
 is rebuilt before every frame; `block`: every (C - 1) // 2 frames), as long sessions do. The median passes over those
 rebuilds and a player does not: sustained frames/s is the frames over the time they all took (time a whole number of
 block periods with `--repeats`). Uncached, every MaskGIT step re-runs the whole history; cached, each frame extends the
-cache by the frame before it and every step costs one frame; `--compile` adds the cached sampler with its per-step work
-compiled by torch.compile (compile time reported apart). The speed-ups compare sampling alone and whole frames (sampling
-+ decoding). Prints a table, saves JSON and a PNG to
+cache by the frame before it and every step costs one frame (cached-apart: that frame in a pass of its own instead of
+in the first step's, the dynamics model's `defer_extend` off, to show what sharing the pass gives); `--compile` adds
+the cached sampler with its per-step work compiled by torch.compile (compile time reported apart). The speed-ups
+compare sampling alone and whole frames (sampling + decoding). Prints a table, saves JSON and a PNG to
 benchmarks/results/play-speed-RUNNAME[-contextC-WINDOW][-PRECISION][-compiled[-MODE]][-cuda].{json,png}.
 """
 
@@ -92,7 +93,9 @@ def profile(world: World, history_len: int, device) -> None:
     print(f"kernel launches in one frame: {sum(e.count for e in prof.key_averages() if e.key == 'cudaLaunchKernel')}")
 
 
-MODES = ("uncached", "cached", "cached+compiled")
+# "cached-apart": each finished frame extends the cache in a pass of its own (`defer_extend` off) instead of in the
+# pass of the next frame's first MaskGIT step: what running the two together gives.
+MODES = ("uncached", "cached-apart", "cached", "cached+compiled")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -141,7 +144,8 @@ def main(argv=None) -> int:
     sampler_cls, sampler_cfg = c["sampler"].info.cls, c["sampler"].config
     if "cache" not in attrs.fields_dict(type(sampler_cfg)):
         sys.exit(f"error: sampler {c['sampler'].name} has no 'cache' option to compare")
-    modes = MODES if args.compile else MODES[:2]
+    modes = [mode for mode in MODES if (args.compile or mode != "cached+compiled")
+             and (mode != "cached-apart" or hasattr(c["dynamics"].info.cls, "defer_extend"))]
     rows = []
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -158,6 +162,9 @@ def main(argv=None) -> int:
                     torch._dynamo.reset()  # a new model per history: compile afresh rather than pile up recompiles
                     model = copy.deepcopy(dynamics)
                     model.compile_cached_steps(mode=args.compile_mode)
+                elif mode == "cached-apart":
+                    model = copy.deepcopy(dynamics)
+                    model.defer_extend = False
                 sampler = sampler_cls(attrs.evolve(sampler_cfg, cache=mode != "uncached"))
                 world = World(tokenizer, action_model, model, sampler,
                               attrs.evolve(recipe.world, window=args.window))

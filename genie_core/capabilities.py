@@ -28,7 +28,8 @@ class CachedDynamics(Protocol):
 
     Promised (and checked by the contract tests): `next_frame_logits(prefill(h, a), frame, action, mask)` equals the
     last frame's logits of `forward` on the history followed by that frame; `extend(cache, frame, action)` leaves
-    the cache as `prefill` of the longer history would; neither changes its inputs."""
+    the cache as `prefill` of the longer history would, as far as later logits can tell (it may defer the work to
+    the next `next_frame_logits` and run both in one pass); neither changes its inputs."""
 
     def prefill(self, history: torch.Tensor, actions: torch.Tensor) -> Any:
         """history [B, t, h, w] and the actions between its frames [B, t - 1] -> a cache of them."""

@@ -4,7 +4,8 @@
   then causal temporal attention across frames at every token position, then an MLP. Cost is linear in T for the
   dominant spatial part. Attention and MLP layers come from timm (fused SDPA attention, optional QK-norm).
   Past frames never see later ones, so their temporal keys and values can be kept: `prefill` runs the history once
-  and returns them (`FrameCache`), `next_frame` runs one more frame against them (cached sampling).
+  and returns them (`FrameCache`), `next_frame` runs one more frame against them (cached sampling), and
+  `next_frame_tensors` any few more frames in one pass.
 - `FullSTTransformer`: full spatiotemporal attention over all T*N tokens, causal in time (C-ViViT's); quadratic in
   T*N. `AttentionBlock` is its block, also used with plain causal order by the autoregressive dynamics model.
 - `Quantizer`: the one adapter over vector-quantize-pytorch that every tokenizer and action model uses; the
@@ -149,8 +150,8 @@ class STBlock(nn.Module):
     def run(self, x: torch.Tensor, with_past=None):
         """The block, with its temporal attention written out for cached sampling. Returns the output and this
         block's temporal keys and values of x's frames (None without temporal attention). With `with_past`, x is
-        one frame that follows earlier ones: with_past(k, v) gives the keys and values of those and of x, and a bool
-        mask [1, S] of the ones to attend to."""
+        one frame, or a few, that follow earlier ones: with_past(k, v) gives the keys and values of those and of x,
+        and a bool mask [F, S] of the ones each of x's F frames attends to."""
         b, t, n, d = x.shape
         x = x + self.spatial(self.norm_spatial(x).reshape(b * t, n, d)).reshape(b, t, n, d)
         kv = None
@@ -159,7 +160,7 @@ class STBlock(nn.Module):
             kv = (k, v)
             if with_past is None:
                 y = _attend(self.temporal, q, k, v, is_causal=True)
-            else:  # the new frame sees every earlier frame and itself
+            else:  # each new frame sees every earlier frame and itself
                 k, v, visible = with_past(k, v)
                 y = _attend(self.temporal, q, k, v, mask=visible)
             x = x + y.reshape(b, n, t, d).transpose(1, 2)
@@ -182,10 +183,14 @@ def _attend(attention: Attention, q, k, v, is_causal: bool = False, mask: torch.
 
 class FrameCache:
     """Per block, the temporal keys and values of the frames run so far, in buffers of fixed room
-    ([B*N, heads, capacity, hd] each). A new frame is written in place at `slot` and attention reads the whole buffer
-    under a mask of the filled slots, so every step of a frame runs the same shapes on the same tensors (what
+    ([B*N, heads, capacity, hd] each). New frames are written in place from `slot` on and attention reads the whole
+    buffer under a mask of the filled slots, so every step of a frame runs the same shapes on the same tensors (what
     torch.compile and CUDA graphs need: nothing is re-traced or re-captured from frame to frame). The room doubles
-    only when a committed frame fills it."""
+    only when a committed frame fills it.
+
+    `deferred` holds a model's inputs for finished frames it was asked to add but has not run yet (opaque to the
+    cache): a model may run them together with its next step, one pass of a few frames instead of a pass for each,
+    which on a small model costs little more than one (its time goes to streaming weights and per-call overhead)."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], capacity: int = 0):
         """keys and values [B*N, heads, T, hd] per block; room for `capacity` frames (at least T + 1)."""
@@ -195,6 +200,7 @@ class FrameCache:
         self.values = [self._room(v, self.capacity) for v in values]
         self.slot = torch.tensor(self.frames, device=keys[0].device)  # where the next frame goes, as a tensor
         self._slots = torch.arange(self.capacity, device=keys[0].device)
+        self.deferred: list = []
 
     @staticmethod
     def _room(x: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -202,15 +208,22 @@ class FrameCache:
         buffer[:, :, : x.shape[2]] = x
         return buffer
 
-    def visible(self) -> torch.Tensor:
-        """Bool [1, capacity]: the slots the next frame attends to (the cached frames and its own)."""
-        return (self._slots <= self.slot)[None]
+    def next_slots(self, frames: int = 1) -> torch.Tensor:
+        """The slots of the next `frames` frames after the cached ones, [frames], as a tensor."""
+        return self.slot + torch.arange(frames, device=self.slot.device)
+
+    def visible(self, frames: int = 1) -> torch.Tensor:
+        """Bool [frames, capacity]: the slots each of the next `frames` frames attends to (the cached frames, the new
+        ones before it, and its own)."""
+        return self._slots[None] <= self.next_slots(frames)[:, None]
 
     def with_next(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block's key and value buffers with one more frame's (k, v [B*N, heads, 1, hd]) written into the slot
-        after the cached frames (overwritten by the next call until `commit`). Read them under `visible()`."""
-        self.keys[block].index_copy_(2, self.slot.view(1), k)
-        self.values[block].index_copy_(2, self.slot.view(1), v)
+        """The block's key and value buffers with the next frames' (k, v [B*N, heads, F, hd]) written into the F
+        slots after the cached frames (overwritten by the next call until `commit`). Read them under `visible(F)`.
+        The room must be there: capacity >= frames + F."""
+        slots = self.next_slots(k.shape[2])
+        self.keys[block].index_copy_(2, slots, k)
+        self.values[block].index_copy_(2, slots, v)
         return self.keys[block], self.values[block]
 
     def refill(self, other: "FrameCache") -> bool:
@@ -223,12 +236,12 @@ class FrameCache:
             return False
         for a, b in zip(mine, theirs):
             a.copy_(b)
-        self.frames = other.frames
+        self.frames, self.deferred = other.frames, list(other.deferred)
         self.slot.copy_(other.slot)
         return True
 
     def commit(self) -> None:
-        """The frame last written by `with_next` joins the cached frames."""
+        """The first frame last written by `with_next` joins the cached frames (any after it stay uncommitted)."""
         self.frames += 1
         self.slot += 1
         if self.frames == self.capacity:  # full: double the room of every block
@@ -277,8 +290,10 @@ class STTransformer(nn.Module):
 
     def next_frame_tensors(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         """`next_frame` without its checks and its commit: tensor work only, the same every step (what a compiled
-        or graph-captured step runs)."""
-        visible = cache.visible()
+        or graph-captured step runs). x may hold a few frames [B, F, N, D] that follow the cached ones, run in one
+        pass: each sees the cache and those before it, as `forward` would, and their keys and values fill the F
+        slots after the cached frames (`commit` keeps the first). The cache must have room for them."""
+        visible = cache.visible(x.shape[1])
         for i, block in enumerate(self.blocks):
             x, _ = block.run(x, lambda k, v, i=i: (*cache.with_next(i, k, v), visible))
         return self.norm(x)
@@ -293,10 +308,11 @@ class SpaceTimePositions(nn.Module):
         self.temporal = nn.Parameter(torch.randn(max_frames, dim) * 0.02)
 
     def forward(self, x: torch.Tensor, first_frame: int | torch.Tensor = 0) -> torch.Tensor:
-        """x holds frames first_frame, first_frame + 1, ... of a sequence. A tensor first_frame (a cache's slot; x
-        then holds one frame) is read as a tensor: nothing for a compiled step to specialise on."""
+        """x holds frames first_frame, first_frame + 1, ... of a sequence. A tensor first_frame (a cache's slot) is
+        read as a tensor: nothing for a compiled step to specialise on."""
         if isinstance(first_frame, torch.Tensor):
-            return x + self.spatial[None, None] + self.temporal.index_select(0, first_frame.view(1))[None, :, None]
+            frames = first_frame.view(1) + torch.arange(x.shape[1], device=first_frame.device)
+            return x + self.spatial[None, None] + self.temporal.index_select(0, frames)[None, :, None]
         end = first_frame + x.shape[1]
         if end > self.temporal.shape[0]:
             raise ValueError(f"sequence of {end} frames is longer than the {self.temporal.shape[0]} this model was "

@@ -96,7 +96,12 @@ class MaskGITDynamics(DynamicsModel):
             x = x[:, :, 1:]  # the action token is read, never predicted
         return self.head(x).reshape(x.shape[0], x.shape[1], *grid, -1)
 
-    # Cached sampling: the history runs once, then every MaskGIT step and every finished frame costs one frame.
+    # Cached sampling: the history runs once, then every MaskGIT step costs one frame. A finished frame waits in the
+    # cache (`extend`) and runs in the same pass as the next frame's first step: two frames in one pass cost a small
+    # model little more than one (its time goes to streaming weights and per-call overhead, more so on a GPU, where a
+    # pass is bound by its kernel launches), so a frame of 2 MaskGIT steps takes two passes, not three.
+    defer_extend = True  # False: extend runs the frame at once, in a pass of its own (benchmarks compare the two)
+
     def prefill(self, history: torch.Tensor, actions: torch.Tensor) -> FrameCache:
         """history [B, t, h, w] and the actions between its frames [B, t - 1] -> their temporal keys and values."""
         x = self._frames(history, None, self._incoming(actions))
@@ -105,21 +110,43 @@ class MaskGITDynamics(DynamicsModel):
     def next_frame_logits(self, cache: FrameCache, frame: torch.Tensor, action: torch.Tensor,
                           mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, h, w, V] of the frame after the cached history, given its tokens [B, h, w] (hidden where
-        `mask`) and the action leading to it [B]: what forward() gives for the last frame, at one frame's cost."""
+        `mask`) and the action leading to it [B]: what forward() gives for the last frame, at one frame's cost (in
+        one pass with the finished frame `extend` left waiting, if there is one)."""
         self._check_room(cache)
-        return self._cached_step(cache, frame, action, mask, True)
+        frames, actions, masks = frame[:, None], action[:, None], None if mask is None else mask[:, None]
+        if not cache.deferred:
+            return self._cached_step(cache, frames, actions, masks, True)
+        done_frame, done_action = cache.deferred[0]  # given whole: nothing of it is hidden
+        logits = self._cached_step(cache, torch.cat([done_frame[:, None], frames], dim=1),
+                                   torch.cat([done_action[:, None], actions], dim=1),
+                                   None if masks is None else torch.cat([torch.zeros_like(masks), masks], dim=1), True)
+        cache.deferred.clear()
+        cache.commit()  # the finished frame; the new one stays uncommitted
+        return logits
 
     def extend(self, cache: FrameCache, frame: torch.Tensor, action: torch.Tensor) -> None:
         """Adds a finished frame [B, h, w], reached by `action` [B], to the cache: what prefill of the longer
-        history would give, at one frame's cost (no logits: nothing is predicted)."""
+        history would give. It runs with the next `next_frame_logits` (`defer_extend`), or at once at one frame's
+        cost (no logits: nothing is predicted) when another frame is already waiting or deferring is off."""
         self._check_room(cache)
-        self._cached_step(cache, frame, action, None, False)
+        if cache.deferred:
+            self._run_deferred(cache)
+        if self.defer_extend:
+            cache.deferred.append((frame.clone(), action.clone()))  # the caller's tensors may change meanwhile
+        else:
+            self._cached_step(cache, frame[:, None], action[:, None], None, False)
+            cache.commit()
+
+    def _run_deferred(self, cache: FrameCache) -> None:
+        frame, action = cache.deferred[0]
+        self._cached_step(cache, frame[:, None], action[:, None], None, False)
+        cache.deferred.clear()
         cache.commit()
 
     def _check_room(self, cache: FrameCache) -> None:
-        if cache.frames >= self.spec.num_frames:
-            raise ValueError(f"the cache holds {cache.frames} frames; this model was built for "
-                             f"{self.spec.num_frames} in all")
+        held = cache.frames + len(cache.deferred)
+        if held >= self.spec.num_frames:
+            raise ValueError(f"the cache holds {held} frames; this model was built for {self.spec.num_frames} in all")
 
     def compile_cached_steps(self, **options) -> None:
         """Compiles the per-step work of cached sampling with torch.compile (`options`: its keyword arguments, e.g.
@@ -128,11 +155,11 @@ class MaskGITDynamics(DynamicsModel):
         compiled = torch.compile(self._cached_step, dynamic=False, **options)
         graphs = options.get("mode") in ("reduce-overhead", "max-autotune")  # the modes that capture CUDA graphs
 
-        def step(cache, frame, action, mask, logits):
+        def step(cache, frames, actions, masks, logits):
             # Compiled code is guarded on its inputs' strides, and a rollout's frames and actions are slices of
-            # growing tensors: fresh copies keep every call on the one compiled graph.
+            # growing tensors: fresh copies keep every call on the one compiled graph (one per number of frames).
             fresh = [None if t is None else t.clone(memory_format=torch.contiguous_format)
-                     for t in (frame, action, mask)]
+                     for t in (frames, actions, masks)]
             if not graphs:
                 return compiled(cache, *fresh, logits)
             # A captured graph may write only into tensors whose address it can rely on: the cache's buffers (a
@@ -144,13 +171,13 @@ class MaskGITDynamics(DynamicsModel):
             return compiled(cache, *fresh, logits).clone()
         self._cached_step = step
 
-    def _cached_step(self, cache: FrameCache, frame, action, mask, logits: bool) -> torch.Tensor:
-        """One frame through the model against the cache: tensors only, the same shapes every step
-        (`compile_cached_steps` compiles it)."""
-        x = self._frames(frame[:, None], None if mask is None else mask[:, None], self.action_embed(action)[:, None],
-                         first_frame=cache.slot)
+    def _cached_step(self, cache: FrameCache, frames, actions, masks, logits: bool) -> torch.Tensor:
+        """Frames [B, F, h, w] (hidden where masks), reached by actions [B, F], through the model against the cache:
+        tensors only, the same shapes every step (`compile_cached_steps` compiles it). Returns the last frame's
+        logits [B, h, w, V], or (logits=False) the transformer's output."""
+        x = self._frames(frames, masks, self.action_embed(actions), first_frame=cache.slot)
         x = self.transformer.next_frame_tensors(x, cache)
-        return self._logits(x, frame.shape[1:])[:, 0] if logits else x
+        return self._logits(x, frames.shape[2:])[:, -1] if logits else x
 
     def loss(self, tokens, actions, generator=None):
         b = tokens.shape[0]

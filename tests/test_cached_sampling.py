@@ -50,6 +50,55 @@ def test_a_cache_extended_frame_by_frame_matches_forward_past_its_room():
     assert cache.keys[0].shape[2] >= 14
 
 
+def test_a_few_frames_after_the_cache_run_in_one_pass_as_forward_runs_them():
+    """Two and three new frames in one pass: each sees the cache, the new ones before it and itself, so their
+    outputs are forward's; `commit` keeps the first, and the next frame after it still matches forward."""
+    torch.manual_seed(0)
+    model = STTransformer(dim=32, depth=2, heads=2).eval()
+    x = torch.randn(2, 7, 6, 32)
+    full = model(x)
+    for new in (2, 3):
+        _, cache = model.prefill(x[:, :3], capacity=7)
+        with torch.no_grad():
+            out = model.next_frame_tensors(x[:, 3 : 3 + new], cache)
+        assert torch.allclose(out, full[:, 3 : 3 + new], atol=1e-5), new
+        cache.commit()
+        assert cache.frames == 4
+        assert torch.allclose(model.next_frame(x[:, 4:5], cache), full[:, 4:5], atol=1e-5)
+
+
+def test_maskgit_runs_a_finished_frame_with_the_next_step_and_gives_the_logits_it_would_alone():
+    """extend() leaves the frame waiting in the cache; the next next_frame_logits runs it and the new frame in one
+    pass (one call of the transformer, not two) and gives the logits running it alone gives. A second extend while
+    one waits runs the first alone. A waiting frame counts against the model's room."""
+    dynamics = build("dynamics", "maskgit", token_spec()).eval()
+    tokens, actions = history_and_actions(token_spec().num_frames, seed=1)
+    mask = torch.rand(tokens.shape[0], *tokens.shape[2:], generator=torch.Generator().manual_seed(2)) < 0.5
+    passes = []
+    run = dynamics.transformer.next_frame_tensors
+    dynamics.transformer.next_frame_tensors = lambda x, cache: passes.append(x.shape[1]) or run(x, cache)
+    logits = {}
+    with torch.no_grad():
+        for defer in (False, True):
+            dynamics.defer_extend = defer
+            cache = dynamics.prefill(tokens[:, :2], actions[:, :1])
+            passes.clear()
+            dynamics.extend(cache, tokens[:, 2], actions[:, 1])
+            dynamics.extend(cache, tokens[:, 3], actions[:, 2])
+            steps = [dynamics.next_frame_logits(cache, tokens[:, 4], actions[:, 3], mask) for _ in range(2)]
+            logits[defer] = (steps, list(passes), cache.frames)
+    assert logits[False][1] == [1, 1, 1, 1] and logits[True][1] == [1, 2, 1]
+    assert logits[False][2] == logits[True][2] == 4
+    for alone, together in zip(logits[False][0], logits[True][0]):
+        assert torch.allclose(alone, together, atol=1e-5), (alone - together).abs().max()
+    with torch.no_grad():
+        n = token_spec().num_frames
+        cache = dynamics.prefill(tokens[:, : n - 1], actions[:, : n - 2])
+        dynamics.extend(cache, tokens[:, n - 1], actions[:, n - 2])
+        with pytest.raises(ValueError, match=f"the cache holds {n} frames"):
+            dynamics.next_frame_logits(cache, tokens[:, n - 1], actions[:, n - 1])
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_cached_sampler_gives_identical_tokens(name, temperature):

@@ -205,7 +205,7 @@ class PlayWorld:
         world.dynamics.compile_cached_steps(mode=mode)
         blank = torch.zeros(1, 1, *world.dynamics.spec.grid, dtype=torch.long, device=world.device)
 
-        def two_frames():  # the first frame compiles the logits step, the second the extending one
+        def two_frames():  # the first frame compiles the one-frame step, the second the one that also runs the first
             rollout = Rollout(world, blank)
             for _ in range(2):
                 rollout.step(torch.zeros(1, dtype=torch.long, device=world.device))
