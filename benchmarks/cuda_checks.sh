@@ -17,7 +17,8 @@
 #   - play speed (frames/s against history, cached vs uncached) at the paper's and the tiny sizes, and with the
 #     cached step compiled (torch.compile, then with CUDA graphs).
 # A step that would end past DEADLINE is cut short (its log says so), so the summary is always written.
-# ONLY="NAME NAME" runs just those steps.
+# ONLY="NAME NAME" runs just those steps; the real-time ones alone (a short lease):
+#   ONLY="play-speed-paper-2steps-cudagraphs play-speed-paper-bf16 throughput-paper-bf16-ckpt turns-medium"
 # JSON results land in benchmarks/results/ (names end in -cuda); OUT holds the logs and the runs' reports.
 set -u
 TINY_DATA=$1
@@ -88,8 +89,14 @@ step resume-fp16-deterministic 150 $PY benchmarks/resume_equivalence.py recipes/
     data.path="$SMOKE_DATA" run.mixed_precision=fp16 run.deterministic=true train.dynamics.steps=40 \
     train.dynamics.checkpoint_every=5 train.dynamics.log_every=1 train.dynamics.eval_every=10 run.trackers=none
 
-# Play speed (`genie play`'s path: a session extending its cache, each frame decoded) at the paper's dynamics size
-# with its 25 MaskGIT steps, and at the tiny size.
+# Play speed (`genie play`'s path: a session extending its cache, each frame decoded). First the paper's dynamics
+# size played with the tiny recipe's sampler and world settings (2 greedy MaskGIT steps, each frame drawn from 2
+# decoded frames, a block window past the 16 trained frames), its step compiled into CUDA graphs: the aim is 20
+# frames/s at history 16. Then with its 25 steps uncompiled, and the tiny size.
+step play-speed-paper-2steps-cudagraphs 240 $PY benchmarks/play_speed.py recipes/coinrun-paper.toml \
+    data.path="$TINY_DATA" run.name=coinrun-paper-2steps sampler.steps=2 sampler.temperature=0 \
+    sampler.order=noisy-confidence world.decode_frames=2 --context 16 --window block --history 16 --repeats 7 \
+    --precision bf16 --compile --compile-mode reduce-overhead
 for precision in bf16 fp32; do
     step "play-speed-paper-$precision" 150 $PY benchmarks/play_speed.py recipes/coinrun-paper.toml data.path="$TINY_DATA" \
         --history 1,2,4,8,16 --repeats 3 --precision $precision

@@ -168,6 +168,8 @@ def main(argv=None) -> int:
                 sampler = sampler_cls(attrs.evolve(sampler_cfg, cache=mode != "uncached"))
                 world = World(tokenizer, action_model, model, sampler,
                               attrs.evolve(recipe.world, window=args.window))
+                if mode == "cached+compiled":  # as `genie play --compile`: the shown frame's decoding too
+                    world.compile_shown_decoding(mode=args.compile_mode)
                 timers[mode] = frame_timer(world, h, args.repeats + WARMUP_FRAMES, device)
                 warm_up[mode] = sum(sum(timers[mode]()) for _ in range(WARMUP_FRAMES))
             # The modes take turns frame by frame, so that this machine's drifting speed treats them alike.

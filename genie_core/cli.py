@@ -152,8 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     play.add_argument("--max-upload-mb", type=float, default=5.0, help="largest prompt image accepted (default 5)")
     play.add_argument("--cpu", action="store_true", help="play on the CPU even if a GPU is present")
     play.add_argument("--compile", action="store_true",
-                      help="compile the per-frame sampling step with torch.compile first (seconds at start, "
-                           "faster play)")
+                      help="compile the per-frame sampling step (and, with [world] decode_frames set, the shown "
+                           "frame's decoding) with torch.compile first (seconds at start, faster play)")
     play.add_argument("--compile-mode", help="torch.compile mode for --compile (e.g. reduce-overhead: CUDA graphs)")
     return parser
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from attrs import validators as v
 
 from genie_core import hookimpl
-from genie_core.capabilities import CachedDynamics
+from genie_core.capabilities import CUDA_GRAPH_MODES, CachedDynamics
 from genie_core.config import check_heads, layers, positive, unit_interval
 from genie_core.interfaces import DynamicsModel, DynamicsOutput, Sampler, TokenSpec
 from genie_core.nn import FrameCache, SpaceTimePositions, STTransformer, draw_categorical
@@ -153,7 +153,7 @@ class MaskGITDynamics(DynamicsModel):
         mode="reduce-overhead" for CUDA graphs). The step's shapes never change, so it compiles once per batch size
         and model; the prefill of a history stays eager (it runs once per window)."""
         compiled = torch.compile(self._cached_step, dynamic=False, **options)
-        graphs = options.get("mode") in ("reduce-overhead", "max-autotune")  # the modes that capture CUDA graphs
+        graphs = options.get("mode") in CUDA_GRAPH_MODES
 
         def step(cache, frames, actions, masks, logits):
             # Compiled code is guarded on its inputs' strides, and a rollout's frames and actions are slices of

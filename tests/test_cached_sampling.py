@@ -281,6 +281,34 @@ def test_compiled_cached_steps_give_the_same_tokens(mode):
     assert torch.equal(rollout_tokens(eager), rollout_tokens(compiled))
 
 
+@pytest.mark.parametrize("backend", ["count", "inductor"])
+def test_the_shown_frames_decoding_compiles_once_and_draws_the_eager_pixels(backend):
+    """`World.compile_shown_decoding` (`genie play --compile`): with `[world] decode_frames` set, every frame of a
+    session decodes the same number of frames, so one graph serves them all (traced once) and its pixels are the
+    eager decoder's (also through inductor's generated kernels); with 0 (the whole window, growing) it stays eager."""
+    import shutil
+
+    from torch._dynamo.testing import CompileCounter
+
+    from genie_core.world.model import Rollout
+
+    if backend == "inductor" and not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    torch._dynamo.reset()
+    world = tiny_world(True)
+    assert not world.compile_shown_decoding()  # decode_frames = 0
+    world.config = attrs.evolve(world.config, decode_frames=2)
+    counter = CompileCounter()
+    assert world.compile_shown_decoding(backend=counter if backend == "count" else backend)
+    rollout = Rollout(world, torch.randint(0, 32, (1, 1, 4, 4), generator=torch.Generator().manual_seed(5)))
+    for step in range(2 * world.tokenizer.spec.num_frames):  # past the tokenizer's window
+        rollout.step(torch.tensor([step % world.num_actions]))
+        shown = world.decode_shown(rollout.tokens)
+        eager = world.tokenizer.decode(rollout.tokens[:, -2:])[:, -1:]
+        assert shown.shape == eager.shape and torch.allclose(shown, eager, atol=1e-5), step
+    assert counter.frame_count == (1 if backend == "count" else 0)
+
+
 def test_a_step_past_the_models_length_is_refused():
     dynamics = build("dynamics", "maskgit", token_spec()).eval()
     n = token_spec().num_frames

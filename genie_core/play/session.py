@@ -191,9 +191,10 @@ class PlayWorld:
         return cls(world, name, arrow_keys(run, eval_dir), validation_prompts(run, world.tokenizer.spec.height))
 
     def compile_steps(self, mode: str | None = None) -> float:
-        """Compiles the dynamics model's cached sampling step (torch.compile; `mode` e.g. "reduce-overhead") and
-        plays two frames from a blank prompt so that the compiling happens now, not on a player's first key.
-        Returns the seconds it took."""
+        """Compiles the dynamics model's cached sampling step and, with `[world] decode_frames` set, the decoding of
+        the shown frame (torch.compile; `mode` e.g. "reduce-overhead"), and plays frames from a blank prompt until
+        every shape play will meet has been compiled (two frames, or decode_frames - 1), so that the compiling
+        happens now, not on a player's first keys. Returns the seconds it took."""
         world = self.world
         dynamics = type(world.dynamics).__name__
         if not isinstance(world.dynamics, CompilableCachedSteps):
@@ -203,14 +204,20 @@ class PlayWorld:
                              f"dynamics model's cache here, so there is nothing to compile; play without it")
         start = time.perf_counter()
         world.dynamics.compile_cached_steps(mode=mode)
+        world.compile_shown_decoding(mode=mode)
         blank = torch.zeros(1, 1, *world.dynamics.spec.grid, dtype=torch.long, device=world.device)
 
-        def two_frames():  # the first frame compiles the one-frame step, the second the one that also runs the first
+        # The first frame compiles the one-frame step, the second the one that also runs the first; the decoder
+        # compiles once for each count of frames it decodes until there are decode_frames.
+        frames = max(2, min(world.config.decode_frames, world.tokenizer.spec.num_frames) - 1)
+
+        def warm_up():
             rollout = Rollout(world, blank)
-            for _ in range(2):
+            for _ in range(frames):
                 rollout.step(torch.zeros(1, dtype=torch.long, device=world.device))
+                world.decode_shown(rollout.tokens)
         try:
-            self.compute.run(two_frames)
+            self.compute.run(warm_up)
         except Exception as error:  # noqa: BLE001 (the compiler's failures are many: no C++ compiler, no Triton, ...)
             reason = first_line(error)
             raise GenieError(f"--compile: torch.compile failed ({reason}); play without --compile") from None

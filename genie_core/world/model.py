@@ -8,10 +8,12 @@ the dynamics model's cache of the history from step to step.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import attrs
 import torch
 
-from genie_core.capabilities import RefillableCache
+from genie_core.capabilities import CUDA_GRAPH_MODES, RefillableCache
 from genie_core.config import WorldConfig, checked_config, config_to_dict
 from genie_core.errors import GenieError
 from genie_core.interfaces import DynamicsModel, LatentActionModel, Sampler, VideoTokenizer
@@ -44,6 +46,7 @@ class World:
     dynamics: DynamicsModel
     sampler: Sampler
     config: WorldConfig = WorldConfig()
+    _shown_decoder: Callable[[torch.Tensor], torch.Tensor] | None = attrs.field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self):
         self._check_parts_fit()
@@ -109,16 +112,40 @@ class World:
         return torch.cat([head, *tail], dim=1)
 
     @torch.no_grad()
-    def decode_last(self, tokens: torch.Tensor, frames: int = 0) -> torch.Tensor:
+    def decode_last(self, tokens: torch.Tensor, frames: int = 0, decoder=None) -> torch.Tensor:
         """The last frame of tokens [B, T, h, w] as pixels [B, 1, C, H, W], decoded with the frames before it that
-        fit the tokenizer's window (with `frames`, at most that many frames, itself included)."""
+        fit the tokenizer's window (with `frames`, at most that many frames, itself included; `decoder`: another
+        function than the tokenizer's decode)."""
         window = self.tokenizer.spec.num_frames
-        return self.tokenizer.decode(tokens[:, -min(frames or window, window):])[:, -1:]
+        return (decoder or self.tokenizer.decode)(tokens[:, -min(frames or window, window):])[:, -1:]
 
     @torch.no_grad()
     def decode_shown(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The last frame as play shows it: decoded from `[world] decode_frames` frames (0: the whole window)."""
-        return self.decode_last(tokens, self.config.decode_frames)
+        """The last frame as play shows it: decoded from `[world] decode_frames` frames (0: the whole window), by
+        the compiled decoder after `compile_shown_decoding`."""
+        return self.decode_last(tokens, self.config.decode_frames, self._shown_decoder)
+
+    def compile_shown_decoding(self, **torch_compile_options) -> bool:
+        """Runs the decoding of the frame play shows (`decode_shown`) through torch.compile (`torch_compile_options`:
+        its keyword arguments, e.g. mode="reduce-overhead" for CUDA graphs), when `[world] decode_frames` is set:
+        it then decodes the same number of frames every time (fewer only before a session has that many), so it
+        compiles once for each count up to decode_frames (once for the recipes' 2). With 0 (the whole window, which
+        grows over a session's first frames) it stays eager, and so do rollouts and evaluation, whose inputs have
+        every length. Returns whether it compiled."""
+        if not self.config.decode_frames:
+            return False
+        compiled = torch.compile(self.tokenizer.decode, **({"dynamic": False} | torch_compile_options))
+        graphs = torch_compile_options.get("mode") in CUDA_GRAPH_MODES
+
+        def decode(tokens: torch.Tensor) -> torch.Tensor:
+            # A slice of the growing token tensor has its strides: a fresh copy keeps every call on one graph.
+            tokens = tokens.clone(memory_format=torch.contiguous_format)
+            if not graphs:
+                return compiled(tokens)
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(tokens).clone()  # the graph's output is overwritten by its next replay
+        self._shown_decoder = decode
+        return True
 
     @torch.no_grad()
     def rollout(self, prompt: torch.Tensor, actions: torch.Tensor,
