@@ -13,7 +13,8 @@ rebuilds and a player does not: sustained frames/s is the frames over the time t
 block periods with `--repeats`). Uncached, every MaskGIT step re-runs the whole history; cached, each frame extends the
 cache by the frame before it and every step costs one frame (cached-apart: that frame in a pass of its own instead of
 in the first step's, the dynamics model's `defer_extend` off, to show what sharing the pass gives); `--compile` adds
-the cached sampler with its per-step work compiled by torch.compile (compile time reported apart). The speed-ups
+the cached sampler with its per-step work compiled by torch.compile, and the shown frame's decoding with `[world]
+decode_frames` set, as `genie play --compile` does (compile time reported apart). The speed-ups
 compare sampling alone and whole frames (sampling + decoding). Prints a table, saves JSON and a PNG to
 benchmarks/results/play-speed-RUNNAME[-contextC-WINDOW][-PRECISION][-compiled[-MODE]][-cuda].{json,png}.
 """

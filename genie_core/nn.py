@@ -190,7 +190,8 @@ class FrameCache:
 
     `deferred` holds a model's inputs for finished frames it was asked to add but has not run yet (opaque to the
     cache): a model may run them together with its next step, one pass of a few frames instead of a pass for each,
-    which on a small model costs little more than one (its time goes to streaming weights and per-call overhead)."""
+    which on a small model costs far less than a pass for each (its time goes to streaming weights and per-call
+    overhead, not arithmetic)."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], capacity: int = 0):
         """keys and values [B*N, heads, T, hd] per block; room for `capacity` frames (at least T + 1)."""

@@ -98,8 +98,8 @@ class MaskGITDynamics(DynamicsModel):
 
     # Cached sampling: the history runs once, then every MaskGIT step costs one frame. A finished frame waits in the
     # cache (`extend`) and runs in the same pass as the next frame's first step: two frames in one pass cost a small
-    # model little more than one (its time goes to streaming weights and per-call overhead, more so on a GPU, where a
-    # pass is bound by its kernel launches), so a frame of 2 MaskGIT steps takes two passes, not three.
+    # model far less than two passes (its time goes to streaming weights and per-call overhead; on a GPU a pass is
+    # bound by its kernel launches), so a frame of 2 MaskGIT steps takes two passes, not three.
     defer_extend = True  # False: extend runs the frame at once, in a pass of its own (benchmarks compare the two)
 
     def prefill(self, history: torch.Tensor, actions: torch.Tensor) -> FrameCache:
@@ -129,18 +129,15 @@ class MaskGITDynamics(DynamicsModel):
         history would give. It runs with the next `next_frame_logits` (`defer_extend`), or at once at one frame's
         cost (no logits: nothing is predicted) when another frame is already waiting or deferring is off."""
         self._check_room(cache)
-        if cache.deferred:
-            self._run_deferred(cache)
+        if cache.deferred:  # a frame waits already: it runs alone
+            self._extend_now(cache, *cache.deferred.pop())
         if self.defer_extend:
             cache.deferred.append((frame.clone(), action.clone()))  # the caller's tensors may change meanwhile
         else:
-            self._cached_step(cache, frame[:, None], action[:, None], None, False)
-            cache.commit()
+            self._extend_now(cache, frame, action)
 
-    def _run_deferred(self, cache: FrameCache) -> None:
-        frame, action = cache.deferred[0]
+    def _extend_now(self, cache: FrameCache, frame: torch.Tensor, action: torch.Tensor) -> None:
         self._cached_step(cache, frame[:, None], action[:, None], None, False)
-        cache.deferred.clear()
         cache.commit()
 
     def _check_room(self, cache: FrameCache) -> None:
