@@ -43,9 +43,6 @@ class CachedDynamics(Protocol):
         """Adds a finished frame [B, h, w], reached by `action` [B], to the cache in place."""
 
 
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that capture CUDA graphs
-
-
 @runtime_checkable
 class CompilableCachedSteps(Protocol):
     """A cached dynamics model whose per-step work can be compiled (`genie play --compile`): its step runs the same

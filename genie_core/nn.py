@@ -16,7 +16,8 @@
   sequence (`train.*.activation_checkpointing`): each block's activations are recomputed in the backward pass
   instead of kept, so a batch needs about one block's activations instead of the whole stack's;
   `saved_activation_bytes` measures what a step keeps for its backward pass, on any device.
-  `compile_block_stacks`: the same stacks' training forward through torch.compile (`train.*.compile`).
+  `compile_block_stacks`: the same stacks' training forward through torch.compile (`train.*.compile`);
+  `compile_fixed_shapes`: play's per-frame work through torch.compile (and CUDA graphs), one graph per shape.
 """
 
 from __future__ import annotations
@@ -84,6 +85,29 @@ def compile_block_stacks(module: nn.Module, **torch_compile_options) -> list[str
                                                     **({"dynamic": False} | torch_compile_options))
             stack.forward = types.MethodType(_forward_compiled_in_training, stack)  # a copy of the module rebinds it
     return [name for name, _ in stacks]
+
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that capture CUDA graphs
+
+
+def compile_fixed_shapes(fn, static=None, **torch_compile_options):
+    """`fn` through torch.compile for calls whose shapes never change (play's per-frame work), as a function taking
+    the same arguments. Compiled code is guarded on its inputs' strides, and play's inputs are often slices of growing
+    tensors: every tensor argument is passed as a fresh contiguous copy, so every call stays on one graph. Under the
+    modes that capture CUDA graphs, `static(*args)` names the tensors the graph may write into (their addresses must
+    hold from call to call), and the output is copied out, since the next replay overwrites it."""
+    compiled = torch.compile(fn, **({"dynamic": False} | torch_compile_options))
+    graphs = torch_compile_options.get("mode") in CUDA_GRAPH_MODES
+
+    def call(*args):
+        fresh = [a.clone(memory_format=torch.contiguous_format) if isinstance(a, torch.Tensor) else a for a in args]
+        if not graphs:
+            return compiled(*fresh)
+        for buffer in static(*args) if static else ():
+            torch._dynamo.mark_static_address(buffer, guard=False)
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*fresh).clone()
+    return call
 
 
 def saved_activation_bytes(step, module: nn.Module | None = None):

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from attrs import validators as v
 
 from genie_core import hookimpl
-from genie_core.capabilities import CUDA_GRAPH_MODES, CachedDynamics
+from genie_core.capabilities import CachedDynamics
 from genie_core.config import check_heads, layers, positive, unit_interval
 from genie_core.interfaces import DynamicsModel, DynamicsOutput, Sampler, TokenSpec
-from genie_core.nn import FrameCache, SpaceTimePositions, STTransformer, draw_categorical
+from genie_core.nn import FrameCache, SpaceTimePositions, STTransformer, compile_fixed_shapes, draw_categorical
 
 MAX_STEPS = 1024  # sampling steps per frame (the paper: 25)
 UNMASKING_ORDERS = ("confidence", "random", "noisy-confidence")
@@ -149,24 +149,10 @@ class MaskGITDynamics(DynamicsModel):
         """Compiles the per-step work of cached sampling with torch.compile (`options`: its keyword arguments, e.g.
         mode="reduce-overhead" for CUDA graphs). The step's shapes never change, so it compiles once per batch size
         and model; the prefill of a history stays eager (it runs once per window)."""
-        compiled = torch.compile(self._cached_step, dynamic=False, **options)
-        graphs = options.get("mode") in CUDA_GRAPH_MODES
-
-        def step(cache, frames, actions, masks, logits):
-            # Compiled code is guarded on its inputs' strides, and a rollout's frames and actions are slices of
-            # growing tensors: fresh copies keep every call on the one compiled graph (one per number of frames).
-            fresh = [None if t is None else t.clone(memory_format=torch.contiguous_format)
-                     for t in (frames, actions, masks)]
-            if not graphs:
-                return compiled(cache, *fresh, logits)
-            # A captured graph may write only into tensors whose address it can rely on: the cache's buffers (a
-            # Rollout refills them in place when its window moves, so one session replays the same graphs; another
-            # cache records its own). Its output is reused by the next replay.
-            for buffer in (*cache.keys, *cache.values):
-                torch._dynamo.mark_static_address(buffer, guard=False)
-            torch.compiler.cudagraph_mark_step_begin()
-            return compiled(cache, *fresh, logits).clone()
-        self._cached_step = step
+        # One graph per number of frames. A captured CUDA graph writes into the cache's buffers: a Rollout refills
+        # them in place when its window moves, so one session replays the same graphs; another cache records its own.
+        self._cached_step = compile_fixed_shapes(self._cached_step, lambda cache, *_: (*cache.keys, *cache.values),
+                                                 **options)
 
     def _cached_step(self, cache: FrameCache, frames, actions, masks, logits: bool) -> torch.Tensor:
         """Frames [B, F, h, w] (hidden where masks), reached by actions [B, F], through the model against the cache:

@@ -13,10 +13,11 @@ from typing import Callable
 import attrs
 import torch
 
-from genie_core.capabilities import CUDA_GRAPH_MODES, RefillableCache
+from genie_core.capabilities import RefillableCache
 from genie_core.config import WorldConfig, checked_config, config_to_dict
 from genie_core.errors import GenieError
 from genie_core.interfaces import DynamicsModel, LatentActionModel, Sampler, VideoTokenizer
+from genie_core.nn import compile_fixed_shapes
 
 
 @torch.no_grad()
@@ -134,17 +135,7 @@ class World:
         every length. Returns whether it compiled."""
         if not self.config.decode_frames:
             return False
-        compiled = torch.compile(self.tokenizer.decode, **({"dynamic": False} | torch_compile_options))
-        graphs = torch_compile_options.get("mode") in CUDA_GRAPH_MODES
-
-        def decode(tokens: torch.Tensor) -> torch.Tensor:
-            # A slice of the growing token tensor has its strides: a fresh copy keeps every call on one graph.
-            tokens = tokens.clone(memory_format=torch.contiguous_format)
-            if not graphs:
-                return compiled(tokens)
-            torch.compiler.cudagraph_mark_step_begin()
-            return compiled(tokens).clone()  # the graph's output is overwritten by its next replay
-        self._shown_decoder = decode
+        self._shown_decoder = compile_fixed_shapes(self.tokenizer.decode, **torch_compile_options)
         return True
 
     @torch.no_grad()
