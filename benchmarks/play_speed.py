@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from genie_core.interfaces import TokenSpec, VideoSpec  # noqa: E402
+from genie_core.io.machine import keep_freed_memory  # noqa: E402
 from genie_core.recipe import load_recipe  # noqa: E402
 from genie_core.world.model import Rollout, World  # noqa: E402
 
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="autocast dtype of the models' matrix products (quantizers stay float32)")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as `genie` does (GENIE_KEEP_FREED_MEMORY=0: glibc's default)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     recipe = load_recipe(args.recipe, args.overrides)
     lengths = [int(h) for h in args.history.split(",")]

@@ -36,6 +36,7 @@ from accelerate import Accelerator
 from genie_core.config import TrainConfig
 from genie_core.interfaces import TokenSpec, VideoSpec
 from genie_core.io.machine import describe as describe_machine
+from genie_core.io.machine import keep_freed_memory
 from genie_core.nn import compile_block_stacks, saved_activation_bytes, use_activation_checkpointing
 from genie_core.recipe import Recipe, load_recipe
 from genie_core.training.engine import TokenizerTask, WorldModelTask, adamw
@@ -128,10 +129,11 @@ def step_work(task: torch.nn.Module, batch: torch.Tensor | tuple, accelerator: A
     return {"gflop_per_step": counter.get_total_flops() / 1e9, "activations_gib": kept / 2**30}
 
 
-def matmul_gflop_per_s(device: torch.device, n: int = 2048, rounds: int = 5, repeats: int = 4) -> float:
-    """This machine's rate on one large float32 matrix product, the best of `rounds` (noise only ever slows it):
-    about the most a training step's products can reach."""
-    a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
+def matmul_gflop_per_s(device: torch.device, n: int = 2048, rounds: int = 5, repeats: int = 4,
+                       dtype: torch.dtype = torch.float32) -> float:
+    """This machine's rate on one large matrix product (float32 unless `dtype` says), the best of `rounds` (noise
+    only ever slows it): about the most a training step's products can reach."""
+    a, b = torch.rand(n, n, device=device, dtype=dtype), torch.rand(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
     best = 0.0
     for _ in range(rounds):
@@ -184,6 +186,7 @@ def main(argv=None) -> int:
                              "(compiled in the warm-up steps)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as `genie` does (GENIE_KEEP_FREED_MEMORY=0: glibc's default)
     if args.precision == "fp16" and not torch.cuda.is_available():
         parser.error("--precision fp16: needs a GPU (fp16 training runs with a gradient scaler on CUDA); "
                      "use bf16 on CPU")

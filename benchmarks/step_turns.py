@@ -1,7 +1,8 @@
 """Variants of a recipe's training steps taking turns in one process: how much faster one is than another.
 
     python benchmarks/step_turns.py recipes/coinrun-tiny.toml [KEY=VALUE ...] \
-        --variants recipe,adamw-loop,compile [--stages tokenizer,dynamics] [--rounds 8] [--block 5] [--warmup 3]
+        --variants recipe,adamw-loop,compile [--stages tokenizer,dynamics] [--rounds 8] [--block 5] [--warmup 3] \
+        [--profile]
 
 On a shared machine one run of the same command can be 20 to 40% faster than the next, so two separate runs of
 stage_throughput.py cannot tell a 10% lever from the machine. Here every variant trains its own copy of the same
@@ -16,10 +17,15 @@ A variant is the recipe as it trains (`recipe`: the engine's optimizer, and the 
   adamw-loop       torch's AdamW that loops over the parameters (its default on a CPU), not the fused one
   adamw-foreach    torch's AdamW on its multi-tensor (foreach) path
   sdpa-math        every attention on SDPA's plain math kernel instead of the fused one torch picks
+  bf16             the forward pass under bf16 autocast (run.mixed_precision = "bf16"; not the same losses)
 A step is the engine's: forward, backward, gradient clipping at the stage's grad_clip, the optimizer's step. Each
 variant's losses on its warm-up steps (the same seed for every variant) are printed and saved beside its speed:
 a change that only changes speed leaves them equal to float rounding. So are a step's page faults and system time
-(the memory allocator's share: run the command under another allocator setting to compare). JSON to
+(the memory allocator's share: run the command under another allocator setting to compare), and this machine's
+rate on one large matrix product in float32 and in bf16 (what bf16 could give the products at most). With
+`--profile`, one more turn of each variant runs under torch.profiler and its time is split by kind of work: matrix
+products, attention, compiled code, copies, layer norms, the rest, and the operations that took most. What a
+perfect compiler could still take away is the share outside the products and attention. JSON to
 benchmarks/results/ (or --out) as turns-RUNNAME-VARIANTS.json.
 """
 
@@ -38,14 +44,15 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from genie_core.io.machine import keep_freed_memory
 from genie_core.nn import compile_block_stacks, use_activation_checkpointing
 from genie_core.recipe import load_recipe
 from genie_core.training.engine import adamw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage_throughput import RESULTS, environment, tokenizer_stage, world_stage  # noqa: E402
+from stage_throughput import RESULTS, environment, matmul_gflop_per_s, tokenizer_stage, world_stage  # noqa: E402
 
-CHANGES = ("compile", "checkpointing", "adamw-loop", "adamw-foreach", "sdpa-math")
+CHANGES = ("compile", "checkpointing", "adamw-loop", "adamw-foreach", "sdpa-math", "bf16")
 STAGES = ("tokenizer", "dynamics")
 
 
@@ -74,11 +81,13 @@ def variant_step(task: torch.nn.Module, changes: set[str], cfg, device: torch.de
         compile_block_stacks(task)
     params = [p for p in task.parameters() if p.requires_grad]
     attention = (lambda: sdpa_kernel(SDPBackend.MATH)) if "sdpa-math" in changes else contextlib.nullcontext
+    precision = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16" in changes
+                 else contextlib.nullcontext)
     torch_adamw = "adamw-loop" in changes or "adamw-foreach" in changes
     optimizer = adamw(params, cfg, fused=False if torch_adamw else None, foreach="adamw-foreach" in changes)
 
     def step(batch) -> torch.Tensor:
-        with attention():
+        with attention(), precision():
             loss, _ = task(batch)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -90,13 +99,45 @@ def variant_step(task: torch.nn.Module, changes: set[str], cfg, device: torch.de
     return step
 
 
+# Kinds of work in a profiled step, by the operations' names (the first that matches); the rest is "other".
+WORK_KINDS = {
+    "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"),
+    "attention": ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention"),
+    "compiled code": ("## Call CompiledFxGraph", "Torch-Compiled Region", "CompiledFunction"),
+    "copies": ("aten::copy_", "aten::clone", "aten::contiguous", "aten::cat"),
+    "layer norms": ("aten::native_layer_norm",),
+}
+
+
+def profile_step(step, batch, steps: int, device: torch.device) -> dict:
+    """`steps` steps under torch.profiler: the share of their time (the operations' own time, CPU side) in each of
+    WORK_KINDS and the ten operations that took most, in ms a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(batch)
+        synchronize(device)
+    own = [(event.key, event.self_cpu_time_total / 1e3 / steps) for event in prof.key_averages()]
+    total = sum(ms for _, ms in own)
+    shares = dict.fromkeys([*WORK_KINDS, "other"], 0.0)
+    for name, ms in own:
+        kind = next((k for k, prefixes in WORK_KINDS.items() if name.startswith(prefixes)), "other")
+        shares[kind] += ms / total
+    top = sorted(own, key=lambda item: -item[1])[:10]
+    return {"ms_per_step": total, "shares": shares, "top": [{"name": n, "ms_per_step": ms} for n, ms in top]}
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def take_turns(task, batch, cfg, variants, device, rounds: int, block: int, warmup: int) -> dict:
-    """Every variant's warm-up losses and steps/s per round, the variants taking turns."""
+def take_turns(task, batch, cfg, variants, device, rounds: int, block: int, warmup: int,
+               profiled: bool = False) -> dict:
+    """Every variant's warm-up losses and steps/s per round, the variants taking turns; with `profiled`, a profile
+    of `block` more steps of each (profile_step)."""
     batch = tuple(b.to(device) for b in batch) if isinstance(batch, tuple) else batch.to(device)
     runs = {}
     for name, changes in variants:
@@ -119,6 +160,8 @@ def take_turns(task, batch, cfg, variants, device, rounds: int, block: int, warm
             run["system_seconds"] += after.ru_stime - before.ru_stime
     first, steps = next(iter(runs.values()))["steps_per_s"], rounds * block
     for run in runs.values():
+        if profiled:
+            run["profile"] = profile_step(run["step"], batch, block, device)
         del run["step"]
         ratios = [mine / theirs for mine, theirs in zip(run["steps_per_s"], first)]
         run |= {"faults_per_step": run.pop("faults") / steps,
@@ -138,8 +181,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--block", type=int, default=5, help="steps of one variant in a turn")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each variant first (compiling)")
+    parser.add_argument("--profile", action="store_true",
+                        help="then profile a turn of each variant: its time by kind of work, its costliest operations")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as `genie` does (GENIE_KEEP_FREED_MEMORY=0: glibc's default)
     try:
         variants = parse_variants(args.variants)
     except ValueError as error:
@@ -158,7 +204,7 @@ def main(argv=None) -> int:
         else:
             _, _, task, batch = world_stage(recipe, tokenizer.to(device))
         results[stage] = take_turns(task, batch, recipe.train[stage], variants, device, args.rounds, args.block,
-                                    args.warmup)
+                                    args.warmup, args.profile)
         first = variants[0][0]
         print(f"{stage}: {args.rounds} rounds of {args.block} steps each")
         print(f"  {'variant':<28} {'steps/s':>8} {'x ' + first:>16} {'range':>12} {'faults/step':>11} "
@@ -169,11 +215,19 @@ def main(argv=None) -> int:
             print(f"  {name:<28} {run['median_steps_per_s']:>8.2f} {run['ratio_to_first']:>16.2f} "
                   f"{low:>5.2f}-{high:<5.2f} {run['faults_per_step']:>11.0f} "
                   f"{1e3 * run['system_seconds_per_step']:>11.1f}  {losses}")
+        for name, run in results[stage].items() if args.profile else ():
+            profiled = run["profile"]
+            print(f"  {name}, profiled: {profiled['ms_per_step']:.1f} ms a step; "
+                  + ", ".join(f"{kind} {share:.0%}" for kind, share in profiled["shares"].items()))
+            print("    most: " + ", ".join(f"{op['name']} {op['ms_per_step']:.1f} ms" for op in profiled["top"][:6]))
+    rates = {str(dtype).removeprefix("torch."): matmul_gflop_per_s(device, dtype=dtype)
+             for dtype in (torch.float32, torch.bfloat16)}
+    print("one 2048x2048 matrix product: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"turns-{recipe.run.name}-{'-vs-'.join(name for name, _ in variants)}.json"
     out.write_text(json.dumps({"recipe": str(args.recipe), "overrides": args.overrides, "rounds": args.rounds,
                                "block": args.block, "warmup": args.warmup, "device": device.type,
-                               "environment": environment(), "stages": results}, indent=2))
+                               "environment": environment(), "matmul_gflop_per_s": rates, "stages": results}, indent=2))
     print(f"saved {out}")
     return 0
 

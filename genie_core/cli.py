@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from genie_core.errors import GenieError, RecipeError, TrainingDiverged
+from genie_core.io.machine import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
 
@@ -38,8 +39,12 @@ def _fraction(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genie",
-                                     description="Generative interactive environments on a pluggable core.")
+    parser = argparse.ArgumentParser(
+        prog="genie", description="Generative interactive environments on a pluggable core.",
+        epilog="Commands that compute keep the memory they free for reuse rather than returning it to the system "
+               "after every step (glibc on Linux: fewer page faults and less system time per training step, "
+               "the same peak memory); "
+               "GENIE_KEEP_FREED_MEMORY=0 leaves the C library's default.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("plugins", help="list every registered component with its kind, name, package and version")
@@ -378,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             parser.error(f"unrecognized arguments: {' '.join(bad)}")
         args.overrides += extra
+    if args.command not in ("plugins", "validate"):
+        keep_freed_memory()
     handler = {"plugins": cmd_plugins, "validate": cmd_validate, "run": cmd_run, "data": cmd_data,
                "eval": cmd_eval, "sample": cmd_sample, "play": cmd_play, "agent": cmd_agent}[args.command]
     try:

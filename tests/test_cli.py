@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from genie_core.cli import main
+from genie_core.io.machine import keep_freed_memory
 from genie_core.io.media import CAPTION_HEIGHT
 
 from conftest import REPO
@@ -35,6 +36,9 @@ def test_run_writes_checkpoints_report_and_pictures(run_dir):
     assert report["tokenizer_psnr_db"]["n"] == 2 * 6  # eval.windows windows of train.tokenizer.seq_len frames
     assert report["dtpsnr_t4_db"]["n"] == 2
     assert all(k in report for k in ("dynamics_psnr_t4_db", "stages", "components"))
+    # `genie run` kept the memory it freed, where it can (glibc), and its report says so: had it not asked, this call
+    # would ask now and answer True
+    assert report["machine"]["keeps_freed_memory"] is keep_freed_memory()
     with Image.open(run_dir / "rollout.gif") as gif:
         assert gif.n_frames == 3 + 1  # the prompt and rollout_steps generated frames
         # one panel per latent action, 2-pixel gaps, under a bar that names each panel's action

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from accelerate import Accelerator
 from genie_core.cli import main
 from genie_core.config import TrainConfig
 from genie_core.errors import TrainingDiverged
+from genie_core.io.machine import KEEP_FREED_MEMORY
 from genie_core.testing import TINY_VIDEO, build
 from genie_core.training.engine import Checkpointing, Task, TokenizerTask, adamw, rebuilt, train
 
@@ -409,3 +411,42 @@ def test_activation_checkpointing_without_a_model_that_supports_it_is_refused(tm
     for key in ("activation_checkpointing", "compile"):
         assert (f"warning: lin: train.tokenizer.{key} is true, but no model this stage trains supports it (layer "
                 f"(torch.nn.modules.linear.Linear)); it trains without") in err
+
+
+FREE_AND_ALLOCATE = """
+import resource, torch
+from genie_core.io.machine import keep_freed_memory
+kept = keep_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def step():  # a training step's pattern: activations of several sizes written, some freed early, then the rest
+    alive = []
+    for i in range(60):
+        alive.append(torch.ones((1 + i % 5) << 17))
+        if i % 3 == 0:
+            alive.pop(0)
+    del alive
+step(); step(); step()
+before = faults()
+for _ in range(10):
+    step()
+print(kept, faults() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc")
+def test_kept_freed_memory_spares_each_step_its_page_faults():
+    """keep_freed_memory (what `genie` does first): memory a step frees is reused by the next, not faulted in again
+    a page at a time; GENIE_KEEP_FREED_MEMORY=0 leaves glibc's default, and so do the user's own malloc settings."""
+    def probe(**env):
+        environ = {k: v for k, v in os.environ.items()
+                   if k not in (KEEP_FREED_MEMORY, "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
+        out = subprocess.run([sys.executable, "-c", FREE_AND_ALLOCATE], env=environ | env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    kept, kept_faults = probe()
+    default, default_faults = probe(**{KEEP_FREED_MEMORY: "0"})
+    users, _ = probe(GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")
+    assert kept and not default and not users
+    assert default_faults > 20000 and kept_faults * 20 < default_faults, (kept_faults, default_faults)

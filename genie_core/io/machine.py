@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import os
 import platform
+import sys
 
 
 def cpu_model() -> str:
@@ -21,8 +23,8 @@ def cpu_model() -> str:
 
 def describe() -> dict:
     """Architecture, the CPU (its model and the widest vector instructions torch's kernels use on it: two CPUs of
-    one name can differ twofold in speed by these), the CPU threads torch uses, the GPU if one is visible, and the
-    versions that shape the numbers."""
+    one name can differ twofold in speed by these), the CPU threads torch uses, whether the process keeps the memory
+    it frees (keep_freed_memory), the GPU if one is visible, and the versions that shape the numbers."""
     import torch
 
     def version(package: str) -> str | None:
@@ -33,7 +35,7 @@ def describe() -> dict:
 
     return {"machine": platform.machine(), "processor": platform.processor(), "cpu": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_cores": os.cpu_count(),
-            "cpu_threads": torch.get_num_threads(),
+            "cpu_threads": torch.get_num_threads(), "keeps_freed_memory": _kept,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__, "genie": version("genie-world")}
 
@@ -45,3 +47,37 @@ def memory_bytes(cpu: bool = False) -> int:
     if torch.cuda.is_available() and not cpu:
         return sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEPT_TRIM_BYTES = 1 << 30  # free memory at the top of the heap kept for reuse, up to this much
+KEPT_MMAP_BYTES = 32 << 20  # blocks below this come from the heap (glibc's largest accepted value on 64 bits)
+KEEP_FREED_MEMORY = "GENIE_KEEP_FREED_MEMORY"  # "0" leaves the allocator as the C library sets it
+_kept = False  # whether keep_freed_memory set glibc's allocator in this process
+
+
+def keep_freed_memory() -> bool:
+    """Asks glibc's allocator to keep the memory a process frees for its next allocations, as a training loop frees
+    and allocates the same activations step after step. By default glibc hands the top of its heap back to the
+    system when a step frees it, and maps some blocks afresh: every step then faults its activations in again, a page
+    at a time (on a CPU, thousands of faults and tens of milliseconds of system time a step; benchmarks/README.md).
+    Peak memory stays what it was; memory just does not shrink between steps.
+
+    Does nothing off Linux/glibc, when the environment already sets glibc's malloc (GLIBC_TUNABLES, MALLOC_*
+    variables), or with GENIE_KEEP_FREED_MEMORY=0. Returns whether the process keeps freed memory now. For
+    launchers (the `genie` command, the benchmarks): a library leaves the process's allocator to whoever runs it."""
+    global _kept
+    env = os.environ
+    told = (env.get(KEEP_FREED_MEMORY, "1") == "0" or "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
+            or any(name.startswith("MALLOC_") for name in env))
+    if _kept or told or not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return _kept
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process runs on
+    except (OSError, AttributeError):
+        return False
+    # Both or neither: a fixed trim threshold alone turns off glibc's adaptive mmap threshold, and then every block
+    # over 128 KiB is mapped afresh (a tiny LAM + dynamics step: 140,000 faults, against 1,200 to 25,600 by default).
+    _kept = bool(mallopt(M_MMAP_THRESHOLD, KEPT_MMAP_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_TRIM_BYTES))
+    return _kept
