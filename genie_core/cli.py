@@ -12,6 +12,7 @@ from genie_core.errors import GenieError, RecipeError, TrainingDiverged
 from genie_core.io.machine import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
+EXIT_PIPE_CLOSED = 128 + 13  # what a shell reports for a command that SIGPIPE stopped
 
 
 def positive_int(text: str) -> int:
@@ -389,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
                "eval": cmd_eval, "sample": cmd_sample, "play": cmd_play, "agent": cmd_agent}[args.command]
     try:
         return handler(args)
+    except BrokenPipeError:
+        # Whoever reads the output stopped (`genie plugins | head`): end as Unix tools do when a pipe closes, without a
+        # traceback, and point stdout at nothing so that Python's last flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED
     except TrainingDiverged as error:  # not bad input: the run itself failed
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,14 @@ def test_every_tokenizer_and_the_autoregressive_pair_run_end_to_end(tmp_path):
         report = json.loads((out / "report.json").read_text())
         assert report["components"]["tokenizer"] == tokenizer
         assert report["components"]["sampler"] == "autoregressive" and (out / "rollout.gif").is_file()
+
+
+def test_output_piped_into_a_reader_that_stops_ends_quietly():
+    """`genie plugins | head -1`: when the reader closes the pipe before genie has written, genie ends as Unix
+    tools do (status 141, as SIGPIPE gives) with no traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "genie_core.cli", "plugins"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # long before the registry is loaded and the table printed
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

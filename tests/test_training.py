@@ -414,18 +414,24 @@ def test_activation_checkpointing_without_a_model_that_supports_it_is_refused(tm
 
 
 FREE_AND_ALLOCATE = """
-import resource, torch
+import ctypes, resource
 from genie_core.io.machine import keep_freed_memory
 kept = keep_freed_memory()
+libc = ctypes.CDLL(None)  # the C library's malloc, which torch's CPU tensors come from; one thread, so repeatable
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def step():  # a training step's pattern: activations of several sizes written, some freed early, then the rest
     alive = []
     for i in range(60):
-        alive.append(torch.ones((1 + i % 5) << 17))
+        size = (1 + i % 5) << 19
+        alive.append(libc.malloc(size))
+        libc.memset(alive[-1], 1, size)
         if i % 3 == 0:
-            alive.pop(0)
-    del alive
+            libc.free(alive.pop(0))
+    for block in alive:
+        libc.free(block)
 step(); step(); step()
 before = faults()
 for _ in range(10):
