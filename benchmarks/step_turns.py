@@ -17,7 +17,8 @@ A variant is the recipe as it trains (`recipe`: the engine's optimizer, and the 
   adamw-loop       torch's AdamW that loops over the parameters (its default on a CPU), not the fused one
   adamw-foreach    torch's AdamW on its multi-tensor (foreach) path
   sdpa-math        every attention on SDPA's plain math kernel instead of the fused one torch picks
-  bf16             the forward pass under bf16 autocast (run.mixed_precision = "bf16"; not the same losses)
+  bf16             the forward pass under bf16 autocast (run.mixed_precision = "bf16"; attention stays in float32 on
+                   a CPU; not the same losses)
 A step is the engine's: forward, backward, gradient clipping at the stage's grad_clip, the optimizer's step. Each
 variant's losses on its warm-up steps (the same seed for every variant) are printed and saved beside its speed:
 a change that only changes speed leaves them equal to float rounding. So are a step's page faults and system time

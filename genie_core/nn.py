@@ -2,7 +2,8 @@
 
 - `STTransformer`: the paper's spatiotemporal transformer. Each block runs spatial attention inside every frame,
   then causal temporal attention across frames at every token position, then an MLP. Cost is linear in T for the
-  dominant spatial part. Attention and MLP layers come from timm (fused SDPA attention, optional QK-norm).
+  dominant spatial part. Attention and MLP layers come from timm (optional QK-norm); every attention runs through
+  `scaled_dot_product_attention` (torch's fused SDPA, kept in float32 under CPU autocast, where bf16 is slower).
   Past frames never see later ones, so their temporal keys and values can be kept: `prefill` runs the history once
   and returns them (`FrameCache`), `next_frame` runs one more frame against them (cached sampling), and
   `next_frame_tensors` any few more frames in one pass.
@@ -177,7 +178,7 @@ class STBlock(nn.Module):
         one frame, or a few, that follow earlier ones: with_past(k, v) gives the keys and values of those and of x,
         and a bool mask [F, S] of the ones each of x's F frames attends to."""
         b, t, n, d = x.shape
-        x = x + self.spatial(self.norm_spatial(x).reshape(b * t, n, d)).reshape(b, t, n, d)
+        x = x + self_attention(self.spatial, self.norm_spatial(x).reshape(b * t, n, d)).reshape(b, t, n, d)
         kv = None
         if self.temporal is not None:
             q, k, v = _heads(self.temporal, self.norm_temporal(x).transpose(1, 2).reshape(b * n, t, d))
@@ -201,8 +202,28 @@ def _heads(attention: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def _attend(attention: Attention, q, k, v, is_causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention and timm Attention's output projection: [L, heads, S, hd] -> [L, S, D]."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    out = scaled_dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
     return attention.proj(attention.norm(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], attention.attn_dim)))
+
+
+def self_attention(attention: Attention, x: torch.Tensor, mask: torch.Tensor | None = None,
+                   is_causal: bool = False) -> torch.Tensor:
+    """What timm's `attention(x, attn_mask=mask, is_causal=is_causal)` computes for [L, S, D] (no dropout), through
+    `scaled_dot_product_attention`."""
+    return _attend(attention, *_heads(attention, x), is_causal=is_causal, mask=mask)
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                                 is_causal: bool = False) -> torch.Tensor:
+    """torch's SDPA, run in float32 where CPU autocast would run it in bf16 or fp16: on a CPU, SDPA's backward pass
+    takes 3 to 4 times longer in bf16 than in float32 at these sizes, which cost more than bf16 saved everywhere else
+    (benchmarks/README.md, "bf16 on this CPU"). The products around it keep autocast's precision. On a GPU, whose
+    flash kernels are fastest in half precision, it is SDPA as autocast runs it."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal)
+        return out.to(torch.get_autocast_dtype("cpu"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
 
 class FrameCache:
@@ -470,7 +491,7 @@ class AttentionBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        x = x + self.attention(self.norm_attention(x), attn_mask=mask, is_causal=is_causal)
+        x = x + self_attention(self.attention, self.norm_attention(x), mask=mask, is_causal=is_causal)
         return x + self.mlp(self.norm_mlp(x))
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from genie_core import nn as nn_blocks
 from genie_core.cli import main
 from genie_core.config import TrainConfig
 from genie_core.errors import TrainingDiverged
@@ -175,6 +176,54 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
                  "--out", str(tmp_path / "bf16")]) == 0
     report = json.loads((tmp_path / "bf16" / "report.json").read_text())
     assert report["tokenizer_psnr_db"]["mean"] > 0
+
+
+def test_attention_keeps_float32_under_cpu_autocast():
+    """Under CPU bf16 autocast, attention is SDPA on the float32 inputs (its bf16 backward pass is the slow one on a
+    CPU), handed back in bf16 as autocast would; SDPA left to autocast computes something else. Gradients flow in
+    float32. Outside autocast it is plain SDPA."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(6, 2, 5, 8, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = nn_blocks.scaled_dot_product_attention(q, k, v, is_causal=True)
+        in_bf16 = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert kept.dtype == torch.bfloat16 and torch.equal(kept, exact.to(torch.bfloat16))
+    assert not torch.equal(in_bf16, kept)
+    kept.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    exact.to(torch.bfloat16).float().square().sum().backward()
+    assert all(torch.equal(a, t.grad) for a, t in zip(grads, (q, k, v)))
+    mask = torch.rand(5, 5) > 0.3
+    mask.fill_diagonal_(True)
+    assert torch.equal(nn_blocks.scaled_dot_product_attention(q, k, v, mask=mask),
+                       torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_every_attention_computes_timms_and_goes_through_the_float32_guard(monkeypatch):
+    """`self_attention` is timm's Attention to the bit, with a mask or causal; the spatiotemporal blocks (spatial
+    and temporal) and the full-attention blocks all attend through `scaled_dot_product_attention`."""
+    from timm.layers import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(16, num_heads=2, qkv_bias=True, qk_norm=True, norm_layer=torch.nn.LayerNorm)
+    x = torch.randn(3, 5, 16)
+    mask = torch.rand(5, 5) > 0.3
+    mask.fill_diagonal_(True)
+    assert torch.equal(nn_blocks.self_attention(attention, x), attention(x))
+    assert torch.equal(nn_blocks.self_attention(attention, x, mask=mask), attention(x, attn_mask=mask))
+    assert torch.equal(nn_blocks.self_attention(attention, x, is_causal=True), attention(x, is_causal=True))
+
+    calls = []
+    guard = nn_blocks.scaled_dot_product_attention
+    monkeypatch.setattr(nn_blocks, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or guard(*a, **kw))
+    video = torch.randn(2, 3, 4, 16)  # [B, T, N, D]
+    nn_blocks.STTransformer(dim=16, depth=2, heads=2)(video)
+    assert len(calls) == 4  # spatial and temporal, two blocks
+    nn_blocks.FullSTTransformer(dim=16, depth=3, heads=2)(video)
+    assert len(calls) == 7
 
 
 def test_fp16_on_cpu_says_it_trains_in_float32(tmp_path, capsys):
