@@ -55,6 +55,34 @@ def test_training_hands_the_recorded_actions_to_the_dynamics_model():
     assert torch.equal(seen[0], given)
 
 
+def test_a_bf16_run_trains_on_the_tokens_and_actions_of_play_time():
+    """Under bf16 autocast the frozen tokenizer and a frozen action model still compute in float32, as at play time:
+    the dynamics model is handed what a float32 run would hand it."""
+    seen, autocast_in = [], []
+
+    class Spy(torch.nn.Module):
+        def loss(self, tokens, actions, generator=None):
+            seen.append((tokens, actions))
+            return type("Out", (), {"loss": torch.zeros((), requires_grad=True), "metrics": {}})()
+
+    def watched(method):
+        def call(*args, **kwargs):
+            autocast_in.append(torch.is_autocast_enabled("cpu"))
+            return method(*args, **kwargs)
+        return call
+
+    tokenizer = build("tokenizer", "st-vivit", TINY_VIDEO).eval()
+    action_model = build("action_model", "true-actions", TINY_VIDEO)
+    task = WorldModelTask(action_model, Spy(), tokenizer, train_action_model=False)
+    x, given = video(), torch.tensor([[0, 1, 2, 3, 0], [3, 3, 2, 1, 0]])
+    exact = tokenizer.encode(x)
+    tokenizer.encode, action_model.infer_actions = watched(tokenizer.encode), watched(action_model.infer_actions)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        task((x, given))
+    assert autocast_in == [False, False]  # the encode, then the actions
+    assert torch.equal(seen[0][0], exact) and torch.equal(seen[0][1], given)
+
+
 def test_lam_steps_make_no_sense_without_a_model_to_train(capsys):
     assert main(["validate", SMOKE, "action_model.name=true-actions", "train.dynamics.lam_steps=5"]) == 2
     assert "(true-actions): reads the footage's actions and has nothing to train alone" in capsys.readouterr().err

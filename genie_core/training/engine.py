@@ -65,9 +65,18 @@ def lam_collapse(metrics: dict[str, float]) -> str | None:
 
 def freeze(module: nn.Module) -> list[nn.Module]:
     """Frozen and in eval mode, inside a plain list: hidden from .parameters(), .state_dict(), the optimizer and
-    .train(), so its codebooks are not updated and it gives exactly what it gives at play time."""
+    .train(), so its codebooks are not updated and it gives exactly what it gives at play time (run it under
+    `as_at_play_time`)."""
     module.requires_grad_(False).eval()
     return [module]
+
+
+@contextlib.contextmanager
+def as_at_play_time(like: torch.Tensor):
+    """No gradients and no autocast: in a bf16 or fp16 run, a frozen model still computes in float32, as at play
+    time, so the dynamics model trains on the very tokens and actions it is given there."""
+    with torch.no_grad(), torch.autocast(like.device.type, enabled=False):
+        yield
 
 
 class LatentActionTask(Task):
@@ -107,7 +116,7 @@ class WorldModelTask(Task):
     def forward(self, batch):
         """batch: video [B, T, C, H, W], or (video, true actions [B, T - 1]) for an action model that reads them."""
         video, true_actions = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        with torch.no_grad():
+        with as_at_play_time(video):
             tokens = self.frozen[0].encode(video)
         if self.trains_action_model:
             lam = self.action_model.loss(video, **self.action_model.true_action_inputs(true_actions))
@@ -115,7 +124,7 @@ class WorldModelTask(Task):
             metrics = {f"lam_{k}": v for k, v in lam.metrics.items()}
         else:
             frozen = self.frozen_action_model[0]
-            with torch.no_grad():
+            with as_at_play_time(video):
                 actions = frozen.infer_actions(video, **frozen.true_action_inputs(true_actions))
             loss, metrics = 0.0, {}
         dyn = self.dynamics.loss(tokens, actions)  # integer ids: no gradient reaches the LAM from here
