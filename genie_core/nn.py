@@ -19,10 +19,12 @@
   `saved_activation_bytes` measures what a step keeps for its backward pass, on any device.
   `compile_block_stacks`: the same stacks' training forward through torch.compile (`train.*.compile`);
   `compile_fixed_shapes`: play's per-frame work through torch.compile (and CUDA graphs), one graph per shape.
+- `as_at_play_time`: a frozen model inside a training step computes as at play time (float32, no gradients).
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 from typing import TYPE_CHECKING
 
@@ -50,6 +52,15 @@ def run_block(owner: nn.Module, block: nn.Module, *args, **kwargs):
 
         return checkpoint(block, *args, use_reentrant=False, **kwargs)
     return block(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def as_at_play_time(like: torch.Tensor):
+    """For a frozen model inside a training step: no gradients and no autocast, so in a bf16 or fp16 run it still
+    computes in float32, as at play time, and what it hands the trained models (tokens, actions) is what they are
+    given there. `like`: a tensor on the step's device."""
+    with torch.no_grad(), torch.autocast(like.device.type, enabled=False):
+        yield
 
 
 def block_stacks(module: nn.Module) -> list[tuple[str, nn.Module]]:

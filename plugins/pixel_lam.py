@@ -24,7 +24,15 @@ from genie_core import hookimpl
 from genie_core.config import check_heads, check_patch_divides_resolution, layers, positive
 from genie_core.errors import GenieError
 from genie_core.interfaces import ActionModelOutput, LatentActionModel, VideoSpec, VideoTokenizer
-from genie_core.nn import Quantizer, SpaceTimePositions, STTransformer, check_quantizer, patchify, unpatchify
+from genie_core.nn import (
+    Quantizer,
+    SpaceTimePositions,
+    STTransformer,
+    as_at_play_time,
+    check_quantizer,
+    patchify,
+    unpatchify,
+)
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -156,7 +164,7 @@ class TokenLAM(PixelLAM):
     def _encoder_input(self, video: torch.Tensor) -> torch.Tensor:
         if not self._tokenizer:
             raise GenieError("action model token-lam has no tokenizer: call use_tokenizer(tokenizer) first")
-        with torch.no_grad():
+        with as_at_play_time(video):  # the frozen tokenizer's tokens, as at play time in any precision
             tokens = self._tokenizer[0].encode(video)  # [B, T, h, w]
         return self.encoder_embed(tokens.flatten(2))  # [B, T, h * w, D]
 

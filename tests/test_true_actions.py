@@ -57,7 +57,7 @@ def test_training_hands_the_recorded_actions_to_the_dynamics_model():
 
 def test_a_bf16_run_trains_on_the_tokens_and_actions_of_play_time():
     """Under bf16 autocast the frozen tokenizer and a frozen action model still compute in float32, as at play time:
-    the dynamics model is handed what a float32 run would hand it."""
+    the dynamics model is handed what a float32 run would hand it; so is an action model that reads tokens."""
     seen, autocast_in = [], []
 
     class Spy(torch.nn.Module):
@@ -81,6 +81,13 @@ def test_a_bf16_run_trains_on_the_tokens_and_actions_of_play_time():
         task((x, given))
     assert autocast_in == [False, False]  # the encode, then the actions
     assert torch.equal(seen[0][0], exact) and torch.equal(seen[0][1], given)
+
+    token_lam = build("action_model", "token-lam", TINY_VIDEO)  # reads a frozen tokenizer's tokens while it trains
+    frozen = token_lam._tokenizer[0]
+    frozen.encode = watched(frozen.encode)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        token_lam.loss(x)
+    assert autocast_in == [False, False, False]
 
 
 def test_lam_steps_make_no_sense_without_a_model_to_train(capsys):

@@ -28,7 +28,7 @@ from genie_core.config import DynamicsTrainConfig, TrainConfig
 from genie_core.errors import GenieError, TrainingDiverged, first_line
 from genie_core.interfaces import DynamicsModel, LatentActionModel, VideoTokenizer
 from genie_core.io.log import say
-from genie_core.nn import compile_block_stacks, use_activation_checkpointing
+from genie_core.nn import as_at_play_time, compile_block_stacks, use_activation_checkpointing
 from genie_core.run.folder import CHECKPOINT_STATE, complete_checkpoints
 from genie_core.world.components import DAMAGE
 
@@ -69,14 +69,6 @@ def freeze(module: nn.Module) -> list[nn.Module]:
     `as_at_play_time`)."""
     module.requires_grad_(False).eval()
     return [module]
-
-
-@contextlib.contextmanager
-def as_at_play_time(like: torch.Tensor):
-    """No gradients and no autocast: in a bf16 or fp16 run, a frozen model still computes in float32, as at play
-    time, so the dynamics model trains on the very tokens and actions it is given there."""
-    with torch.no_grad(), torch.autocast(like.device.type, enabled=False):
-        yield
 
 
 class LatentActionTask(Task):
