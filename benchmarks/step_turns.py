@@ -17,8 +17,10 @@ A variant is the recipe as it trains (`recipe`: the engine's optimizer, and the 
   adamw-loop       torch's AdamW that loops over the parameters (its default on a CPU), not the fused one
   adamw-foreach    torch's AdamW on its multi-tensor (foreach) path
   sdpa-math        every attention on SDPA's plain math kernel instead of the fused one torch picks
-  bf16             the forward pass under bf16 autocast (run.mixed_precision = "bf16"; attention stays in float32 on
-                   a CPU; not the same losses)
+  compiled-sdpa    with compile: the compiled stacks attend through torch's fused SDPA kernel on a CPU, not written
+                   out (genie_core.nn.COMPILED_CPU_TRAINING_ATTENTION)
+  bf16             the forward pass under bf16 autocast (run.mixed_precision = "bf16"; on a CPU attention stays in
+                   float32, except written out in compiled stacks; not the same losses)
 A step is the engine's: forward, backward, gradient clipping at the stage's grad_clip, the optimizer's step. Each
 variant's losses on its warm-up steps (the same seed for every variant) are printed and saved beside its speed:
 a change that only changes speed leaves them equal to float rounding. So are a step's page faults and system time
@@ -45,6 +47,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import genie_core.nn
 from genie_core.io.machine import keep_freed_memory
 from genie_core.nn import compile_block_stacks, use_activation_checkpointing
 from genie_core.recipe import load_recipe
@@ -53,7 +56,7 @@ from genie_core.training.engine import adamw
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage_throughput import RESULTS, environment, matmul_gflop_per_s, tokenizer_stage, world_stage  # noqa: E402
 
-CHANGES = ("compile", "checkpointing", "adamw-loop", "adamw-foreach", "sdpa-math", "bf16")
+CHANGES = ("compile", "checkpointing", "adamw-loop", "adamw-foreach", "sdpa-math", "compiled-sdpa", "bf16")
 STAGES = ("tokenizer", "dynamics")
 
 
@@ -68,6 +71,8 @@ def parse_variants(text: str) -> list[tuple[str, set[str]]]:
                              f"recipe, {', '.join(CHANGES)}, joined by '+'")
         if {"adamw-loop", "adamw-foreach"} <= changes:
             raise ValueError(f"--variants: {name} asks for two optimizers")
+        if "compiled-sdpa" in changes and "compile" not in changes:
+            raise ValueError(f"--variants: {name}: compiled-sdpa needs compile (compile+compiled-sdpa)")
         variants.append((name, changes))
     return variants
 
@@ -82,12 +87,14 @@ def variant_step(task: torch.nn.Module, changes: set[str], cfg, device: torch.de
         compile_block_stacks(task)
     params = [p for p in task.parameters() if p.requires_grad]
     attention = (lambda: sdpa_kernel(SDPBackend.MATH)) if "sdpa-math" in changes else contextlib.nullcontext
+    compiled_attention = "sdpa" if "compiled-sdpa" in changes else "written-out"
     precision = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16" in changes
                  else contextlib.nullcontext)
     torch_adamw = "adamw-loop" in changes or "adamw-foreach" in changes
     optimizer = adamw(params, cfg, fused=False if torch_adamw else None, foreach="adamw-foreach" in changes)
 
     def step(batch) -> torch.Tensor:
+        genie_core.nn.COMPILED_CPU_TRAINING_ATTENTION = compiled_attention  # read (and guarded on) while compiling
         with attention(), precision():
             loss, _ = task(batch)
         loss.backward()
@@ -187,6 +194,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
     keep_freed_memory()  # as `genie` does (GENIE_KEEP_FREED_MEMORY=0: glibc's default)
+    # Every compiled variant adds graphs for the same stack classes (one per stack shape, precision and attention);
+    # past dynamo's default of 8 a class would fall back to eager code unnoticed.
+    torch._dynamo.config.recompile_limit = 64
     try:
         variants = parse_variants(args.variants)
     except ValueError as error:

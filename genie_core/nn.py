@@ -3,7 +3,8 @@
 - `STTransformer`: the paper's spatiotemporal transformer. Each block runs spatial attention inside every frame,
   then causal temporal attention across frames at every token position, then an MLP. Cost is linear in T for the
   dominant spatial part. Attention and MLP layers come from timm (optional QK-norm); every attention runs through
-  `scaled_dot_product_attention` (torch's fused SDPA, kept in float32 under CPU autocast, where bf16 is slower).
+  `scaled_dot_product_attention` (torch's fused SDPA; on a CPU, written out in compiled training steps and kept in
+  float32 elsewhere under autocast, where SDPA's bf16 backward pass is slower).
   Past frames never see later ones, so their temporal keys and values can be kept: `prefill` runs the history once
   and returns them (`FrameCache`), `next_frame` runs one more frame against them (cached sampling), and
   `next_frame_tensors` any few more frames in one pass.
@@ -224,17 +225,47 @@ def self_attention(attention: Attention, x: torch.Tensor, mask: torch.Tensor | N
     return _attend(attention, *_heads(attention, x), is_causal=is_causal, mask=mask)
 
 
+# How a compiled training step on a CPU attends: "written-out" (the products, mask and softmax as plain operations,
+# which inductor fuses with the code around them) or "sdpa" (torch's fused kernel, an opaque call). benchmarks/
+# step_turns.py sets "sdpa" for its `compiled-sdpa` variant, to compare.
+COMPILED_CPU_TRAINING_ATTENTION = "written-out"
+
+
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                                  is_causal: bool = False) -> torch.Tensor:
-    """torch's SDPA, run in float32 where CPU autocast would run it in bf16 or fp16: on a CPU, SDPA's backward pass
-    takes 3 to 4 times longer in bf16 than in float32 at these sizes, which cost more than bf16 saved everywhere else
-    (benchmarks/README.md, "bf16 on this CPU"). The products around it keep autocast's precision. On a GPU, whose
-    flash kernels are fastest in half precision, it is SDPA as autocast runs it."""
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    """torch's SDPA, except on a CPU:
+    - in a compiled training step (`compile_block_stacks`), attention written out (`written_out_attention`) at
+      autocast's precision: SDPA's fused CPU kernel is an opaque call the compiler cannot fuse, and its backward
+      pass is 3 to 4 times slower in bf16 than in float32; written out, the compiler fuses the scale, mask and
+      softmax with the code around them, and bf16 products run at the CPU's bf16 rate (the tiny bf16 steps 1.41x
+      and 1.34x of float32 against 1.31x and 1.27x; float32 steps as before: benchmarks/README.md, "What is left to
+      take, by profile");
+    - elsewhere under autocast, SDPA on the float32 inputs, for the same slow bf16 backward pass. The products
+      around it keep autocast's precision.
+    Sampling and play (no gradients) and a GPU (whose flash kernels are fastest in half precision) run SDPA as
+    autocast runs it."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    if (COMPILED_CPU_TRAINING_ATTENTION == "written-out" and torch.compiler.is_compiling()
+            and torch.is_grad_enabled()):
+        return written_out_attention(q, k, v, mask=mask, is_causal=is_causal)
+    if torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal)
         return out.to(torch.get_autocast_dtype("cpu"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+def written_out_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                          is_causal: bool = False) -> torch.Tensor:
+    """What SDPA computes (bool `mask`: True where a query may attend; `is_causal`: each query the keys up to its
+    own position), as plain operations: the products at the inputs' precision (autocast's), the softmax in float32."""
+    if is_causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.float().softmax(-1).to(v.dtype) @ v
 
 
 class FrameCache:

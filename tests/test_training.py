@@ -202,6 +202,57 @@ def test_attention_keeps_float32_under_cpu_autocast():
                        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
+def test_written_out_attention_is_sdpa_to_float_rounding():
+    """`written_out_attention` (what a compiled training step on a CPU attends with) gives SDPA's values and
+    gradients to float32 rounding, plain, causal and under a mask; under bf16 autocast it is SDPA in bf16, its
+    products in bf16 and its softmax in float32."""
+    torch.manual_seed(0)
+    mask = torch.rand(7, 7) > 0.4
+    mask.fill_diagonal_(True)
+    for options in ({}, {"is_causal": True}, {"mask": mask}):
+        q, k, v = (torch.randn(6, 2, 7, 8, requires_grad=True) for _ in range(3))
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=options.get("mask"),
+                                                                is_causal=options.get("is_causal", False))
+        written = nn_blocks.written_out_attention(q, k, v, **options)
+        torch.testing.assert_close(written, sdpa, rtol=1e-5, atol=1e-6)
+        upstream = torch.randn_like(sdpa)
+        want = torch.autograd.grad(sdpa, (q, k, v), upstream)
+        got = torch.autograd.grad(written, (q, k, v), upstream)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            in_bf16 = nn_blocks.written_out_attention(q, k, v, **options)
+        assert in_bf16.dtype == torch.bfloat16
+        torch.testing.assert_close(in_bf16.float(), sdpa, rtol=0, atol=0.05)
+
+
+def test_compiled_training_on_a_cpu_attends_written_out_and_elsewhere_through_sdpa(monkeypatch):
+    """Inside torch.compile with gradients (a compiled training step) the CPU attention is written out, so the
+    compiler sees the softmax and can fuse it; compiled without gradients (play's compiled steps), or with the
+    switch set to "sdpa", it is torch's SDPA, as eagerly."""
+    def traced_ops(grad: bool) -> str:
+        graphs = []
+
+        def recording_backend(graph, _example_inputs):
+            graphs.append(graph)
+            return graph.forward
+
+        torch._dynamo.reset()
+        q, k, v = (torch.randn(4, 2, 5, 8, requires_grad=grad) for _ in range(3))
+        attend = torch.compile(lambda *qkv: nn_blocks.scaled_dot_product_attention(*qkv, is_causal=True),
+                               backend=recording_backend)
+        with torch.set_grad_enabled(grad):
+            attend(q, k, v)
+        return "\n".join(graph.code for graph in graphs)
+
+    trained = traced_ops(grad=True)
+    assert "softmax" in trained and "scaled_dot_product_attention" not in trained
+    assert "scaled_dot_product_attention" in traced_ops(grad=False)
+    monkeypatch.setattr(nn_blocks, "COMPILED_CPU_TRAINING_ATTENTION", "sdpa")
+    assert "scaled_dot_product_attention" in traced_ops(grad=True)
+    torch._dynamo.reset()
+
+
 def test_every_attention_computes_timms_and_goes_through_the_float32_guard(monkeypatch):
     """`self_attention` is timm's Attention to the bit, with a mask or causal; the spatiotemporal blocks (spatial
     and temporal) and the full-attention blocks all attend through `scaled_dot_product_attention`."""

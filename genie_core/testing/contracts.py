@@ -67,12 +67,17 @@ def _training_step(model, loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor
 
 
 def _same_loss_and_gradients(a, b) -> None:
-    """Two `_training_step` results agree: the loss, and the gradient of every weight."""
+    """Two `_training_step` results agree to float rounding: the loss, and the gradient of every weight, compared as
+    a whole (the norm of the difference against the gradient's norm). Not entry by entry: another attention kernel
+    rounds differently (a compiled step's written-out attention, or SDPA's own math kernel against its fused one),
+    and a sharp loss such as LFQ's entropy term carries that rounding to single entries of small gradients by more
+    than 1e-4 of their size, while the whole tensor moves by 5e-5 of its norm."""
     (loss_a, grads_a, _), (loss_b, grads_b, _) = a, b
     assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6), (loss_a, loss_b)
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name, grad in grads_a.items():
-        assert torch.allclose(grad, grads_b[name], rtol=1e-4, atol=1e-6), name
+        off, size = (grad - grads_b[name]).norm().item(), grad.norm().item()
+        assert off <= 1e-4 * size + 1e-6, f"{name}: gradients {off:.3g} apart, of norm {size:.3g}"
 
 
 def same_training_step_with_activation_checkpointing(module, loss_fn) -> None:
