@@ -244,12 +244,11 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
       around it keep autocast's precision.
     Sampling and play (no gradients) and a GPU (whose flash kernels are fastest in half precision) run SDPA as
     autocast runs it."""
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-    if (COMPILED_CPU_TRAINING_ATTENTION == "written-out" and torch.compiler.is_compiling()
+    on_cpu = q.device.type == "cpu"
+    if (on_cpu and COMPILED_CPU_TRAINING_ATTENTION == "written-out" and torch.compiler.is_compiling()
             and torch.is_grad_enabled()):
         return written_out_attention(q, k, v, mask=mask, is_causal=is_causal)
-    if torch.is_autocast_enabled("cpu"):
+    if on_cpu and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal)
         return out.to(torch.get_autocast_dtype("cpu"))
