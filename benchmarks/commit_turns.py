@@ -172,10 +172,12 @@ def take_turns(entries: list[tuple[str, Path, Path, str]], args) -> dict:
     for round_ in range(args.rounds):
         shift = round_ % len(entries)  # each round starts with another entry: no version always runs first
         for label, path, root, variant in entries[shift:] + entries[:shift]:
+            if "skipped" in runs[label]:  # a variant this version cannot run: said once
+                continue
             command = [sys.executable, __file__, "--turn", variant, "--recipe", str(root / args.recipe),
                        "--stages", args.stages, "--steps", str(args.steps), "--warmup", str(args.warmup),
                        *args.overrides]
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), os.environ.get("PYTHONPATH", "")])}
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(path), os.environ.get("PYTHONPATH")]))}
             done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root)
             if done.returncode != 0:
                 raise SystemExit(f"commit_turns: {label} failed in round {round_ + 1}:\n{done.stderr[-3000:]}")

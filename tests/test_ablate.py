@@ -409,7 +409,7 @@ def test_commit_turns_times_two_versions_of_the_code_in_turns(tmp_path):
     for run in runs.values():
         assert set(run["steps_per_s"]) == {"tokenizer", "dynamics"}
         assert all(len(rates) == 2 and min(rates) > 0 for rates in run["steps_per_s"].values())
-        assert run["environment"]["cpu_capability"] and run["environment"]["keeps_freed_memory"]
+        assert run["environment"]["cpu_capability"] and "keeps_freed_memory" in run["environment"]
     assert base["ratio_to_first"] == {"tokenizer": 1.0, "dynamics": 1.0}
     for stage, losses in base["warmup_losses"].items():
         assert len(losses) == 2 and same["warmup_losses"][stage] == losses  # the same code, the same steps
