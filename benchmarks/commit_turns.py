@@ -228,7 +228,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON (default benchmarks/results)")
     parser.add_argument("--turn", help=argparse.SUPPRESS)  # inside one version's process: run one turn
     args = parser.parse_args(argv)
-    if args.turn:
+    if args.turn:  # a turn has no BASE: every positional is a recipe override
+        args.overrides = [args.base, *args.overrides] if args.base else args.overrides
         print(json.dumps(turn(args)))
         return 0
     if args.base is None:
