@@ -91,7 +91,9 @@ def stage_task(recipe, stage: str):
     torch.manual_seed(0)
     video = VideoSpec(height=res, width=res, num_frames=cfg.seq_len)
     batch = torch.rand(cfg.batch_size, cfg.seq_len, 3, res, res)
-    tokenizer = c["tokenizer"].info.cls(c["tokenizer"].config, video)
+    # the tokenizer as its own stage builds it, for its own window length, also when the dynamics stage freezes it
+    tokenizer = c["tokenizer"].info.cls(c["tokenizer"].config, VideoSpec(
+        height=res, width=res, num_frames=recipe.train["tokenizer"].seq_len))
     if stage == "tokenizer":
         return TokenizerTask(tokenizer), batch, cfg
     action_model = c["action_model"].info.cls(c["action_model"].config, video)
