@@ -20,8 +20,10 @@ variants differ only in what they change; the row says what was reused.
 Row: parameters of each component, peak memory of the variant's process (resident set on CPU, allocated on a GPU),
 training steps/s and samples/s of both stages, tokenizer PSNR, dynamics PSNR at the recipe's t beside the
 copy-prompt baseline (the prompt frame shown again) and the paired difference of the two, dtPSNR at t, and
-latent-vs-true action NMI on raw actions and on the source's classes of actions that do the same thing. Writes
-OUT/ablation.json, .csv, .md and .png, with the machine, library versions and git commit. Default OUT:
+latent-vs-true action NMI on raw actions and on the source's classes of actions that do the same thing, and each
+training stage's loss at its end (the mean of its last five logged steps). Writes OUT/ablation.json, .csv, .md and
+.png, and OUT/ablation-curves.png (every variant's training loss and held-out scores against the step, stage by
+stage, from its run folder's logs), with the machine, library versions and git commit. Default OUT:
 benchmarks/results/ablations/NAME (NAME: the ablation file's stem).
 """
 
@@ -47,7 +49,10 @@ LIBRARIES = ("torch", "timm", "vector-quantize-pytorch", "accelerate", "torchmet
 COLUMNS = ("variant", "status", "reused", "tokenizer_params", "action_model_params", "dynamics_params",
            "peak_memory_mib", "tokenizer_steps_per_s", "tokenizer_samples_per_s", "dynamics_steps_per_s",
            "dynamics_samples_per_s", "tokenizer_psnr_db", "dynamics_psnr_db", "copy_prompt_psnr_db",
-           "dynamics_minus_copy_db", "dtpsnr_db", "actions_nmi", "action_classes_nmi", "seconds", "error")
+           "dynamics_minus_copy_db", "dtpsnr_db", "actions_nmi", "action_classes_nmi", "tokenizer_end_loss",
+           "dynamics_end_loss", "seconds", "error")
+LOGGED = ("tokenizer", "dynamics")  # the training stages whose JSONL logs a run folder keeps under logs/
+END_STEPS = 5  # a stage's loss at its end: the mean of its last this many logged steps (one step's loss is noisy)
 
 
 def read_ablation(path: Path) -> dict:
@@ -136,6 +141,32 @@ def run_variant(recipe_path: str, overrides: list[str], run_dir: Path, runs_root
     }
 
 
+def training_curves(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{stage: {metric: [(step, value), ...]}} from a run folder's logs: the training loss every log_every steps and
+    the held-out scores (val_*) every eval_every steps. A stage reused from another run has no log here."""
+    curves = {}
+    for stage in LOGGED:
+        path = run_dir / "logs" / f"{stage}.jsonl"
+        if not path.is_file():
+            continue
+        series = {}
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            for key, value in record.items():
+                if key == "loss" or key.startswith("val_"):
+                    series.setdefault(key, []).append((record["step"], value))
+        curves[stage] = series
+    return curves
+
+
+def end_losses(curves: dict) -> dict[str, float | None]:
+    ends = {}
+    for stage in LOGGED:
+        last = [value for _, value in curves.get(stage, {}).get("loss", [])[-END_STEPS:]]
+        ends[f"{stage}_end_loss"] = sum(last) / len(last) if last else None
+    return ends
+
+
 def mean(value):
     return value["mean"] if isinstance(value, dict) else value
 
@@ -153,7 +184,13 @@ def cell(row: dict, key: str) -> str:
     return str(value)
 
 
-def write_outputs(out: Path, meta: dict, rows: list[dict], t: int) -> None:
+def write_outputs(out: Path, meta: dict, rows: list[dict], t: int, runs_root: Path) -> None:
+    curves = {}
+    for row in rows:
+        run_dir = runs_root / f"{meta['name']}-{row['variant']}"
+        if row["status"] == "ok" and run_dir.is_dir():
+            curves[row["variant"]] = training_curves(run_dir)
+            row |= end_losses(curves[row["variant"]])
     (out / "ablation.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     with open(out / "ablation.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
@@ -164,8 +201,9 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], t: int) -> None:
              ("dynamics_steps_per_s", "LAM+dyn steps/s"), ("tokenizer_psnr_db", "tokenizer PSNR (dB)"),
              ("dynamics_psnr_db", f"dynamics PSNR t={t} (dB)"), ("copy_prompt_psnr_db", f"copy-prompt PSNR t={t} (dB)"),
              ("dynamics_minus_copy_db", "dynamics minus copy-prompt (dB, paired)"), ("dtpsnr_db", f"dtPSNR t={t} (dB)"),
-             ("actions_nmi", "actions NMI"), ("action_classes_nmi", "action classes NMI"), ("seconds", "seconds"),
-             ("reused", "reused stages")]
+             ("actions_nmi", "actions NMI"), ("action_classes_nmi", "action classes NMI"),
+             ("tokenizer_end_loss", "tokenizer loss at the end"), ("dynamics_end_loss", "LAM+dyn loss at the end"),
+             ("seconds", "seconds"), ("reused", "reused stages")]
     lines = [f"# Ablation {meta['name']}", "", f"Base recipe `{meta['base']}`, shared overrides "
              f"`{' '.join(meta['overrides']) or 'none'}`; {meta['environment']['machine']}, "
              f"{meta['environment']['gpu'] or 'CPU'}, commit {meta['environment']['git_commit']}.", "",
@@ -179,6 +217,29 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], t: int) -> None:
     lines += [f"- {r['variant']} failed: {r['error']}" for r in failed]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "ablation.png", meta["name"], t)
+    if curves:
+        plot_curves(curves, out / "ablation-curves.png", meta["name"])
+
+
+def plot_curves(curves: dict[str, dict], path: Path, title: str) -> None:
+    """One panel per (stage, metric): every variant's training loss (log scale) or held-out score against the step."""
+    from genie_core.eval.plots import plt, save
+
+    panels = sorted({(stage, metric) for c in curves.values() for stage, series in c.items() for metric in series},
+                    key=lambda p: (LOGGED.index(p[0]), p[1] != "loss", p[1]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, (stage, metric) in zip(axes[0], panels):
+        for variant, c in curves.items():
+            if metric in c.get(stage, {}):
+                steps, values = zip(*c[stage][metric])
+                ax.plot(steps, values, label=variant, linewidth=1, marker="" if metric == "loss" else "o",
+                        markersize=3)
+        if metric == "loss":
+            ax.set_yscale("log")
+        ax.set_title(f"{stage} {metric.replace('_', ' ')}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    save(fig, path, f"ablation {title}: training curves", dpi=120)
 
 
 def plot(rows: list[dict], path: Path, title: str, t: int) -> None:
@@ -273,11 +334,12 @@ def main(argv=None) -> int:
         error = f": {row['error']}" if row["error"] else ""
         print(f"   {row['status']} in {row['seconds']:.0f} s{error}", flush=True)
         rows.append(row)
-        write_outputs(out, meta, rows, base.eval.dtpsnr_t)  # after every variant: a stopped ablation keeps its rows
+        # after every variant: a stopped ablation keeps its rows
+        write_outputs(out, meta, rows, base.eval.dtpsnr_t, runs_root)
 
-    write_outputs(out, meta, rows, base.eval.dtpsnr_t)  # every row, the ones kept from before (--only) too
+    write_outputs(out, meta, rows, base.eval.dtpsnr_t, runs_root)  # every row, the ones kept from before (--only) too
     print((out / "ablation.md").read_text())
-    print(f"saved {out}/ablation.{{json,csv,md,png}}")
+    print(f"saved {out}/ablation.{{json,csv,md,png}} and ablation-curves.png")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

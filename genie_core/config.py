@@ -143,7 +143,9 @@ class RunConfig:
     name: str = attrs.field(default="genie", validator=folder_name)  # the run folder: out_dir/name
     seed: int = 0
     out_dir: str = "runs"  # the run folder is out_dir/name unless `genie run --out` says otherwise
-    mixed_precision: str = attrs.field(default="no", validator=v.in_(("no", "bf16", "fp16")))
+    # "auto": bf16 where the device has bf16 units (a GPU that supports it, a CPU with AMX or AVX-512 BF16), else
+    # float32 ("no"); the stage records say which one trained (genie_core.io.machine.resolve_mixed_precision).
+    mixed_precision: str = attrs.field(default="no", validator=v.in_(("no", "bf16", "fp16", "auto")))
     cpu: bool = False  # force CPU even when a GPU is present
     distributed: str = attrs.field(default="ddp", validator=v.in_(("ddp", "fsdp")))  # under several processes
     # Accelerate's trackers, comma-separated (tensorboard, wandb, mlflow, ...; each must be installed); "none" for none.

@@ -67,6 +67,12 @@ overrides = ["source.game=bigfish"]
         assert row["tokenizer_params"] > 0 and row["dynamics_params"] > 0 and row["peak_memory_mib"] > 0
         assert row["tokenizer_steps_per_s"] > 0 and row["dynamics_samples_per_s"] > 0
         assert set(row["dtpsnr_db"]) >= {"mean", "ci95", "n"} and 0 <= row["actions_nmi"] <= 1
+        assert row["dynamics_end_loss"] > 0
+    # the end of the tokenizer's training, from the log of the run that trained it; a reused stage has none here
+    logged = [json.loads(line) for line in (runs / "mini-base" / "logs" / "tokenizer.jsonl").read_text().splitlines()]
+    losses = [line["loss"] for line in logged if "loss" in line]
+    assert base["tokenizer_end_loss"] == pytest.approx(np.mean(losses[-5:])) and token["tokenizer_end_loss"] is None
+    assert (out / "ablation-curves.png").stat().st_size > 0
     meta = json.loads((out / "ablation.json").read_text())
     assert meta["environment"]["git_commit"] and "vector-quantize-pytorch" in meta["environment"]["libraries"]
     with open(out / "ablation.csv") as f:

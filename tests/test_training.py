@@ -285,6 +285,40 @@ def test_fp16_on_cpu_says_it_trains_in_float32(tmp_path, capsys):
     assert "run.mixed_precision = 'fp16': needs a GPU; on cpu this run trains in float32" in capsys.readouterr().out
 
 
+def test_auto_mixed_precision_is_bf16_where_the_device_has_bf16_units(tmp_path, capsys, monkeypatch):
+    """run.mixed_precision = "auto": bf16 on a CPU with AVX-512 BF16 or AMX (or a GPU that supports bf16), float32
+    elsewhere; the run says which, trains in it, and fingerprints its stages with it (a stage trained in float32 on
+    one machine is not taken for one trained in bf16 on another)."""
+    from genie_core.io.machine import bf16_units, resolve_mixed_precision
+    from genie_core.recipe import load_recipe
+    from genie_core.run.stages import stage_fingerprint
+    from genie_core.training.pipeline import Pipeline
+
+    def cpu_with(avx512_bf16: bool, amx: bool = False) -> None:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+    few = ["run.cpu=true", "run.trackers=none", "train.tokenizer.steps=2", "train.dynamics.steps=2"]
+    for units, precision, said in ((True, "bf16", "bf16, this device has bf16 units (AVX-512 BF16)"),
+                                   (False, "no", "float32, this device has no bf16 units")):
+        cpu_with(units)
+        auto = load_recipe(SMOKE, [*few, "run.mixed_precision=auto"])
+        explicit = load_recipe(SMOKE, [*few, f"run.mixed_precision={precision}"])
+        for stage in ("data", "tokenizer", "dynamics", "report"):
+            assert stage_fingerprint(auto, stage) == stage_fingerprint(explicit, stage)
+        pipeline = Pipeline(auto, tmp_path / precision)
+        pipeline.run()
+        assert pipeline.accelerator.mixed_precision == precision
+        assert f"run.mixed_precision = 'auto': {said}" in capsys.readouterr().out
+    cpu_with(False, amx=True)
+    assert bf16_units(cpu=True) == "AMX" and resolve_mixed_precision("fp16", cpu=True) == ("fp16", "as the recipe says")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert bf16_units() is None and bf16_units(cpu=True) == "AMX"  # the GPU decides unless the run is told cpu
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_mixed_precision("auto")[0] == "bf16" and bf16_units() == "CUDA"
+
+
 def test_lam_alone_then_dynamics_on_the_frozen_lam(tmp_path):
     """train.dynamics.lam_steps > 0: the LAM trains alone, then the dynamics model alone on it, frozen."""
     run = tmp_path / "separate"

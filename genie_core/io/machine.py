@@ -40,6 +40,28 @@ def describe() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "genie": version("genie-world")}
 
 
+def bf16_units(cpu: bool = False) -> str | None:
+    """What multiplies bf16 matrices natively where a run trains (on the GPU when one is visible and `cpu` is not
+    set, as Accelerate places it): "AMX", "AVX-512 BF16", "CUDA", or None. A CPU without such units emulates bf16
+    products, and then bf16 trains slower than float32."""
+    import torch
+
+    if torch.cuda.is_available() and not cpu:
+        return "CUDA" if torch.cuda.is_bf16_supported() else None
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    return "AVX-512 BF16" if torch.cpu._is_avx512_bf16_supported() else None
+
+
+def resolve_mixed_precision(setting: str, cpu: bool = False) -> tuple[str, str]:
+    """run.mixed_precision as a run trains with it, and why: "auto" is bf16 where the device has bf16 units
+    (bf16_units), else "no" (float32); any other setting is itself."""
+    if setting != "auto":
+        return setting, "as the recipe says"
+    units = bf16_units(cpu)
+    return ("bf16", f"this device has bf16 units ({units})") if units else ("no", "this device has no bf16 units")
+
+
 def memory_bytes(cpu: bool = False) -> int:
     """The memory training gets on this machine: the GPUs' together when they are used, else the main memory."""
     import torch

@@ -18,6 +18,7 @@ import json
 
 from genie_core.data.footage import EpisodeIndex, true_action_count
 from genie_core.interfaces import DynamicsModel, LatentActionModel, TokenSpec, VideoSpec
+from genie_core.io.machine import resolve_mixed_precision
 from genie_core.recipe import Recipe
 
 STAGES = ("data", "tokenizer", "dynamics", "report")
@@ -34,8 +35,10 @@ def stage_settings(recipe: Recipe, stage: str) -> dict:
     d["versions"] = {kind: f"{c.info.owner.package} {c.info.owner.version}" for kind, c in recipe.components.items()}
     settings = {"data": d["data"], "source": d["source"]}
     if stage in ("tokenizer", "dynamics", "report"):
+        # the precision it trains in: "auto" is bf16 on one machine and float32 on another
+        precision, _ = resolve_mixed_precision(recipe.run.mixed_precision, recipe.run.cpu)
         settings |= {"seed": d["run"]["seed"], "tokenizer": d["tokenizer"], "train.tokenizer": d["train"]["tokenizer"],
-                     "precision": d["run"]["mixed_precision"]}
+                     "precision": precision}
     if stage in ("dynamics", "report"):
         settings |= {"action_model": d["action_model"], "dynamics": d["dynamics"],
                      "train.dynamics": d["train"]["dynamics"]}

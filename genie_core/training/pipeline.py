@@ -35,6 +35,7 @@ from genie_core.interfaces import DataSpec
 from genie_core.io.atomic import atomic_dir
 from genie_core.io.log import say
 from genie_core.io.machine import describe as describe_machine
+from genie_core.io.machine import resolve_mixed_precision
 from genie_core.io.media import save_gif, save_strip, tile
 from genie_core.recipe import Recipe
 from genie_core.run.folder import RunFolder
@@ -146,7 +147,8 @@ class Pipeline:
             full = MixedPrecision(param_dtype=torch.float32, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
             fsdp = FullyShardedDataParallelPlugin(mixed_precision_policy=full)
         # Built before any model: vector-quantize-pytorch decides codebook syncing when a model is constructed.
-        self.accelerator = Accelerator(cpu=run_cfg.cpu, mixed_precision=run_cfg.mixed_precision, fsdp_plugin=fsdp,
+        precision, why = resolve_mixed_precision(run_cfg.mixed_precision, run_cfg.cpu)
+        self.accelerator = Accelerator(cpu=run_cfg.cpu, mixed_precision=precision, fsdp_plugin=fsdp,
                                        log_with=trackers or None, project_dir=str(self.folder.logs))
         if trackers:
             self.accelerator.init_trackers(run_cfg.name, config=_flat(self.recipe.describe()))
@@ -159,6 +161,8 @@ class Pipeline:
             # Accelerate shards with FSDP only on GPUs; on CPU processes it falls back to DDP without a word.
             self.log(f"run.distributed = 'fsdp': Accelerate runs FSDP on GPUs only; these "
                      f"{self.accelerator.num_processes} {self.accelerator.device.type} processes use DDP")
+        if run_cfg.mixed_precision == "auto":
+            self.log(f"run.mixed_precision = 'auto': {'bf16' if precision == 'bf16' else 'float32'}, {why}")
         if run_cfg.mixed_precision == "fp16" and not self.accelerator.native_amp:
             # Accelerate runs fp16 (autocast + gradient scaler) on GPUs only; elsewhere it trains in float32 silently.
             self.log(f"run.mixed_precision = 'fp16': needs a GPU; on {self.accelerator.device.type} this run trains in "
