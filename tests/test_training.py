@@ -402,7 +402,10 @@ def test_tiny_recipe_on_two_processes(tmp_path):
     tiny = str(REPO / "recipes" / "coinrun-tiny.toml")
     few = ["source.train_levels=2", "source.val_levels=1", "source.steps_per_level=40", "data.min_episode_frames=8",
            "train.tokenizer.steps=3", "train.dynamics.steps=3", "eval.windows=2", "eval.rollout_steps=1",
-           "run.cpu=true", "run.trackers=none", "run.distributed=fsdp"]
+           "run.cpu=true", "run.trackers=none", "run.distributed=fsdp",
+           # compiling each stack in both processes would take minutes of these 3 steps; compiled stacks are tested
+           # on their own (test_compile_trains_the_same_run, on the smoke recipe)
+           "train.tokenizer.compile=false", "train.dynamics.compile=false"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "genie_core.cli", "run", tiny, *few, "--out", str(tmp_path / "tiny")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
