@@ -7,9 +7,11 @@ RUN is a finished run (or ablation variant) whose data and tokenizer stages are 
 recipe for the dynamics stage (steps, model sizes, action model, sampler). Scores at every --every steps, on
 --windows evenly spaced windows of the run's validation split: dynamics PSNR at t=4 with inferred actions, the
 prompt frame again, the prompt's tokens again, dtPSNR(t=4) with its 95% interval, and latent vs true action NMI.
-Trains with the stage's own training loop (`genie_core.training.engine.train`), one process. Point it at footage
-for tuning (a run with `source.first_level` set apart), never at the evaluation levels: this is where settings get
-chosen. Prints each point; saves JSON and a PNG to benchmarks/results/world-curve-NAME.{json,png} (or --out).
+Trains with the stage's own training loop (`genie_core.training.engine.train`), one process, in the recipe's
+precision (`run.mixed_precision`) and with its compiled stacks if it compiles them (`train.dynamics.compile`).
+Point it at footage for tuning (a run with `source.first_level` set apart), never at the evaluation levels: this is
+where settings get chosen. Prints each point; saves JSON and a PNG to benchmarks/results/world-curve-NAME.{json,png}
+(or --out).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from genie_core.data.footage import EpisodeIndex, WindowDataset
 from genie_core.eval.evaluate import EvalSettings, Evaluation
 from genie_core.eval.plots import save
 from genie_core.io.machine import describe as describe_machine
+from genie_core.io.machine import resolve_mixed_precision
 from genie_core.recipe import recipe_with_overrides
 from genie_core.run.folder import RunFolder
 from genie_core.run.stages import world_models
@@ -106,7 +109,10 @@ def main() -> None:
     action_model, dynamics = world_models(recipe, tokenizer, index)
     sampler = recipe.components["sampler"]
     world = World(tokenizer, action_model, dynamics, sampler.info.cls(sampler.config), recipe.world)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # the precision the dynamics stage trains in (a recipe's "auto" is bf16 on some machines, float32 on others)
+    cpu = not torch.cuda.is_available()
+    precision, _ = resolve_mixed_precision(recipe.run.mixed_precision, cpu)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
     points: list[dict] = []
 
     def validate(step: int) -> dict:  # train() calls it in eval mode, without gradients, and logs what it returns
@@ -127,8 +133,7 @@ def main() -> None:
               validate)
     args.out.mkdir(parents=True, exist_ok=True)
     out = {"run": str(args.run), "overrides": args.overrides, "windows": args.windows, "t": T,
-           "machine": describe_machine(),
-           "points": points}
+           "precision": precision, "machine": describe_machine(), "points": points}
     (args.out / f"world-curve-{name}.json").write_text(json.dumps(out, indent=2))
     plot(points, args.out / f"world-curve-{name}.png", f"{name}: held-out world against the baselines")
     print(f"saved {args.out / f'world-curve-{name}.json'} and .png")

@@ -97,13 +97,17 @@ overrides = ["source.game=bigfish"]
 
 def test_world_curve_scores_the_world_during_training(played_run, tmp_path):
     """benchmarks/world_curve.py: LAM + dynamics trained again on a finished run's tokenizer, scored every N steps
-    on the same held-out windows beside the baselines; the run itself is left as it was."""
+    on the same held-out windows beside the baselines, in the precision the recipe trains in; the run itself is left
+    as it was."""
+    from genie_core.io.machine import resolve_mixed_precision
+
     before = sorted((p.relative_to(played_run), p.stat().st_mtime_ns) for p in played_run.rglob("*") if p.is_file())
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "world_curve.py"), str(played_run),
-                           "train.dynamics.steps=4", "--every", "2", "--windows", "4", "--name", "t", "--out",
-                           str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+                           "train.dynamics.steps=4", "run.mixed_precision=auto", "--every", "2", "--windows", "4",
+                           "--name", "t", "--out", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "world-curve-t.json").read_text())
+    assert result["precision"] == resolve_mixed_precision("auto", cpu=True)[0]  # bf16 where the CPU has bf16 units
     points = result["points"]
     assert [p["step"] for p in points] == [2, 4] and result["windows"] == 4
     for p in points:
