@@ -22,13 +22,13 @@ A variant is the recipe as it trains (`recipe`: the engine's optimizer, and the 
   bf16             the forward pass under bf16 autocast (run.mixed_precision = "bf16"; on a CPU attention stays in
                    float32, except written out in compiled stacks; not the same losses)
 A step is the engine's: forward, backward, gradient clipping at the stage's grad_clip, the optimizer's step. Each
-variant's losses on its warm-up steps (the same seed for every variant) are printed and saved beside its speed:
-a change that only changes speed leaves them equal to float rounding. So are a step's page faults and system time
-(the memory allocator's share: run the command under another allocator setting to compare), and this machine's
-rate on one large matrix product in float32 and in bf16 (what bf16 could give the products at most). With
-`--profile`, one more turn of each variant runs under torch.profiler and its time is split by kind of work: matrix
-products, attention, compiled code, copies, layer norms, the rest, and the operations that took most. What a
-perfect compiler could still take away is the share outside the products and attention. JSON to
+variant's losses on its warm-up steps (the same seed for every variant) are printed and saved beside its speed: a
+change that only changes speed leaves them equal to float rounding. So are a step's page faults and system time (the
+memory allocator's share: run the command under another allocator setting to compare), and this machine's rate on one
+large matrix product in float32 and, where the device has bf16 units, in bf16 (what bf16 could give the products at
+most). With `--profile`, one more turn of each variant runs under torch.profiler and its time is split by kind of
+work: matrix products, attention, compiled code, copies, layer norms, the rest, and the operations that took most.
+What a perfect compiler could still take away is the share outside the products and attention. JSON to
 benchmarks/results/ (or --out) as turns-RUNNAME-VARIANTS.json.
 """
 
@@ -48,7 +48,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import genie_core.nn
-from genie_core.io.machine import keep_freed_memory
+from genie_core.io.machine import bf16_units, keep_freed_memory
 from genie_core.nn import compile_block_stacks, use_activation_checkpointing
 from genie_core.recipe import load_recipe
 from genie_core.training.engine import adamw
@@ -231,8 +231,9 @@ def main(argv=None) -> int:
             print(f"  {name}, profiled: {profiled['ms_per_step']:.1f} ms a step; "
                   + ", ".join(f"{kind} {share:.0%}" for kind, share in profiled["shares"].items()))
             print("    most: " + ", ".join(f"{op['name']} {op['ms_per_step']:.1f} ms" for op in profiled["top"][:6]))
-    rates = {str(dtype).removeprefix("torch."): matmul_gflop_per_s(device, dtype=dtype)
-             for dtype in (torch.float32, torch.bfloat16)}
+    # bf16's rate only where bf16 units multiply: emulated, one 2048x2048 product takes minutes on 2 cores
+    dtypes = (torch.float32, torch.bfloat16) if bf16_units(cpu=device.type == "cpu") else (torch.float32,)
+    rates = {str(dtype).removeprefix("torch."): matmul_gflop_per_s(device, dtype=dtype) for dtype in dtypes}
     print("one 2048x2048 matrix product: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"turns-{recipe.run.name}-{'-vs-'.join(name for name, _ in variants)}.json"

@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import types
 from typing import TYPE_CHECKING
 
@@ -78,6 +79,22 @@ def use_activation_checkpointing(module: nn.Module) -> list[str]:
     return [name for name, _ in stacks]
 
 
+class _NoCudaRuntimeNote(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." line. A CUDA build of torch says it once per
+    process when the compiler builds its first CPU kernel on a machine with a CUDA toolkit and no GPU: nothing is
+    wrong (the kernels are C++), but the line lands in the middle of a progress bar and reads like an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def _quiet_cuda_runtime_note() -> None:
+    """Installs `_NoCudaRuntimeNote` on the logger of torch's C++ builder (once), before anything compiles."""
+    builder = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNote) for f in builder.filters):
+        builder.addFilter(_NoCudaRuntimeNote())
+
+
 def _forward_compiled_in_training(self, *args, **kwargs):
     """The forward of a block stack that `compile_block_stacks` compiled."""
     if self.training and torch.is_grad_enabled():
@@ -91,6 +108,7 @@ def compile_block_stacks(module: nn.Module, **torch_compile_options) -> list[str
     each of their modes and shapes would compile again, for a few calls. What is compiled is the stacks alone: the
     quantizers (vector-quantize-pytorch's codebook updates stop dynamo), losses and optimizer stay eager. Weights
     and state_dict keys are unchanged, so a checkpoint loads either way."""
+    _quiet_cuda_runtime_note()
     stacks = block_stacks(module)
     for _, stack in stacks:
         if "forward" not in vars(stack):  # not compiled yet
@@ -109,6 +127,7 @@ def compile_fixed_shapes(fn, static=None, **torch_compile_options):
     tensors: every tensor argument is passed as a fresh contiguous copy, so every call stays on one graph. Under the
     modes that capture CUDA graphs, `static(*args)` names the tensors the graph may write into (their addresses must
     hold from call to call), and the output is copied out, since the next replay overwrites it."""
+    _quiet_cuda_runtime_note()
     compiled = torch.compile(fn, **({"dynamic": False} | torch_compile_options))
     graphs = torch_compile_options.get("mode") in CUDA_GRAPH_MODES
 

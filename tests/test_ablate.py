@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from genie_core.io.machine import bf16_units
+
 from conftest import REPO
 
 ABLATE = REPO / "benchmarks" / "ablate.py"
@@ -377,7 +379,8 @@ def test_step_turns_compares_variants_of_the_same_steps_taking_turns(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / f"turns-coinrun-smoke-{'-vs-'.join(variants)}.json").read_text())
     assert set(result["stages"]) == {"tokenizer", "dynamics"} and result["environment"]["cpu_capability"]
-    assert set(result["matmul_gflop_per_s"]) == {"float32", "bfloat16"}
+    # bf16's rate is measured only where bf16 units multiply (emulated, one product takes minutes)
+    assert set(result["matmul_gflop_per_s"]) == {"float32"} | ({"bfloat16"} if bf16_units(cpu=True) else set())
     for stage, runs in result["stages"].items():
         assert list(runs) == variants
         assert runs["recipe"]["ratio_to_first"] == 1.0

@@ -504,6 +504,37 @@ def test_compiled_stacks_compile_for_training_only():
     assert not torch.equal(twin(x), stack(x))
 
 
+def test_compiling_drops_torchs_no_cuda_runtime_note(tmp_path, monkeypatch):
+    """A CUDA build of torch, compiling CPU kernels on a machine with a CUDA toolkit and no GPU, logs "No CUDA
+    runtime is found, using CUDA_HOME=..." (in the middle of the first progress bar). Compiling through genie drops
+    that one line, and nothing else torch's C++ builder says."""
+    import logging
+
+    import torch.utils.cpp_extension as builder
+
+    from genie_core.nn import _NoCudaRuntimeNote, compile_block_stacks
+
+    if not hasattr(builder, "_find_cuda_home"):
+        pytest.skip("this torch finds CUDA_HOME elsewhere")
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    heard = []
+    handler = logging.Handler()
+    handler.emit = lambda record: heard.append(record.getMessage())
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "filters", [f for f in logger.filters if not isinstance(f, _NoCudaRuntimeNote)])
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        builder._find_cuda_home()
+        assert heard == [f"No CUDA runtime is found, using CUDA_HOME='{tmp_path}'"]  # torch's own words
+        compile_block_stacks(torch.nn.ModuleDict())
+        builder._find_cuda_home()
+        logger.warning("something else")
+        assert heard[1:] == ["something else"]
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_compile_without_a_cpp_compiler_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     """torch.compile builds its CPU kernels with a C++ compiler: a CPU run asked to compile where there is none is
     refused up front, naming the key, not stopped by a compiler error at its first step."""
