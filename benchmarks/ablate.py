@@ -1,6 +1,6 @@
 """Comparative ablations: one base recipe, a list of variants (each a set of overrides), one flat row per variant.
 
-    python benchmarks/ablate.py benchmarks/ablations/table3-tokenizers.toml [--out DIR] [KEY=VALUE ...]
+    python benchmarks/ablate.py benchmarks/ablations/table3-tokenizers.toml [--out DIR] [--only A,B] [KEY=VALUE ...]
 
 The ablation file names the base recipe, overrides shared by every variant, and the variants:
 
@@ -217,8 +217,9 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], t: int, runs_root: Pa
     lines += [f"- {r['variant']} failed: {r['error']}" for r in failed]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "ablation.png", meta["name"], t)
-    if curves:
-        plot_curves(curves, out / "ablation-curves.png", meta["name"])
+    trained_here = {variant: c for variant, c in curves.items() if c}  # a variant that reused every stage has no logs
+    if trained_here:
+        plot_curves(trained_here, out / "ablation-curves.png", meta["name"])
 
 
 def plot_curves(curves: dict[str, dict], path: Path, title: str) -> None:
@@ -267,13 +268,20 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--runs", type=Path, default=RESULTS / "ablations" / "runs",
                         help="run folders of every ablation (trained stages are reused across them)")
-    parser.add_argument("--only", help="comma-separated variant names to run (the others keep their earlier rows)")
+    parser.add_argument("--only", help="comma-separated variant names to run (the others keep their earlier rows, "
+                                       "if any, and are not run)")
     parser.add_argument("--variant-child", nargs=2, metavar=("NAME", "RUN_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     spec = read_ablation(args.ablation)
     shared = [*spec.get("overrides", []), *args.overrides]
     out = args.out or RESULTS / "ablations" / args.ablation.stem
     runs_root = args.runs
+    names = [v["name"] for v in spec["variant"]]
+    only = set(args.only.split(",")) if args.only else None
+    if only is not None and (unknown := sorted(only - set(names))):
+        print(f"error: --only: no variant {unknown[0]!r} in {args.ablation}; its variants: {', '.join(names)}",
+              file=sys.stderr)
+        return 2
 
     if args.variant_child:  # inside the child process of one variant: print its numbers as the last line
         name, run_dir = args.variant_child
@@ -310,12 +318,11 @@ def main(argv=None) -> int:
     previous = {}
     if (out / "ablation.json").is_file():
         previous = {r["variant"]: r for r in json.loads((out / "ablation.json").read_text())["rows"]}
-    only = set(args.only.split(",")) if args.only else None
     rows = []
     for variant in spec["variant"]:
         name, overrides = variant["name"], variant.get("overrides", [])
-        if only is not None and name not in only and name in previous:
-            rows.append(previous[name])
+        if only is not None and name not in only:  # not run now: its earlier row, if it has one
+            rows.extend([previous[name]] if name in previous else [])
             continue
         print(f"== variant {name}: {' '.join(overrides) or '(the base recipe)'}", flush=True)
         run_dir = runs_root / f"{args.ablation.stem}-{name}"
@@ -339,7 +346,8 @@ def main(argv=None) -> int:
 
     write_outputs(out, meta, rows, base.eval.dtpsnr_t, runs_root)  # every row, the ones kept from before (--only) too
     print((out / "ablation.md").read_text())
-    print(f"saved {out}/ablation.{{json,csv,md,png}} and ablation-curves.png")
+    curves = " and ablation-curves.png" if (out / "ablation-curves.png").is_file() else ""
+    print(f"saved {out}/ablation.{{json,csv,md,png}}{curves}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

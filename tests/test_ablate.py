@@ -95,6 +95,18 @@ overrides = ["source.game=bigfish"]
     assert again.returncode == 1 and list(rerun) == ["base", "token-lam", "broken", "cooler-token-lam", "bigfish"]
     assert rerun["base"]["reused"] == "tokenizer" and rerun["base"]["dtpsnr_db"] == base["dtpsnr_db"]
     assert rerun["token-lam"] == token
+    # into a new folder, --only runs just the variants named (the others have no earlier rows to keep); a name the
+    # file does not have is refused in one line that lists the ones it has
+    alone = subprocess.run([sys.executable, str(ABLATE), str(ablation), "--out", str(tmp_path / "alone"), "--runs",
+                            str(runs), "--only", "cooler-token-lam"], capture_output=True, text=True, cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert [r["variant"] for r in json.loads((tmp_path / "alone" / "ablation.json").read_text())["rows"]] == [
+        "cooler-token-lam"]
+    assert not (tmp_path / "alone" / "ablation-curves.png").exists()  # it trained nothing: no curves to draw
+    unknown = subprocess.run([sys.executable, str(ABLATE), str(ablation), "--only", "base,nope"],
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
+    assert "--only: no variant 'nope'" in unknown.stderr and "base, token-lam, broken" in unknown.stderr
 
 
 def test_world_curve_scores_the_world_during_training(played_run, tmp_path):
