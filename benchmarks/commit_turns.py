@@ -2,7 +2,7 @@
 
     python benchmarks/commit_turns.py BASE [KEY=VALUE ...] [--recipe recipes/coinrun-tiny.toml] \
         [--variants recipe,compile,compile+bf16] [--stages tokenizer,dynamics] [--rounds 6] [--steps 12] \
-        [--warmup 3] [--head REV] [--out DIR]
+        [--warmup 3] [--head REV] [--base-variants compile] [--out DIR]
 
 step_turns.py compares variants of one version of the code in one process. Across commits that cannot work (two
 versions of genie_core do not import into one process), and two runs of stage_throughput.py minutes apart differ by
@@ -10,7 +10,8 @@ versions of genie_core do not import into one process), and two runs of stage_th
 round runs one process per (version, variant), one after the other (each round starting one further along the
 list), each timing `--steps` steps of every stage after `--warmup` untimed ones (compiling, for a compiled variant).
 The median over the rounds of each one's steps/s over the base's plain steps/s in the same round is its speed-up,
-and the range shows how far the machine moved it.
+and the range shows how far the machine moved it. `--base-variants` runs variants of the base as well (the base's
+plain recipe stays the yardstick), and a variant run by both versions is also given as the head's over the base's.
 
 BASE and --head are git revisions of this repository (--head: the working tree when not given); each is exported with
 `git archive` into a temporary folder, and its processes import its genie_core and plugins from there. Every version
@@ -44,13 +45,13 @@ STAGES = ("tokenizer", "dynamics")
 WORKING_TREE = "working-tree"
 
 
-def parse_variants(text: str) -> list[str]:
+def parse_variants(text: str, option: str = "--variants") -> list[str]:
     """"recipe,compile+bf16" -> ["recipe", "compile+bf16"], every change known."""
     variants = text.split(",")
     for name in variants:
         unknown = sorted(set(name.split("+")) - {"recipe", *CHANGES})
         if unknown or not name:
-            raise ValueError(f"--variants: unknown change {(unknown[0] if unknown else name)!r}; choose from "
+            raise ValueError(f"{option}: unknown change {(unknown[0] if unknown else name)!r}; choose from "
                              f"recipe, {', '.join(CHANGES)}, joined by '+'")
     return variants
 
@@ -223,6 +224,9 @@ def main(argv=None) -> int:
     parser.add_argument("--head", help="the git revision measured against BASE (default: the working tree)")
     parser.add_argument("--variants", default="recipe",
                         help="variants of the head, each beside the base's plain recipe (comma-separated)")
+    parser.add_argument("--base-variants", default="",
+                        help="variants of the base to run too, beside its plain recipe (comma-separated): "
+                             "`compile` compares the two versions' compiled steps")
     parser.add_argument("--stages", default=",".join(STAGES), help="tokenizer, dynamics or both")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=12, help="timed steps of each stage in a turn")
@@ -238,6 +242,8 @@ def main(argv=None) -> int:
         parser.error("BASE: name the git revision to compare with")
     try:
         variants = parse_variants(args.variants)
+        extra = parse_variants(args.base_variants, "--base-variants") if args.base_variants else []
+        base_variants = ["recipe"] + [variant for variant in extra if variant != "recipe"]  # plain first: the yardstick
     except ValueError as error:
         parser.error(str(error))
     if not args.stages or set(args.stages.split(",")) - set(STAGES):
@@ -253,7 +259,7 @@ def main(argv=None) -> int:
         for root, name in ((base_root, base), (head_root, head)):
             if not (root / args.recipe).is_file():
                 parser.error(f"--recipe: {name} has no {args.recipe}")
-        entries = [(f"base {base} recipe", base_path, base_root, "recipe")]
+        entries = [(f"base {base} {variant}", base_path, base_root, variant) for variant in base_variants]
         entries += [(f"head {head} {variant}", head_path, head_root, variant) for variant in variants]
         print(f"{len(entries)} processes a round, {args.rounds} rounds, {args.steps} timed steps a stage")
         runs = take_turns(entries, args)
@@ -267,13 +273,22 @@ def main(argv=None) -> int:
         print(f"  {label:<30} " + "; ".join(cells))
         for stage, losses in run["warmup_losses"].items():
             print(f"  {'':<30} {stage} warm-up losses: " + ", ".join(f"{loss:.6f}" for loss in losses))
+    for variant in [v for v in variants if v in base_variants[1:]]:  # the same variant of both: head over base
+        mine, theirs = runs[f"head {head} {variant}"], runs[f"base {base} {variant}"]
+        if "skipped" in mine or "skipped" in theirs:
+            continue
+        ratios = {s: sorted(a / b for a, b in zip(mine["steps_per_s"][s], theirs["steps_per_s"][s]))
+                  for s in mine["steps_per_s"]}
+        mine[f"ratio_to_base_{variant}"] = {s: statistics.median(r) for s, r in ratios.items()}
+        print(f"  head {variant} over base {variant}: " + "; ".join(
+            f"{s} {statistics.median(r):.2f}x ({r[0]:.2f}-{r[-1]:.2f})" for s, r in ratios.items()))
     name = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("run.name=")), args.recipe.stem)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"commit-turns-{name}-{base}-vs-{head}.json"
     head_tree = working_tree_state() if head == WORKING_TREE else head
     out.write_text(json.dumps({"recipe": str(args.recipe), "overrides": args.overrides, "base": base, "head": head_tree,
-                               "variants": variants, "rounds": args.rounds, "steps": args.steps,
-                               "warmup": args.warmup, "runs": runs}, indent=2))
+                               "variants": variants, "base_variants": base_variants, "rounds": args.rounds,
+                               "steps": args.steps, "warmup": args.warmup, "runs": runs}, indent=2))
     print(f"saved {out}")
     return 0
 

@@ -415,33 +415,35 @@ def test_step_turns_compares_variants_of_the_same_steps_taking_turns(tmp_path):
 def test_commit_turns_times_two_versions_of_the_code_in_turns(tmp_path):
     """benchmarks/commit_turns.py: two git revisions, each exported and trained in processes of its own, taking
     turns; the same code gives the same warm-up losses in every process (bf16 autocast does not), every variant
-    gets its steps/s beside the base's plain steps; a revision that is not a commit, or an unknown variant, is
-    refused in one line."""
+    gets its steps/s beside the base's plain steps, and a variant both versions ran (--base-variants) the head's over
+    the base's; a revision that is not a commit, or an unknown variant, is refused in one line."""
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode != 0:
         pytest.skip("not a git checkout: nothing to export")
     script = REPO / "benchmarks" / "commit_turns.py"
     done = subprocess.run([sys.executable, str(script), "HEAD", "--head", "HEAD", "--recipe",
-                           "recipes/coinrun-smoke.toml", "--variants", "recipe,bf16", "--rounds", "2", "--steps", "1",
-                           "--warmup", "2", "--out", str(tmp_path)],
+                           "recipes/coinrun-smoke.toml", "--variants", "bf16", "--base-variants", "bf16", "--rounds",
+                           "2", "--steps", "1", "--warmup", "2", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                           text=True).stdout.strip()
     result = json.loads((tmp_path / f"commit-turns-coinrun-smoke-{head}-vs-{head}.json").read_text())
     runs = result["runs"]
-    assert list(runs) == [f"base {head} recipe", f"head {head} recipe", f"head {head} bf16"]
-    base, same, bf16 = runs.values()
+    assert list(runs) == [f"base {head} recipe", f"base {head} bf16", f"head {head} bf16"]
+    base, base_bf16, bf16 = runs.values()
     for run in runs.values():
         assert set(run["steps_per_s"]) == {"tokenizer", "dynamics"}
         assert all(len(rates) == 2 and min(rates) > 0 for rates in run["steps_per_s"].values())
         assert run["environment"]["cpu_capability"] and "keeps_freed_memory" in run["environment"]
     assert base["ratio_to_first"] == {"tokenizer": 1.0, "dynamics": 1.0}
+    assert set(bf16["ratio_to_base_bf16"]) == {"tokenizer", "dynamics"} and "head bf16 over base bf16" in done.stdout
     for stage, losses in base["warmup_losses"].items():
-        assert len(losses) == 2 and same["warmup_losses"][stage] == losses  # the same code, the same steps
+        assert len(losses) == 2 and base_bf16["warmup_losses"][stage] == bf16["warmup_losses"][stage]  # same code
         assert bf16["warmup_losses"][stage] == pytest.approx(losses, rel=5e-2)
         assert bf16["warmup_losses"][stage] != losses, "bf16 autocast really ran"
     assert "speed-up over" in done.stdout
     for bad, says in ((["not-a-revision"], "'not-a-revision' is not a commit"),
-                      (["HEAD", "--variants", "recipe,fast"], "unknown change 'fast'")):
+                      (["HEAD", "--variants", "recipe,fast"], "unknown change 'fast'"),
+                      (["HEAD", "--base-variants", "slow"], "--base-variants: unknown change 'slow'")):
         refused = subprocess.run([sys.executable, str(script), *bad], capture_output=True, text=True, timeout=60)
         assert refused.returncode == 2 and says in refused.stderr, refused.stderr

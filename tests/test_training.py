@@ -504,6 +504,34 @@ def test_compiled_stacks_compile_for_training_only():
     assert not torch.equal(twin(x), stack(x))
 
 
+def test_compiled_stacks_under_activation_checkpointing_give_the_same_gradients():
+    """train.*.compile with train.*.activation_checkpointing: in the compiled stack each block keeps only its input
+    and runs again in the backward pass; the gradients are the plain stack's (traced by dynamo and AOT autograd as
+    training does, run as traced: backend "aot_eager", no kernels to build)."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from genie_core.nn import STTransformer, compile_block_stacks, saved_activation_bytes, use_activation_checkpointing
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    plain = STTransformer(dim=16, depth=2, heads=2)
+    both = copy.deepcopy(plain)
+    use_activation_checkpointing(both)
+    traced = CompileCounterWithBackend("aot_eager")
+    compile_block_stacks(both, backend=traced)
+    x = torch.rand(2, 3, 4, 16, requires_grad=True)
+    kept = {}
+    for name, model in (("plain", plain), ("both", both)):
+        loss, kept[name] = saved_activation_bytes(lambda model=model: model(x).square().mean(), model)
+        loss.backward()
+    assert traced.frame_count == 1  # the stack ran compiled
+    assert kept["both"] < kept["plain"] / 2
+    for (name, weight), twin in zip(plain.named_parameters(), both.parameters()):
+        assert torch.allclose(weight.grad, twin.grad, atol=1e-6), name
+
+
 def test_compiling_drops_torchs_no_cuda_runtime_note(tmp_path, monkeypatch):
     """A CUDA build of torch, compiling CPU kernels on a machine with a CUDA toolkit and no GPU, logs "No CUDA
     runtime is found, using CUDA_HOME=..." (in the middle of the first progress bar). Compiling through genie drops
