@@ -184,7 +184,8 @@ def cell(row: dict, key: str) -> str:
     return str(value)
 
 
-def write_outputs(out: Path, meta: dict, rows: list[dict], t: int, runs_root: Path) -> None:
+def write_outputs(out: Path, meta: dict, rows: list[dict], t: int, runs_root: Path) -> bool:
+    """The table, its plot and (when a variant trained here) the curves; returns whether the curves were drawn."""
     curves = {}
     for row in rows:
         run_dir = runs_root / f"{meta['name']}-{row['variant']}"
@@ -220,6 +221,7 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], t: int, runs_root: Pa
     trained_here = {variant: c for variant, c in curves.items() if c}  # a variant that reused every stage has no logs
     if trained_here:
         plot_curves(trained_here, out / "ablation-curves.png", meta["name"])
+    return bool(trained_here)
 
 
 def plot_curves(curves: dict[str, dict], path: Path, title: str) -> None:
@@ -322,7 +324,8 @@ def main(argv=None) -> int:
     for variant in spec["variant"]:
         name, overrides = variant["name"], variant.get("overrides", [])
         if only is not None and name not in only:  # not run now: its earlier row, if it has one
-            rows.extend([previous[name]] if name in previous else [])
+            if name in previous:
+                rows.append(previous[name])
             continue
         print(f"== variant {name}: {' '.join(overrides) or '(the base recipe)'}", flush=True)
         run_dir = runs_root / f"{args.ablation.stem}-{name}"
@@ -344,9 +347,9 @@ def main(argv=None) -> int:
         # after every variant: a stopped ablation keeps its rows
         write_outputs(out, meta, rows, base.eval.dtpsnr_t, runs_root)
 
-    write_outputs(out, meta, rows, base.eval.dtpsnr_t, runs_root)  # every row, the ones kept from before (--only) too
+    drew_curves = write_outputs(out, meta, rows, base.eval.dtpsnr_t, runs_root)  # every row, kept ones (--only) too
     print((out / "ablation.md").read_text())
-    curves = " and ablation-curves.png" if (out / "ablation-curves.png").is_file() else ""
+    curves = " and ablation-curves.png" if drew_curves else ""
     print(f"saved {out}/ablation.{{json,csv,md,png}}{curves}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
