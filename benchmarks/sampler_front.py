@@ -1,6 +1,6 @@
 """How many MaskGIT steps a world needs, and in which order to unmask: quality against play speed.
 
-    python benchmarks/sampler_front.py RUN [--steps 1,2,4,8,25] [--orders confidence,random,noisy-confidence]
+    python benchmarks/sampler_front.py RUN [--steps 1,2,4,8,25] [--orders confidence,random,noisy-confidence,halton]
         [--temperature T] [--windows 128] [--history 16] [--repeats 9] [--name NAME] [--out DIR]
 
 RUN is a finished run (its world is loaded as trained). For every sampler setting (steps x unmasking order, at the
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
     parser.add_argument("--steps", default="1,2,4,8,25", help="MaskGIT steps per frame, comma separated")
-    parser.add_argument("--orders", default="confidence,random,noisy-confidence",
+    parser.add_argument("--orders", default="confidence,random,noisy-confidence,halton",
                         help="unmasking orders, comma separated ([sampler] order)")
     parser.add_argument("--temperature", type=float, help="sampling temperature (default: the run's)")
     parser.add_argument("--windows", type=int, default=128)

@@ -3,6 +3,7 @@ frames 1..T-1 given all earlier frames and the latent actions, and its iterative
 
 from __future__ import annotations
 
+import functools
 import math
 
 import attrs
@@ -17,7 +18,31 @@ from genie_core.interfaces import DynamicsModel, DynamicsOutput, Sampler, TokenS
 from genie_core.nn import FrameCache, SpaceTimePositions, STTransformer, compile_fixed_shapes, draw_categorical
 
 MAX_STEPS = 1024  # sampling steps per frame (the paper: 25)
-UNMASKING_ORDERS = ("confidence", "random", "noisy-confidence")
+UNMASKING_ORDERS = ("confidence", "random", "noisy-confidence", "halton")
+
+
+def radical_inverse(index: int, base: int) -> float:
+    """The index-th number (from 1) of van der Corput's sequence in `base`: index's digits mirrored after the point."""
+    value, scale = 0.0, 1.0 / base
+    while index:
+        index, digit = divmod(index, base)
+        value += digit * scale
+        scale /= base
+    return value
+
+
+@functools.cache
+def halton_order(h: int, w: int) -> torch.Tensor:
+    """Every cell of an h x w grid, in the order the 2D Halton sequence (bases 2 and 3) first lands in them [h * w]
+    (raster indices): however many come first, they are spread evenly over the grid, far from one another."""
+    order, seen, index = [], set(), 1
+    while len(order) < h * w:
+        cell = int(radical_inverse(index, 3) * h) * w + int(radical_inverse(index, 2) * w)
+        if cell not in seen:
+            seen.add(cell)
+            order.append(cell)
+        index += 1
+    return torch.tensor(order)
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -188,7 +213,10 @@ class MaskGITSamplerConfig:
     cache: bool = True
     # Which sampled tokens each step keeps: "confidence" (the paper's: the most probable first), "random" (a random
     # order, drawn afresh every step) or "noisy-confidence" (MaskGIT's: log-confidence plus Gumbel noise scaled by
-    # `order_noise`, annealed to 0 over the steps, so early steps are not all spent on the easiest tokens).
+    # `order_noise`, annealed to 0 over the steps, so early steps are not all spent on the easiest tokens) or
+    # "halton" (a fixed order over the frame's grid that spreads each step's tokens evenly over it, whatever the
+    # model's confidence: Besnier et al. 2025, so that the tokens fixed together in one step depend little on
+    # one another).
     order: str = attrs.field(default="confidence", validator=v.in_(UNMASKING_ORDERS))
     order_noise: float = attrs.field(default=4.5, validator=v.ge(0))  # MaskGIT's choice temperature
 
@@ -248,7 +276,7 @@ class MaskGITSampler(Sampler):
             logits = frame_logits(frame.reshape(b, h, w), hidden.reshape(b, h, w)).reshape(b, n, -1).float()
             probs = torch.softmax(logits / (temperature or 1), dim=-1)
             sampled = draw_categorical(probs, generator) if temperature > 0 else probs.argmax(-1)
-            priority = self._priority(probs.gather(-1, sampled[..., None]).squeeze(-1), step, generator)
+            priority = self._priority(probs.gather(-1, sampled[..., None]).squeeze(-1), step, (h, w), generator)
             priority = priority.masked_fill(~hidden, math.inf)  # tokens already fixed stay fixed
             still_hidden = math.floor(n * math.cos(math.pi / 2 * (step + 1) / steps))
             to_hide = priority.argsort(dim=-1)[:, :still_hidden]
@@ -257,11 +285,15 @@ class MaskGITSampler(Sampler):
             hidden = keep_hidden
         return frame.reshape(b, h, w)
 
-    def _priority(self, confidence: torch.Tensor, step: int, generator) -> torch.Tensor:
+    def _priority(self, confidence: torch.Tensor, step: int, grid: tuple[int, int], generator) -> torch.Tensor:
         """Each sampled token's place in the unmasking order [B, n]: the highest are kept, the lowest hidden again."""
         order = self.config.order
         if order == "confidence":
             return confidence
+        if order == "halton":
+            rank = torch.empty(grid[0] * grid[1], device=confidence.device)
+            rank[halton_order(*grid).to(confidence.device)] = torch.arange(len(rank), 0, -1.0, device=rank.device)
+            return rank.expand_as(confidence)
         uniform = torch.rand(confidence.shape, generator=generator, device=confidence.device)
         if order == "random":
             return uniform

@@ -38,6 +38,11 @@ def test_run_writes_checkpoints_report_and_pictures(run_dir):
     assert report["tokenizer_psnr_db"]["n"] == 2 * 6  # eval.windows windows of train.tokenizer.seq_len frames
     assert report["dtpsnr_t4_db"]["n"] == 2
     assert all(k in report for k in ("dynamics_psnr_t4_db", "stages", "components"))
+    # each training stage counts the time it spent getting batches (the data path), and the report gives its share
+    for stage in ("tokenizer", "dynamics"):
+        summary = json.loads((run_dir / stage / "stage.json").read_text())["summary"]
+        assert 0 < summary["data_seconds"] < summary["seconds"]
+    assert (run_dir / "report.md").read_text().count("% of it getting batches)") == 2
     # `genie run` kept the memory it freed, where it can (glibc), and its report says so: had it not asked, this call
     # would ask now and answer True
     assert report["machine"]["keeps_freed_memory"] is keep_freed_memory()

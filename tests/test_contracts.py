@@ -5,6 +5,8 @@ A third-party plugin installed here is tested too; its own package runs the same
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -34,7 +36,7 @@ def test_maskgit_single_greedy_step_is_argmax():
     assert torch.equal(sampled, expected)
 
 
-@pytest.mark.parametrize("order", ["confidence", "random", "noisy-confidence"])
+@pytest.mark.parametrize("order", ["confidence", "random", "noisy-confidence", "halton"])
 @pytest.mark.parametrize("cache", [False, True])
 def test_maskgit_schedule_reveals_every_token_and_keeps_revealed_ones(cache, order):
     """Each step reveals tokens following the cosine schedule; a revealed token is never resampled (with the
@@ -95,3 +97,22 @@ def test_maskgit_unmasking_orders_choose_which_tokens_each_step_keeps():
     assert int(confident[0].sum()) == 2  # 16 - 14 tokens, the cosine schedule's first step
     assert not torch.equal(_first_step_revealed("random", 0), _first_step_revealed("random", 1))
     assert torch.equal(_first_step_revealed("noisy-confidence", 1, order_noise=0.0), confident)
+
+
+def test_halton_order_keeps_cells_spread_over_the_frame_whatever_the_model_says():
+    """"halton": the first step keeps the first cells of the 2D Halton sequence, for every window and seed, and every
+    prefix of that order is spread over the grid (its first 8 cells of an 8 x 8 grid: each in a row and a column of
+    its own, two in each quadrant)."""
+    from genie_plugins.maskgit import halton_order
+
+    order = halton_order(8, 8)
+    assert sorted(order.tolist()) == list(range(64))
+    rows, columns = order[:8] // 8, order[:8] % 8
+    assert len(set(rows.tolist())) == len(set(columns.tolist())) == 8
+    assert sorted(Counter(zip((rows // 4).tolist(), (columns // 4).tolist())).values()) == [2, 2, 2, 2]
+    assert sorted(halton_order(3, 5).tolist()) == list(range(15))  # any grid, not only square ones
+    revealed = _first_step_revealed("halton", 0)
+    assert torch.equal(revealed, _first_step_revealed("halton", 1))
+    first_two = torch.zeros(16, dtype=torch.bool)
+    first_two[halton_order(4, 4)[:2]] = True  # the tiny config's 4 x 4 grid: 16 - 14 tokens kept first
+    assert all(torch.equal(frame.flatten(), first_two) for frame in revealed)

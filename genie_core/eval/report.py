@@ -22,6 +22,14 @@ def inexact(stat: dict, exact: int) -> str:
     return f"{cell(stat, unit='windows')}; exact in {exact}"
 
 
+def waiting(stage: dict) -> str:
+    """" (0.3% of it getting batches)": the share of a training stage's time its data path took (none where the
+    stage's record predates that count)."""
+    if "data_seconds" not in stage or not stage["seconds"]:
+        return ""
+    return f" ({100 * stage['data_seconds'] / stage['seconds']:.1f}% of it getting batches)"
+
+
 def summary_rows(result: dict) -> list[tuple[str, str]]:
     """(metric, value) rows of the short table `genie eval` prints and compares."""
     rows = [("tokenizer PSNR (dB)", cell(result["tokenizer_psnr_db"])),
@@ -160,9 +168,10 @@ def report_markdown(report: dict, t: int) -> str:
         f"| latent vs true actions NMI | {nmi} |",
         f"| latent actions used / perplexity | {lam['used']}/{lam['size']} / {lam['perplexity']:.2f} |",
         "",
-        f"Training: tokenizer {train_tok['steps_per_second']:.2f} steps/s, "
+        f"Training: tokenizer {train_tok['steps_per_second']:.2f} steps/s{waiting(train_tok)}, "
         f"final loss {train_tok['final']['loss']:.4f}; "
-        f"LAM + dynamics {train_dyn['steps_per_second']:.2f} steps/s, final loss {train_dyn['final']['loss']:.4f}.",
+        f"LAM + dynamics {train_dyn['steps_per_second']:.2f} steps/s{waiting(train_dyn)}, "
+        f"final loss {train_dyn['final']['loss']:.4f}.",
         "",
         *(["**Warning**: the evaluation windows overlap (more windows than the held-out footage holds apart), so "
            "these intervals are narrower than they should be; build more validation footage.", ""]

@@ -296,10 +296,11 @@ class Checkpointing:
 
 def train(accelerator: Accelerator, task: Task, dataset: torch.utils.data.Dataset, cfg: TrainConfig, seed: int,
           log_path: Path, desc: str, checkpointing: Checkpointing, validate=None) -> dict:
-    """Trains `task` for cfg.steps optimizer steps; returns a summary (final metrics, steps/s, and the task's whole
-    state as "weights"). The task is trained in place. With `checkpointing.resume`, continues from the newest
-    complete checkpoint, if any. `validate(step)`, if given, runs on the main process every cfg.eval_every steps
-    and returns metrics to log; it must leave the model's state and the global random generators as it found them.
+    """Trains `task` for cfg.steps optimizer steps; returns a summary (final metrics, steps/s, the seconds spent
+    waiting for batches, and the task's whole state as "weights"). The task is trained in place. With
+    `checkpointing.resume`, continues from the newest complete checkpoint, if any. `validate(step)`, if given, runs on
+    the main process every cfg.eval_every steps and returns metrics to log; it must leave the model's state and the
+    global random generators as it found them.
 
     cfg.batch_size is per process and per micro-batch: each optimizer step sees
     processes x grad_accum x batch_size windows.
@@ -337,13 +338,16 @@ def train(accelerator: Accelerator, task: Task, dataset: torch.utils.data.Datase
     main = accelerator.is_main_process
     last: dict[str, float] = {}
     warned = False
+    waited = 0.0  # seconds spent getting batches: what the data path costs the stage
     start = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=first_step, desc=desc, unit="step", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
     with _step_log(log_path, first_step, main) as log, bar:
         for step in range(first_step, cfg.steps):
             for micro in range(cfg.grad_accum):
+                asked = time.perf_counter()
                 video = position.next_batch()
+                waited += time.perf_counter() - asked
                 # gradients are all-reduced only on the last micro-batch of a step
                 sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
                 with sync:
@@ -377,7 +381,7 @@ def train(accelerator: Accelerator, task: Task, dataset: torch.utils.data.Datase
     accelerator.free_memory()  # drop Accelerate's references to this stage's optimizer and wrapped model
     steps = cfg.steps - first_step
     return {"final": last, "seconds": seconds, "steps_per_second": steps / seconds if steps else float("nan"),
-            "weights": weights}
+            "data_seconds": waited, "weights": weights}
 
 
 @contextlib.contextmanager
