@@ -45,6 +45,14 @@ def halton_order(h: int, w: int) -> torch.Tensor:
     return torch.tensor(order)
 
 
+
+@functools.cache
+def halton_priority(h: int, w: int) -> torch.Tensor:
+    """Each cell's place in `halton_order` as a sampler priority [h * w]: the first cell highest."""
+    priority = torch.empty(h * w)
+    priority[halton_order(h, w)] = torch.arange(h * w, 0, -1.0)
+    return priority
+
 @attrs.define(frozen=True, kw_only=True)
 class MaskGITDynamicsConfig:
     """Defaults: the paper's CoinRun dynamics model (Appendix F)."""
@@ -291,9 +299,7 @@ class MaskGITSampler(Sampler):
         if order == "confidence":
             return confidence
         if order == "halton":
-            rank = torch.empty(grid[0] * grid[1], device=confidence.device)
-            rank[halton_order(*grid).to(confidence.device)] = torch.arange(len(rank), 0, -1.0, device=rank.device)
-            return rank.expand_as(confidence)
+            return halton_priority(*grid).to(confidence.device).expand_as(confidence)
         uniform = torch.rand(confidence.shape, generator=generator, device=confidence.device)
         if order == "random":
             return uniform
