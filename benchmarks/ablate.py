@@ -231,17 +231,22 @@ def plot_curves(curves: dict[str, dict], path: Path, title: str) -> None:
     panels = sorted({(stage, metric) for c in curves.values() for stage, series in c.items() for metric in series},
                     key=lambda p: (LOGGED.index(p[0]), p[1] != "loss", p[1]))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    # one colour per variant in every panel, and one legend for all: a variant that reused a stage has no curve
+    # in that stage's panels, which would otherwise shift the others' colours there and drop it from the legend
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = {variant: palette[i % len(palette)] for i, variant in enumerate(curves)}
     for ax, (stage, metric) in zip(axes[0], panels):
         for variant, c in curves.items():
             if metric in c.get(stage, {}):
                 steps, values = zip(*c[stage][metric])
-                ax.plot(steps, values, label=variant, linewidth=1, marker="" if metric == "loss" else "o",
-                        markersize=3)
+                ax.plot(steps, values, color=colours[variant], linewidth=1,
+                        marker="" if metric == "loss" else "o", markersize=3)
         if metric == "loss":
             ax.set_yscale("log")
         ax.set_title(f"{stage} {metric.replace('_', ' ')}", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-    axes[0][0].legend(fontsize=7)
+    handles = [plt.Line2D([], [], color=colour, linewidth=1.5) for colour in colours.values()]
+    axes[0][0].legend(handles, list(colours), fontsize=7)
     save(fig, path, f"ablation {title}: training curves", dpi=120)
 
 

@@ -109,6 +109,29 @@ overrides = ["source.game=bigfish"]
     assert "--only: no variant 'nope'" in unknown.stderr and "base, token-lam, broken" in unknown.stderr
 
 
+def test_training_curves_give_every_variant_one_colour_and_a_place_in_the_legend(tmp_path, monkeypatch):
+    """ablate.plot_curves: a variant that reused its tokenizer has no tokenizer curve; it keeps its colour in the
+    other panels and its name in the legend, which lists every variant once."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ablate
+
+    from genie_core.eval import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "save", lambda fig, path, title, dpi=None: drawn.setdefault("fig", fig))
+    loss = {"loss": [(0, 1.0), (10, 0.5)]}
+    curves = {"a": {"tokenizer": loss, "dynamics": loss}, "b": {"dynamics": loss}, "c": {"tokenizer": loss,
+                                                                                         "dynamics": loss}}
+    ablate.plot_curves(curves, tmp_path / "curves.png", "t")
+    tokenizer_ax, dynamics_ax = drawn["fig"].axes
+    legend = tokenizer_ax.get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == ["a", "b", "c"]
+    colours = [handle.get_color() for handle in legend.legend_handles]
+    assert len(set(colours)) == 3
+    assert [line.get_color() for line in dynamics_ax.get_lines()] == colours  # a, b, c
+    assert [line.get_color() for line in tokenizer_ax.get_lines()] == [colours[0], colours[2]]  # b reused it
+
+
 def test_world_curve_scores_the_world_during_training(played_run, tmp_path):
     """benchmarks/world_curve.py: LAM + dynamics trained again on a finished run's tokenizer, scored every N steps
     on the same held-out windows beside the baselines, in the precision the recipe trains in; the run itself is left
