@@ -45,13 +45,13 @@ def halton_order(h: int, w: int) -> torch.Tensor:
     return torch.tensor(order)
 
 
-
 @functools.cache
 def halton_priority(h: int, w: int) -> torch.Tensor:
     """Each cell's place in `halton_order` as a sampler priority [h * w]: the first cell highest."""
     priority = torch.empty(h * w)
     priority[halton_order(h, w)] = torch.arange(h * w, 0, -1.0)
     return priority
+
 
 @attrs.define(frozen=True, kw_only=True)
 class MaskGITDynamicsConfig:
