@@ -16,6 +16,8 @@
 #   - ST vs full spatiotemporal attention, time and memory against T at the paper tokenizer's width;
 #   - play speed (frames/s against history, cached vs uncached) at the paper's and the tiny sizes, and with the
 #     cached step compiled (torch.compile, then with CUDA graphs).
+# Before a lease, check every command here against the code as it is (no GPU needed, about ten seconds):
+#   python benchmarks/check_commands.py benchmarks/cuda_checks.sh
 # A step that would end past DEADLINE is cut short (its log says so), so the summary is always written.
 # ONLY="NAME NAME" runs just those steps; the real-time ones alone (a short lease):
 #   ONLY="play-speed-paper-2steps-cudagraphs play-speed-paper-bf16 throughput-paper-bf16-ckpt turns-medium"

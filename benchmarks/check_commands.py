@@ -1,0 +1,184 @@
+"""Checks every Python command of a benchmark shell script against today's code, without running any of them.
+
+    python benchmarks/check_commands.py benchmarks/cuda_checks.sh [SCRIPT_ARGS ...]
+
+A script meant for a short GPU lease (cuda_checks.sh) runs its commands on a machine that is lent for minutes: a flag
+a benchmark no longer takes, or a recipe key that was renamed, costs the lease a step. This runs the script with a
+stand-in for `python` ($PYTHON) that only records what it is asked to run, then checks each command here, in one
+process: a benchmark script's arguments parse (its own argparse, its `main` stopped right after), a `genie` command
+(`-m genie_core.cli`, also behind `-m torch.distributed.run`) parses, and the recipe with its overrides loads and
+passes the checks `genie validate` makes (plugins, option names and values, sizes, compiler). `-c` code is compiled,
+not run. SCRIPT_ARGS are the script's own arguments (data folders need not exist: nothing reads them); by default
+cuda_checks.sh's, TINY_DATA SMOKE_DATA OUT, as two placeholder folders and a scratch folder for what the script itself
+writes (its logs and summary), deleted afterwards. Prints one line per command and exits with 2 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import runpy
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RECORD_END = "\x1e"  # between the recorded commands (ASCII's record separator): no argument contains it
+
+
+class _Parsed(Exception):
+    """Raised from inside a benchmark's argument parsing, carrying what it parsed, to stop before any work."""
+
+    def __init__(self, namespace: argparse.Namespace):
+        super().__init__()
+        self.namespace = namespace
+
+
+def recorded_commands(script: Path, script_args: list[str] | None = None) -> list[list[str]]:
+    """Runs `bash script script_args...` in the repository with $PYTHON set to a recorder: the argument lists it was
+    called with. No script_args: two placeholder data folders and a scratch output folder (cuda_checks.sh's)."""
+    with tempfile.TemporaryDirectory(prefix="check-commands-") as scratch:
+        if not script_args:
+            script_args = ["PLACEHOLDER_DATA", "PLACEHOLDER_DATA", str(Path(scratch) / "out")]
+        log = Path(scratch) / "commands"
+        recorder = Path(scratch) / "python"
+        recorder.write_text(f"#!/bin/sh\nprintf '%s\\0' \"$@\" >> '{log}'\nprintf '{RECORD_END}\\0' >> '{log}'\n")
+        recorder.chmod(recorder.stat().st_mode | stat.S_IXUSR)
+        env = os.environ | {"PYTHON": str(recorder), "DEADLINE": "100000"}
+        subprocess.run(["bash", str(script), *script_args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+        words = log.read_bytes().decode().split("\0")[:-1] if log.is_file() else []
+    commands, current = [], []
+    for word in words:
+        if word == RECORD_END:
+            commands.append(current)
+            current = []
+        else:
+            current.append(word)
+    return commands
+
+
+def _check_recipe(namespace: argparse.Namespace) -> str:
+    """The recipe a parsed command names, loaded with its overrides and checked as `genie validate` does."""
+    from genie_core.recipe import load_recipe
+    from genie_core.run.stages import check_trainable
+
+    if getattr(namespace, "recipe", None) is None:
+        return "arguments parse"
+    recipe = load_recipe(namespace.recipe, getattr(namespace, "overrides", []) or [])
+    check_trainable(recipe)
+    return f"arguments parse, {namespace.recipe} loads with its overrides"
+
+
+@contextlib.contextmanager
+def _stopped_after_parsing():
+    """argparse's parse_args raises _Parsed with its result instead of returning it."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_args(self, args=None, namespace=None):
+        raise _Parsed(original(self, args, namespace))
+
+    argparse.ArgumentParser.parse_args = parse_args
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.parse_args = original
+
+
+def _check_genie(argv: list[str]) -> str:
+    """A `python -m genie_core.cli ...` command: parsed by genie's own main, with `run` validating instead."""
+    from genie_core import cli
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        original, cli.cmd_run = cli.cmd_run, cli.cmd_validate
+        try:
+            code = cli.main(argv)
+        except SystemExit as stop:
+            code = stop.code
+        finally:
+            cli.cmd_run = original
+    if code:
+        raise ValueError(err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else f"exit {code}")
+    return "genie parses it, its recipe loads with its overrides"
+
+
+def _check_script(path: Path, argv: list[str]) -> str:
+    """A benchmark script: run as __main__ with `argv` until its arguments are parsed, then its recipe checked."""
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [str(path), *argv]
+    err = io.StringIO()
+    try:
+        with _stopped_after_parsing(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            runpy.run_path(str(path), run_name="__main__")
+    except _Parsed as parsed:
+        return _check_recipe(parsed.namespace)
+    except SystemExit as stop:
+        if stop.code:
+            raise ValueError(err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else
+                             f"exit {stop.code}") from None
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    raise ValueError(f"{path.name} finished without parsing arguments with argparse; nothing was checked")
+
+
+def _after_launcher(argv: list[str]) -> list[str]:
+    """The command torch.distributed.run launches: what follows its own options (a script, or -m MODULE)."""
+    for i, word in enumerate(argv):
+        if word == "-m" or word.endswith(".py"):
+            return argv[i:]
+    raise ValueError("torch.distributed.run launches nothing")
+
+
+def check_command(argv: list[str]) -> str:
+    """What one command given to python was found to be; raises ValueError, RecipeError or GenieError if broken."""
+    if argv[:1] == ["-c"]:
+        compile(argv[1], "<-c>", "exec")
+        return "code compiles"
+    if argv[:2] == ["-m", "torch.distributed.run"]:
+        return check_command(_after_launcher(argv[2:]))
+    if argv[:2] == ["-m", "genie_core.cli"]:
+        return _check_genie(argv[2:])
+    if argv and argv[0].endswith(".py"):
+        path = (REPO / argv[0]) if not Path(argv[0]).is_absolute() else Path(argv[0])
+        if not path.is_file():
+            raise ValueError(f"no script {argv[0]}")
+        return _check_script(path, argv[1:])
+    raise ValueError("not a command this checker knows (a script, -m genie_core.cli, torch.distributed.run, -c)")
+
+
+def problem_of(error: Exception) -> str:
+    problems = getattr(error, "problems", None)
+    return "; ".join(problems) if problems else str(error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("script", type=Path, help="a bash script that runs its Python commands as $PYTHON")
+    parser.add_argument("script_args", nargs="*", help="its arguments (default: two placeholder folders)")
+    args = parser.parse_args(argv)
+    if not args.script.is_file():
+        parser.error(f"no script {args.script}")
+    commands = recorded_commands(args.script.resolve(), args.script_args)
+    if not commands:
+        print(f"error: {args.script} ran no command through $PYTHON", file=sys.stderr)
+        return 2
+    failed = 0
+    with contextlib.chdir(REPO):  # where the script ran them: their paths are the repository's
+        for command in commands:
+            line = " ".join(command)
+            try:
+                print(f"ok: {line}\n    {check_command(command)}")
+            except Exception as error:  # noqa: BLE001 (each command's own failure, reported and counted)
+                failed += 1
+                print(f"FAILED: {line}\n    {problem_of(error)}")
+    print(f"{len(commands) - failed} of {len(commands)} commands check out"
+          + (f"; {failed} would fail" if failed else ""))
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
