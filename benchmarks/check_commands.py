@@ -1,16 +1,21 @@
-"""Checks every Python command of a benchmark shell script against today's code, without running any of them.
+"""Checks every Python command of a benchmark shell script against the code as it is, without running any of them.
 
     python benchmarks/check_commands.py benchmarks/cuda_checks.sh [SCRIPT_ARGS ...]
 
 A script meant for a short GPU lease (cuda_checks.sh) runs its commands on a machine that is lent for minutes: a flag
 a benchmark no longer takes, or a recipe key that was renamed, costs the lease a step. This runs the script with a
 stand-in for `python` ($PYTHON) that only records what it is asked to run, then checks each command here, in one
-process: a benchmark script's arguments parse (its own argparse, its `main` stopped right after), a `genie` command
-(`-m genie_core.cli`, also behind `-m torch.distributed.run`) parses, and the recipe with its overrides loads and
-passes the checks `genie validate` makes (plugins, option names and values, sizes, compiler). `-c` code is compiled,
-not run. SCRIPT_ARGS are the script's own arguments (data folders need not exist: nothing reads them); by default
-cuda_checks.sh's, TINY_DATA SMOKE_DATA OUT, as two placeholder folders and a scratch folder for what the script itself
-writes (its logs and summary), deleted afterwards. Prints one line per command and exits with 2 if any failed.
+process:
+- a benchmark script: run until its own argparse has parsed its arguments, and stopped there;
+- a `genie` command (`-m genie_core.cli`, also behind `-m torch.distributed.run`): parsed by genie's own main with
+  every command's handler replaced, so nothing is built, trained or played;
+- a recipe either names: loaded with its overrides and put through the checks `genie validate` makes (plugins, option
+  names and values, sizes, compiler);
+- `-c` code: compiled, not run.
+The script's other commands (mkdir, cp, nvidia-smi) do run. SCRIPT_ARGS are its own arguments (data folders need not
+exist: nothing reads them); by default cuda_checks.sh's, TINY_DATA SMOKE_DATA OUT, as two placeholder folders and a
+scratch folder for what the script writes itself (its logs and summary), deleted afterwards. Prints one line per
+command and exits with 2 if any failed.
 """
 
 from __future__ import annotations
@@ -76,34 +81,65 @@ def _check_recipe(namespace: argparse.Namespace) -> str:
 
 @contextlib.contextmanager
 def _stopped_after_parsing():
-    """argparse's parse_args raises _Parsed with its result instead of returning it."""
-    original = argparse.ArgumentParser.parse_args
+    """argparse's outermost parse_args or parse_known_args (a script's own, not a sub-command's inside it) raises
+    _Parsed with its result instead of returning it: the script stops before any work."""
+    original, original_parse_args = argparse.ArgumentParser.parse_known_args, argparse.ArgumentParser.parse_args
+    depth = 0
+
+    def parse_known_args(self, args=None, namespace=None):
+        nonlocal depth
+        depth += 1
+        try:
+            parsed, extras = original(self, args, namespace)
+        finally:
+            depth -= 1
+        if depth:
+            return parsed, extras
+        raise _Parsed(parsed)
 
     def parse_args(self, args=None, namespace=None):
-        raise _Parsed(original(self, args, namespace))
+        nonlocal depth
+        depth += 1
+        try:
+            parsed, extras = original(self, args, namespace)
+        finally:
+            depth -= 1
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        raise _Parsed(parsed)
 
-    argparse.ArgumentParser.parse_args = parse_args
+    argparse.ArgumentParser.parse_known_args, argparse.ArgumentParser.parse_args = parse_known_args, parse_args
     try:
         yield
     finally:
-        argparse.ArgumentParser.parse_args = original
+        argparse.ArgumentParser.parse_known_args, argparse.ArgumentParser.parse_args = original, original_parse_args
 
 
 def _check_genie(argv: list[str]) -> str:
-    """A `python -m genie_core.cli ...` command: parsed by genie's own main, with `run` validating instead."""
+    """A `python -m genie_core.cli ...` command, parsed by genie's own main with every command's handler replaced:
+    nothing runs, and a recipe it names (`run`, `validate`, `data build`) is loaded and checked."""
     from genie_core import cli
 
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
-        original, cli.cmd_run = cli.cmd_run, cli.cmd_validate
+    handlers = [name for name in vars(cli) if name.startswith("cmd_")]
+    parsed = []
+    saved = {name: getattr(cli, name) for name in handlers}
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        for name in handlers:
+            setattr(cli, name, lambda args: parsed.append(args) or 0)
         try:
             code = cli.main(argv)
         except SystemExit as stop:
             code = stop.code
         finally:
-            cli.cmd_run = original
-    if code:
+            for name, handler in saved.items():
+                setattr(cli, name, handler)
+    if code or not parsed:
         raise ValueError(err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else f"exit {code}")
-    return "genie parses it, its recipe loads with its overrides"
+    args = parsed[0]
+    if getattr(args, "target", "").endswith(".toml"):  # genie data build RECIPE
+        args = argparse.Namespace(recipe=args.target, overrides=args.overrides)
+    return "genie parses it" + _check_recipe(args).removeprefix("arguments parse")
 
 
 def _check_script(path: Path, argv: list[str]) -> str:

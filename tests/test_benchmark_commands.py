@@ -42,6 +42,8 @@ $PY -m genie_core.cli run recipes/coinrun-tiny.toml sampler.order=sideways --out
 $PY benchmarks/no_such_benchmark.py
 $PY -m torch.distributed.run --nproc_per_node 2 benchmarks/stage_throughput.py recipes/coinrun-smoke.toml --steps 3
 $PY -c "import torch"
+$PY -m genie_core.cli data build recipes/coinrun-smoke.toml --out "$1/data"
+$PY -m genie_core.cli play "$1/no-run-yet" --port 0
 """)
     result = check(script, str(tmp_path / "out"))
     assert result.returncode == 2
@@ -53,5 +55,7 @@ $PY -c "import torch"
     assert "no script benchmarks/no_such_benchmark.py" in out
     assert "ok: -m torch.distributed.run --nproc_per_node 2 benchmarks/stage_throughput.py" in out
     assert "ok: -c import torch" in out
-    assert out.splitlines()[-1] == "2 of 6 commands check out; 4 would fail"
-    assert not (tmp_path / "out").exists()  # checked, never run
+    assert "ok: -m genie_core.cli data build recipes/coinrun-smoke.toml" in out
+    assert "ok: -m genie_core.cli play" in out
+    assert out.splitlines()[-1] == "4 of 8 commands check out; 4 would fail"
+    assert not (tmp_path / "out").exists()  # checked, never run: no data built, no world played
