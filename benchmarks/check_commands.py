@@ -86,24 +86,23 @@ def _stopped_after_parsing():
     original, original_parse_args = argparse.ArgumentParser.parse_known_args, argparse.ArgumentParser.parse_args
     depth = 0
 
-    def parse_known_args(self, args=None, namespace=None):
+    def parsed_here(parser, args, namespace):
+        """argparse's own result, and whether this call is the outermost one."""
         nonlocal depth
         depth += 1
         try:
-            parsed, extras = original(self, args, namespace)
+            return (*original(parser, args, namespace), depth == 1)
         finally:
             depth -= 1
-        if depth:
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras, outermost = parsed_here(self, args, namespace)
+        if not outermost:
             return parsed, extras
         raise _Parsed(parsed)
 
     def parse_args(self, args=None, namespace=None):
-        nonlocal depth
-        depth += 1
-        try:
-            parsed, extras = original(self, args, namespace)
-        finally:
-            depth -= 1
+        parsed, extras, _ = parsed_here(self, args, namespace)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         raise _Parsed(parsed)
