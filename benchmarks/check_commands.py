@@ -114,6 +114,12 @@ def _stopped_after_parsing():
         argparse.ArgumentParser.parse_known_args, argparse.ArgumentParser.parse_args = original, original_parse_args
 
 
+def _last_line(err: io.StringIO, code) -> str:
+    """What a command that stopped with exit status `code` said last (argparse's or genie's one-line error)."""
+    said = err.getvalue().strip()
+    return said.splitlines()[-1] if said else f"exit {code}"
+
+
 def _check_genie(argv: list[str]) -> str:
     """A `python -m genie_core.cli ...` command, parsed by genie's own main with every command's handler replaced:
     nothing runs, and a recipe it names (`run`, `validate`, `data build`) is loaded and checked."""
@@ -134,7 +140,7 @@ def _check_genie(argv: list[str]) -> str:
             for name, handler in saved.items():
                 setattr(cli, name, handler)
     if code or not parsed:
-        raise ValueError(err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else f"exit {code}")
+        raise ValueError(_last_line(err, code))
     args = parsed[0]
     if getattr(args, "target", "").endswith(".toml"):  # genie data build RECIPE
         args = argparse.Namespace(recipe=args.target, overrides=args.overrides)
@@ -153,8 +159,7 @@ def _check_script(path: Path, argv: list[str]) -> str:
         return _check_recipe(parsed.namespace)
     except SystemExit as stop:
         if stop.code:
-            raise ValueError(err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else
-                             f"exit {stop.code}") from None
+            raise ValueError(_last_line(err, stop.code)) from None
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
     raise ValueError(f"{path.name} finished without parsing arguments with argparse; nothing was checked")
@@ -193,7 +198,8 @@ def problem_of(error: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("script", type=Path, help="a bash script that runs its Python commands as $PYTHON")
-    parser.add_argument("script_args", nargs="*", help="its arguments (default: two placeholder folders)")
+    parser.add_argument("script_args", nargs="*",
+                        help="its arguments (default: two placeholder data folders and a scratch output folder)")
     args = parser.parse_args(argv)
     if not args.script.is_file():
         parser.error(f"no script {args.script}")

@@ -1,4 +1,4 @@
-"""benchmarks/check_commands.py: every command of the GPU script checked against today's code without a GPU, and a
+"""benchmarks/check_commands.py: every command of the GPU script checked against the code as it is, without a GPU, and a
 broken command named with what is wrong with it."""
 
 from __future__ import annotations
