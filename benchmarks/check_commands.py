@@ -67,16 +67,16 @@ def recorded_commands(script: Path, script_args: list[str] | None = None) -> lis
     return commands
 
 
-def _check_recipe(namespace: argparse.Namespace) -> str:
-    """The recipe a parsed command names, loaded with its overrides and checked as `genie validate` does."""
-    from genie_core.recipe import load_recipe
-    from genie_core.run.stages import check_trainable
+def _recipe_checked(namespace: argparse.Namespace) -> str:
+    """The recipe a parsed command names, if any, put through `genie validate` itself with the command's overrides;
+    what was checked, to add to the report's line."""
+    from genie_core import cli
 
     if getattr(namespace, "recipe", None) is None:
-        return "arguments parse"
-    recipe = load_recipe(namespace.recipe, getattr(namespace, "overrides", []) or [])
-    check_trainable(recipe)
-    return f"arguments parse, {namespace.recipe} loads with its overrides"
+        return ""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        cli.cmd_validate(argparse.Namespace(recipe=namespace.recipe, overrides=getattr(namespace, "overrides", [])))
+    return f", {namespace.recipe} loads with its overrides"
 
 
 @contextlib.contextmanager
@@ -144,7 +144,7 @@ def _check_genie(argv: list[str]) -> str:
     args = parsed[0]
     if getattr(args, "target", "").endswith(".toml"):  # genie data build RECIPE
         args = argparse.Namespace(recipe=args.target, overrides=args.overrides)
-    return "genie parses it" + _check_recipe(args).removeprefix("arguments parse")
+    return "genie parses it" + _recipe_checked(args)
 
 
 def _check_script(path: Path, argv: list[str]) -> str:
@@ -156,7 +156,7 @@ def _check_script(path: Path, argv: list[str]) -> str:
         with _stopped_after_parsing(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
             runpy.run_path(str(path), run_name="__main__")
     except _Parsed as parsed:
-        return _check_recipe(parsed.namespace)
+        return "arguments parse" + _recipe_checked(parsed.namespace)
     except SystemExit as stop:
         if stop.code:
             raise ValueError(_last_line(err, stop.code)) from None
