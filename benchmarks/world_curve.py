@@ -9,6 +9,9 @@ recipe for the dynamics stage (steps, model sizes, action model, sampler). Score
 prompt frame again, the prompt's tokens again, dtPSNR(t=4) with its 95% interval, and latent vs true action NMI.
 Trains with the stage's own training loop (`genie_core.training.engine.train`), one process, in the recipe's
 precision (`run.mixed_precision`) and with its compiled stacks if it compiles them (`train.dynamics.compile`).
+With `train.dynamics.ema_decay` set, each point scores the average of the weights (what the stage saves) and the
+weights as trained, and their difference window by window with its 95% interval: one training run settles whether
+the average helps.
 Point it at footage for tuning (a run with `source.first_level` set apart), never at the evaluation levels: this is
 where settings get chosen. Prints each point; saves JSON and a PNG to benchmarks/results/world-curve-NAME.{json,png}
 (or --out).
@@ -27,6 +30,7 @@ from accelerate import Accelerator
 
 from genie_core.data.footage import EpisodeIndex, WindowDataset
 from genie_core.eval.evaluate import EvalSettings, Evaluation
+from genie_core.eval.metrics import mean_and_ci
 from genie_core.eval.plots import save
 from genie_core.io.machine import describe as describe_machine
 from genie_core.io.machine import resolve_mixed_precision
@@ -38,6 +42,7 @@ from genie_core.world.model import World
 
 RESULTS = Path(__file__).resolve().parent / "results"
 T = 4  # generated frames after the prompt, the paper's dtPSNR horizon
+PAIRED = ("dynamics_psnr_db", "dtpsnr_db")  # compared window by window between the average and the live weights
 
 
 def point(world: World, index: EpisodeIndex, windows: int, accelerator: Accelerator,
@@ -64,8 +69,10 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     steps = [p["step"] for p in points]
+    live = all("live" in p for p in points)  # the weights as trained, beside their average
+    weights = ", averaged weights" if live else ""
     fig, (fidelity, control) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, label, style in (("dynamics_psnr_db", "world, inferred actions", "-o"),
+    for key, label, style in (("dynamics_psnr_db", f"world, inferred actions{weights}", "-o"),
                               ("copy_prompt_psnr_db", "the prompt frame again", "--"),
                               ("copy_prompt_tokens_psnr_db", "the prompt's tokens again", ":")):
         means = [p[key]["mean"] for p in points]
@@ -74,11 +81,16 @@ def plot(points: list[dict], path: Path, title: str) -> None:
             fidelity.fill_between(steps, [m - h for m, h in zip(means, half)], [m + h for m, h in zip(means, half)],
                                   alpha=0.15)
         fidelity.plot(steps, means, style, label=label, color=None if style == "-o" else "grey")
+    if live:
+        fidelity.plot(steps, [p["live"]["dynamics_psnr_db"]["mean"] for p in points], "-.x",
+                      label="world, inferred actions, live weights")
     fidelity.set(xlabel="training step", ylabel=f"PSNR at t={T} (dB)")
     fidelity.legend(fontsize=8)
     means = [p["dtpsnr_db"]["mean"] for p in points]
     control.errorbar(steps, means, yerr=[p["dtpsnr_db"]["ci95"] for p in points], fmt="-o", capsize=3,
-                     label=f"dtPSNR(t={T}), 95% interval")
+                     label=f"dtPSNR(t={T}), 95% interval{weights}")
+    if live:
+        control.plot(steps, [p["live"]["dtpsnr_db"]["mean"] for p in points], "-.x", label="dtPSNR, live weights")
     control.axhline(0, color="grey", lw=0.8)
     if all(p["actions_nmi"] is not None for p in points):
         control.plot(steps, [p["actions_nmi"] for p in points], "-s", label="latent vs true actions NMI")
@@ -115,11 +127,23 @@ def main() -> None:
     accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
     points: list[dict] = []
 
-    def validate(step: int) -> dict:  # train() calls it in eval mode, without gradients, and logs what it returns
+    averaged = cfg.ema_decay > 0
+
+    def validate(step: int, live: bool = False) -> dict:
+        """train() calls it in eval mode, without gradients, on the average of the weights where there is one (then
+        again with `live`, on the weights as trained), and logs what it returns."""
         rng = torch.get_rng_state()  # and asks it to leave the global generator as it found it
-        points.append({"step": step, **point(world, index, args.windows, accelerator)})
+        p = point(world, index, args.windows, accelerator, per_window=averaged)
         torch.set_rng_state(rng)
-        p = points[-1]
+        if live:
+            average = points[-1]
+            averaged_windows, live_windows = average.pop("per_window"), p.pop("per_window")
+            average["live"] = p
+            average["average_minus_live"] = {
+                key: mean_and_ci(torch.tensor(averaged_windows[key]) - torch.tensor(live_windows[key]))
+                for key in PAIRED}
+        else:
+            points.append({"step": step, **p})
         return {"world_psnr_db": p["dynamics_psnr_db"]["mean"], "copy_prompt_psnr_db": p["copy_prompt_psnr_db"]["mean"],
                 "world_minus_copy_db": p["dynamics_minus_copy_prompt_db"]["mean"],
                 "dtpsnr_db": p["dtpsnr_db"]["mean"], "dtpsnr_ci95_db": p["dtpsnr_db"]["ci95"],
@@ -130,7 +154,7 @@ def main() -> None:
         train(accelerator, WorldModelTask(action_model, dynamics, tokenizer), data,
               attrs.evolve(cfg, eval_every=args.every, checkpoint_every=0), recipe.run.seed + 1,
               Path(scratch) / "log.jsonl", "lam+dynamics", Checkpointing(Path(scratch) / "checkpoints", "world-curve"),
-              validate)
+              validate, validate_live=averaged)
     args.out.mkdir(parents=True, exist_ok=True)
     out = {"run": str(args.run), "overrides": args.overrides, "windows": args.windows, "t": T,
            "precision": precision, "machine": describe_machine(), "points": points}

@@ -195,6 +195,9 @@ class TrainConfig:
     # rounding, at the cost of compiling in the first steps (genie_core.nn.compile_block_stacks; measured in
     # benchmarks/README.md: it pays where a step is launch- or memory-bound and the run is long).
     compile: bool = False
+    # Keep an exponential moving average of the trained weights, with this decay per step (0: none): the stage
+    # validates and saves the average while the weights themselves train as before (engine.WeightAverage).
+    ema_decay: float = attrs.field(default=0.0, validator=[non_negative, v.lt(1.0)])
 
     def __attrs_post_init__(self):
         if self.min_lr > self.lr:

@@ -154,6 +154,20 @@ def test_world_curve_scores_the_world_during_training(played_run, tmp_path):
         assert 0 <= p["actions_nmi"] <= 1
     assert points[0]["copy_prompt_psnr_db"] == points[1]["copy_prompt_psnr_db"]  # the baseline does not train
     assert (tmp_path / "world-curve-t.png").stat().st_size > 0
+    # with an average of the weights: the average scored, the weights as trained (those of the run above), and the
+    # difference window by window
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "world_curve.py"), str(played_run),
+                           "train.dynamics.steps=4", "run.mixed_precision=auto", "train.dynamics.ema_decay=0.5",
+                           "--every", "2", "--windows", "4", "--name", "ema", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    averaged = json.loads((tmp_path / "world-curve-ema.json").read_text())["points"]
+    for plain, p in zip(points, averaged, strict=True):
+        assert p["live"] == {k: plain[k] for k in p["live"]}
+        for key in ("dynamics_psnr_db", "dtpsnr_db"):
+            difference = p["average_minus_live"][key]
+            assert difference["n"] == 4 and abs(difference["mean"] - (p[key]["mean"] - plain[key]["mean"])) < 1e-5
+        assert "per_window" not in p and "per_window" not in p["live"]
     after = sorted((p.relative_to(played_run), p.stat().st_mtime_ns) for p in played_run.rglob("*") if p.is_file())
     assert after == before
 

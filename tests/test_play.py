@@ -381,23 +381,30 @@ def test_a_token_is_asked_for_when_other_machines_can_reach_the_server():
     assert access_token("0.0.0.0", "none") is None
 
 
-@pytest.mark.parametrize("lam_steps", [0, 2])
-def test_a_world_plays_from_a_training_checkpoint(played_run, tmp_path, monkeypatch, lam_steps):
+@pytest.mark.parametrize(("lam_steps", "ema_decay"), [(0, 0.0), (2, 0.0), (0, 0.9)])
+def test_a_world_plays_from_a_training_checkpoint(played_run, tmp_path, monkeypatch, lam_steps, ema_decay):
     """`genie play RUN/checkpoints/dynamics[/step-N]`: the world as it stood at that step of the dynamics stage,
-    co-trained LAM or one trained alone first. The run here keeps its checkpoints as a stage still training does."""
+    co-trained LAM or one trained alone first; with train.dynamics.ema_decay, the average of its weights, which is
+    what the stage would save. The run here keeps its checkpoints as a stage still training does."""
     from safetensors.torch import load_file
 
     monkeypatch.setattr("genie_core.training.engine.Checkpoints.clear", lambda self: None)
     monkeypatch.setattr("genie_core.training.pipeline.shutil.rmtree", lambda *a, **k: None)  # keeps dynamics-lam-done
     run = tmp_path / "training"
     overrides = [f"data.path={played_run / 'data'}", "train.dynamics.checkpoint_every=2",
-                 f"train.dynamics.lam_steps={lam_steps}"]
+                 f"train.dynamics.lam_steps={lam_steps}", f"train.dynamics.ema_decay={ema_decay}"]
     assert main(["run", str(REPO / "recipes" / "coinrun-smoke.toml"), "--out", str(run), *overrides]) == 0
     newest = PlayWorld.load(run / "checkpoints" / "dynamics")
     named = PlayWorld.load(run / "checkpoints" / "dynamics" / "step-000000002")
     assert newest.name == named.name == "training at step 2"
     saved = load_file(str(run / "checkpoints" / "dynamics" / "step-000000002" / "model.safetensors"))
     assert any(k.startswith("action_model.") for k in saved) == (lam_steps == 0)  # else from dynamics-lam-done
+    if ema_decay:
+        kept = torch.load(run / "checkpoints" / "dynamics" / "step-000000002" / "weight-average-0.pt")
+        average = dict(zip(kept["names"], kept["average"], strict=True))
+        assert average.keys() <= saved.keys() and {k.split(".")[0] for k in average} == {"dynamics", "action_model"}
+        assert not all(torch.equal(average[k], saved[k]) for k in average)  # the average, not the weights
+        saved |= average
     for play in (newest, named):
         weights = play.world.dynamics.state_dict()
         assert all(torch.equal(weights[k.removeprefix("dynamics.")], v)

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 
+import attrs
 import pytest
 import torch
 from accelerate import Accelerator
@@ -150,15 +151,19 @@ class Recording(TokenizerTask):
         return super().forward(video)
 
 dataset = [torch.full((TINY_VIDEO.num_frames, 3, 16, 16), i / 1000) for i in range(16)]
-cfg = TrainConfig(steps=4, batch_size=2, seq_len=6, warmup_steps=1, checkpoint_every=0, lr=1e-2)
-train(accelerator, Recording(tokenizer), dataset, cfg, 0, Path({tmp!r}) / "log.jsonl", "tok",
+cfg = TrainConfig(steps=4, batch_size=2, seq_len=6, warmup_steps=1, checkpoint_every=2, lr=1e-2, ema_decay=0.5)
+task = Recording(tokenizer)
+train(accelerator, task, dataset, cfg, 0, Path({tmp!r}) / "log.jsonl", "tok",
       Checkpointing(Path({tmp!r}) / "ckpt", "x"))
+final = sum(p.double().sum().item() for p in task.parameters())  # the average of the weights
 with open({tmp!r} + f"/rank{{accelerator.process_index}}.json", "w") as f:
-    json.dump({{"seen": seen, "checksums": checksums, "world": accelerator.num_processes}}, f)
+    json.dump({{"seen": seen, "checksums": checksums, "final": final, "world": accelerator.num_processes}}, f)
 """
 
 
 def test_two_processes_agree_on_weights_and_read_different_data(tmp_path):
+    """Two gloo processes: the same weights before every step and the same average of them at the end, each rank on
+    windows of its own."""
     script = tmp_path / "ranks.py"
     script.write_text(textwrap.dedent(TWO_RANKS.format(tests=str(REPO / "tests"), tmp=str(tmp_path))))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
@@ -168,6 +173,7 @@ def test_two_processes_agree_on_weights_and_read_different_data(tmp_path):
     assert a["world"] == b["world"] == 2
     assert a["checksums"] == b["checksums"]  # identical weights before every step
     assert len(set(a["checksums"])) == 4  # ... and they did change from step to step
+    assert a["final"] == b["final"]  # the same average of the weights, kept and checkpointed by each process
     assert set(a["seen"]).isdisjoint(b["seen"])  # each rank trained on its own windows
 
 
@@ -353,6 +359,98 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
               Checkpointing(tmp_path / f"ckpt{batch}", "x"))
         weights.append(task.layer.weight.detach().clone())
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+class RecordedLinear(Task):
+    """A linear model that records its weights before every training step (and, with `fail_at`, stops at that
+    call, as a crash would)."""
+
+    def __init__(self, fail_at: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(4, 1)
+        self.before: list[torch.Tensor] = []
+        self.fail_at = fail_at
+
+    def forward(self, video):
+        if len(self.before) == self.fail_at:
+            raise KeyboardInterrupt("stopped")
+        self.before.append(self.layer.weight.detach().clone())
+        return (self.layer(video.flatten(1)) - 1).pow(2).mean(), {}
+
+
+LINEAR_DATA = [torch.rand(4, generator=torch.Generator().manual_seed(i)) for i in range(16)]
+
+
+def test_weight_average_is_what_a_stage_validates_and_saves(tmp_path):
+    """train.*.ema_decay: the stage validates and ends holding the moving average of its weights, with the decay
+    warmed up as min(decay, (1 + n) / (10 + n)); the weights themselves train exactly as without it, and
+    validation can score them too (validate_live)."""
+    cfg = TrainConfig(steps=12, batch_size=2, seq_len=2, warmup_steps=0, lr=0.1, min_lr=0.1, checkpoint_every=0,
+                      eval_every=6)
+    plain = RecordedLinear()
+    train(Accelerator(cpu=True), plain, LINEAR_DATA, cfg, 0, tmp_path / "plain.jsonl", "lin",
+          Checkpointing(tmp_path / "ckpt-plain", "x"))
+    averaged = RecordedLinear()
+    seen = []
+
+    def validate(step, live=False):
+        seen.append((step, live, averaged.layer.weight.detach().clone()))
+        return {"w": averaged.layer.weight.sum().item()}
+
+    summary = train(Accelerator(cpu=True), averaged, LINEAR_DATA, attrs.evolve(cfg, ema_decay=0.5),
+                    0, tmp_path / "avg.jsonl", "lin", Checkpointing(tmp_path / "ckpt-avg", "x"), validate,
+                    validate_live=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain.before, averaged.before, strict=True))  # the same training
+    trained = [*plain.before[1:], plain.layer.weight.detach()]  # the weights after each step
+    average, expected = plain.before[0], {}
+    for n, weights in enumerate(trained):
+        decay = min(0.5, (1 + n) / (10 + n))
+        average = average + (1 - decay) * (weights - average)
+        expected[n + 1] = average
+    assert [(step, live) for step, live, _ in seen] == [(6, False), (6, True), (12, False), (12, True)]
+    for step, live, weights in seen:
+        assert torch.allclose(weights, trained[step - 1] if live else expected[step], atol=1e-6), (step, live)
+    assert not torch.allclose(expected[12], trained[-1], atol=1e-3)  # the average is not the last weights
+    assert torch.allclose(averaged.layer.weight, expected[12], atol=1e-6)
+    assert torch.allclose(summary["weights"]["layer.weight"], expected[12], atol=1e-6)
+    logged = [json.loads(line) for line in (tmp_path / "avg.jsonl").read_text().splitlines() if '"w"' in line]
+    assert [sorted(row) for row in logged] == [["live_w", "step", "w"]] * 2
+
+
+def test_weight_average_resumes_with_the_rest_of_the_state(tmp_path):
+    """A stage stopped after a checkpoint and resumed ends with the average an uninterrupted run ends with."""
+    cfg = TrainConfig(steps=9, batch_size=2, seq_len=2, warmup_steps=0, lr=0.1, min_lr=0.01, checkpoint_every=3,
+                      ema_decay=0.6)
+    whole = RecordedLinear()
+    train(Accelerator(cpu=True), whole, LINEAR_DATA, cfg, 0, tmp_path / "whole.jsonl", "lin",
+          Checkpointing(tmp_path / "ckpt-whole", "x"))
+    with pytest.raises(KeyboardInterrupt):
+        train(Accelerator(cpu=True), RecordedLinear(fail_at=7), LINEAR_DATA, cfg, 0, tmp_path / "cut.jsonl", "lin",
+              Checkpointing(tmp_path / "ckpt-cut", "x"))
+    assert (tmp_path / "ckpt-cut" / "step-000000006" / "weight-average-0.pt").is_file()
+    resumed = RecordedLinear()
+    train(Accelerator(cpu=True), resumed, LINEAR_DATA, cfg, 0, tmp_path / "cut.jsonl", "lin",
+          Checkpointing(tmp_path / "ckpt-cut", "x", resume=True))
+    assert torch.equal(resumed.before[0], whole.before[6])  # it went on from step 6
+    assert torch.equal(resumed.layer.weight, whole.layer.weight)
+
+
+def test_weight_average_is_fingerprinted_only_when_set():
+    """ema_decay = 0 leaves a stage's settings as they were before the key existed (runs made then stay current);
+    a decay makes the dynamics stage, and only it, a new one; 1 and above are refused."""
+    from genie_core.errors import RecipeError
+    from genie_core.recipe import load_recipe
+    from genie_core.run.stages import stage_fingerprint, stage_settings
+
+    plain = load_recipe(SMOKE, [])
+    assert "ema_decay" not in json.dumps(stage_settings(plain, "report"))
+    averaged = load_recipe(SMOKE, ["train.dynamics.ema_decay=0.999"])
+    assert stage_settings(averaged, "dynamics")["train.dynamics"]["ema_decay"] == 0.999
+    assert stage_fingerprint(averaged, "tokenizer") == stage_fingerprint(plain, "tokenizer")
+    assert stage_fingerprint(averaged, "dynamics") != stage_fingerprint(plain, "dynamics")
+    with pytest.raises(RecipeError, match="ema_decay"):
+        load_recipe(SMOKE, ["train.dynamics.ema_decay=1"])
 
 
 def test_the_engine_steps_with_the_fused_adamw_and_it_makes_the_loops_update():

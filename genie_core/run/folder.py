@@ -35,6 +35,7 @@ from genie_core.world.model import World
 
 LOCK_FILE = ".genie-run.lock"  # held by the `genie run` writing the folder (an OS lock: it dies with its process)
 CHECKPOINT_STATE = "trainer.json"  # in a training checkpoint, beside Accelerate's files: step, data position, ...
+WEIGHT_AVERAGE = "weight-average-{}.pt"  # and with train.*.ema_decay, each process's average of the weights
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
@@ -257,6 +258,10 @@ class RunFolder:
             action_model, dynamics = world_models(recipe, tokenizer, EpisodeIndex.open(self.data))
         try:
             saved = load_file(str(weights))  # the task's state: "dynamics.*", and "action_model.*" if co-trained
+            average = checkpoint / WEIGHT_AVERAGE.format(0)
+            if average.is_file():  # train.dynamics.ema_decay: the stage would save the average, so it is played
+                kept = torch.load(average, weights_only=True)
+                saved |= dict(zip(kept["names"], kept["average"], strict=True))
             parts = {prefix: {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
                      for prefix in ("dynamics.", "action_model.")}
             dynamics.load_state_dict(parts["dynamics."])

@@ -27,6 +27,8 @@ STAGE_FILE = "stage.json"
 # Settings that change how a stage reports or what it costs, not what it produces.
 COSMETIC = {"log_every", "num_workers", "gif_scale", "checkpoint_every", "keep_checkpoints", "trackers",
             "activation_checkpointing", "compile"}
+# Settings added after runs were made; at these values they leave the fingerprint as it was, so those runs stay current.
+HASHED_ONLY_IF_SET = {"ema_decay": 0.0}
 
 
 def stage_settings(recipe: Recipe, stage: str) -> dict:
@@ -51,7 +53,8 @@ def stage_settings(recipe: Recipe, stage: str) -> dict:
 
 def _drop_cosmetic(value):
     if isinstance(value, dict):
-        return {k: _drop_cosmetic(v) for k, v in value.items() if k not in COSMETIC}
+        return {k: _drop_cosmetic(v) for k, v in value.items()
+                if k not in COSMETIC and not (k in HASHED_ONLY_IF_SET and v == HASHED_ONLY_IF_SET[k])}
     return value
 
 

@@ -29,7 +29,7 @@ from genie_core.errors import GenieError, TrainingDiverged, first_line
 from genie_core.interfaces import DynamicsModel, LatentActionModel, VideoTokenizer
 from genie_core.io.log import say
 from genie_core.nn import as_at_play_time, compile_block_stacks, use_activation_checkpointing
-from genie_core.run.folder import CHECKPOINT_STATE, complete_checkpoints
+from genie_core.run.folder import CHECKPOINT_STATE, WEIGHT_AVERAGE, complete_checkpoints
 from genie_core.world.components import DAMAGE
 
 
@@ -169,6 +169,52 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
+class WeightAverage:
+    """train.*.ema_decay: an exponential moving average of the trained parameters, updated after every optimizer
+    step. The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so the first steps' weights do not
+    linger in it. Kept as tensors beside the prepared model's own parameters rather than as a copy of the model
+    (timm's ModelEma, torch's AveragedModel): a copy would duplicate compiled stacks, and under FSDP each process
+    averages the shard it trains. Buffers (a quantizer's codebook, kept by its own moving average) are left live.
+    `names` (the task's names of the parameters, None where FSDP flattens them) go into a checkpoint with the
+    average, so that a world can be played from it (RunFolder.checkpoint_world)."""
+
+    def __init__(self, params: list[nn.Parameter], decay: float, names: list[str] | None = None):
+        self.params, self.decay, self.names, self.updates = params, decay, names, 0
+        self.average = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1 - decay)
+        self.updates += 1
+
+    @contextlib.contextmanager
+    def in_place(self):
+        """The parameters hold the average inside the block and their trained values again after it."""
+        trained = [p.detach().clone() for p in self.params]
+        self.apply()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in self.params], trained)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Copies the average into the parameters, for good (the end of training)."""
+        torch._foreach_copy_([p.detach() for p in self.params], self.average)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "average": self.average, "names": self.names}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["average"]) != len(self.average):
+            raise ValueError(f"{len(state['average'])} averaged tensors for {len(self.average)} parameters")
+        with torch.no_grad():
+            torch._foreach_copy_(self.average, state["average"])
+        self.updates = state["updates"]
+
+
 class DataPosition:
     """Where training is in the data: the epoch, and how many batches of it were used. Each epoch shuffles with a
     seed derived from (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would."""
@@ -200,9 +246,14 @@ class Checkpoints:
     the scheduler, the step, the data position and the stage's fingerprint. Each is written under a temporary
     name and renamed when complete; the newest `keep` are kept."""
 
-    def __init__(self, accelerator: Accelerator, folder: Path, keep: int, fingerprint: str, scheduler):
+    def __init__(self, accelerator: Accelerator, folder: Path, keep: int, fingerprint: str, scheduler,
+                 average: WeightAverage | None = None):
         self.accelerator, self.folder, self.keep, self.fingerprint = accelerator, Path(folder), keep, fingerprint
-        self.scheduler = scheduler  # saved here, not registered with Accelerate, whose registry outlives a stage
+        # saved here, not registered with Accelerate, whose registry outlives a stage
+        self.scheduler, self.average = scheduler, average
+
+    def _average_file(self, folder: Path) -> Path:  # one per process: under FSDP each averages its own shard
+        return folder / WEIGHT_AVERAGE.format(self.accelerator.process_index)
 
     def complete(self) -> list[Path]:
         return complete_checkpoints(self.folder)
@@ -215,6 +266,8 @@ class Checkpoints:
         self.accelerator.wait_for_everyone()
         try:
             self.accelerator.save_state(str(tmp))  # every process: each saves its own RNG state
+            if self.average is not None:
+                torch.save(self.average.state_dict(), self._average_file(tmp))
             self.accelerator.wait_for_everyone()
             if self.accelerator.is_main_process:
                 state = {"step": step, "epoch": position.epoch, "used": position.used, "fingerprint": self.fingerprint,
@@ -249,6 +302,8 @@ class Checkpoints:
             try:
                 self.accelerator.load_state(str(path))
                 self.scheduler.load_state_dict(state["scheduler"])
+                if self.average is not None:
+                    self.average.load_state_dict(torch.load(self._average_file(path), weights_only=True))
             except DAMAGE as error:
                 self._set_aside(path, error)
                 continue
@@ -295,12 +350,14 @@ class Checkpointing:
 
 
 def train(accelerator: Accelerator, task: Task, dataset: torch.utils.data.Dataset, cfg: TrainConfig, seed: int,
-          log_path: Path, desc: str, checkpointing: Checkpointing, validate=None) -> dict:
+          log_path: Path, desc: str, checkpointing: Checkpointing, validate=None, validate_live: bool = False) -> dict:
     """Trains `task` for cfg.steps optimizer steps; returns a summary (final metrics, steps/s, the seconds spent
-    waiting for batches, and the task's whole state as "weights"). The task is trained in place. With
-    `checkpointing.resume`, continues from the newest complete checkpoint, if any. `validate(step)`, if given, runs on
-    the main process every cfg.eval_every steps and returns metrics to log; it must leave the model's state and the
-    global random generators as it found them.
+    waiting for batches, and the task's whole state as "weights"). The task is trained in place, and ends holding
+    the average of its weights where cfg.ema_decay asks for one. With `checkpointing.resume`, continues from the
+    newest complete checkpoint, if any. `validate(step)`, if given, runs on the main process every cfg.eval_every
+    steps and returns metrics to log; it must leave the model's state and the global random generators as it found
+    them. It sees the average where there is one; with `validate_live`, `validate(step, live=True)` then scores the
+    weights as trained too, logged with the prefix "live_".
 
     cfg.batch_size is per process and per micro-batch: each optimizer step sees
     processes x grad_accum x batch_size windows.
@@ -323,8 +380,9 @@ def train(accelerator: Accelerator, task: Task, dataset: torch.utils.data.Datase
     optimizer, loader = accelerator.prepare(optimizer, loader)
     # Not prepared: Accelerate would step a prepared scheduler once per process, running the schedule N times fast.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    average = WeightAverage(params, cfg.ema_decay, _names(task, params)) if cfg.ema_decay else None
     checkpoints = Checkpoints(accelerator, checkpointing.folder, cfg.keep_checkpoints, checkpointing.fingerprint,
-                              scheduler)
+                              scheduler, average)
     state = checkpoints.load_newest() if checkpointing.resume else None
     if state is None:
         checkpoints.clear()
@@ -358,6 +416,8 @@ def train(accelerator: Accelerator, task: Task, dataset: torch.utils.data.Datase
                 accelerator.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             scheduler.step()
+            if average is not None:
+                average.update()
             optimizer.zero_grad(set_to_none=True)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 last = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
@@ -370,11 +430,13 @@ def train(accelerator: Accelerator, task: Task, dataset: torch.utils.data.Datase
                 bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
             bar.update(1)
             if validate is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                _validate(accelerator, model, validate, step, log, desc, bar)
+                _validate(accelerator, model, validate, step, log, desc, bar, average, validate_live)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 checkpoints.save(step + 1, position)
     seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()
+    if average is not None:
+        average.apply()
     # Every process takes part: under FSDP this gathers the shards. The main process gets the whole state.
     weights = accelerator.get_state_dict(model)
     checkpoints.clear()  # the stage's result is saved by the pipeline; its checkpoints are no longer needed
@@ -382,6 +444,12 @@ def train(accelerator: Accelerator, task: Task, dataset: torch.utils.data.Datase
     steps = cfg.steps - first_step
     return {"final": last, "seconds": seconds, "steps_per_second": steps / seconds if steps else float("nan"),
             "data_seconds": waited, "weights": weights}
+
+
+def _names(task: Task, params: list[nn.Parameter]) -> list[str] | None:
+    """The task's names of the trained parameters (the prepared model's own, unless FSDP flattened them)."""
+    names = {id(p): name for name, p in task.named_parameters()}
+    return [names[id(p)] for p in params] if all(id(p) in names for p in params) else None
 
 
 @contextlib.contextmanager
@@ -416,18 +484,32 @@ def _log(accelerator: Accelerator, log, desc: str, line: dict) -> None:
     accelerator.log({f"{desc}/{k}": v for k, v in line.items() if k != "step"}, step=line["step"])
 
 
-def _validate(accelerator: Accelerator, model: nn.Module, validate, step: int, log, desc: str, bar) -> None:
-    """Runs `validate(step + 1)` on the main process, on the whole model, in eval mode; logs and shows its scores."""
-    with gathered_weights(accelerator, model):  # validation calls the modules outside the wrapper
-        if accelerator.is_main_process:
-            model.eval()
-            with torch.no_grad():
-                scores = {"step": step, **validate(step + 1)}
-            model.train()
-            _log(accelerator, log, desc, scores)
-            bar.write(f"{desc} step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
-                                                              if k != "step"))
+def _validate(accelerator: Accelerator, model: nn.Module, validate, step: int, log, desc: str, bar,
+              average: WeightAverage | None, validate_live: bool) -> None:
+    """Runs `validate(step + 1)` on the main process, on the whole model (holding the average of its weights where
+    there is one), in eval mode; with `validate_live`, on the weights as trained too. Logs and shows the scores."""
+    scores = {"step": step}
+    with average.in_place() if average is not None else contextlib.nullcontext():
+        scores |= _scores(accelerator, model, lambda: validate(step + 1))
+    if average is not None and validate_live:
+        live = _scores(accelerator, model, lambda: validate(step + 1, live=True))
+        scores |= {f"live_{k}": v for k, v in live.items()}
+    if accelerator.is_main_process:
+        _log(accelerator, log, desc, scores)
+        bar.write(f"{desc} step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "step"))
     accelerator.wait_for_everyone()
+
+
+def _scores(accelerator: Accelerator, model: nn.Module, score) -> dict:
+    """`score()` on the main process, on the whole model, in eval mode and without gradients ({} elsewhere)."""
+    with gathered_weights(accelerator, model):  # validation calls the modules outside the wrapper
+        if not accelerator.is_main_process:
+            return {}
+        model.eval()
+        with torch.no_grad():
+            scores = score()
+        model.train()
+        return scores
 
 
 def gathered_weights(accelerator: Accelerator, model: nn.Module):
