@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from genie_core.eval.report import cell as number
+from genie_core.io.machine import summary as machine_summary
 from genie_core.run.folder import RunFolder
 
 STAGE_NAMES = {"data": "data", "tokenizer": "tokenizer", "dynamics": "LAM + dynamics", "report": "report"}
@@ -25,16 +26,6 @@ STAGE_NAMES = {"data": "data", "tokenizer": "tokenizer", "dynamics": "LAM + dyna
 
 def cell(stat: dict, digits: int = 2, unit: str = " dB") -> str:
     return number(stat, digits) + unit
-
-
-def machine_line(machine: dict | None) -> str:
-    if not machine:
-        return "not recorded (a run from before reports kept it)"
-    threads = machine["cpu_threads"]
-    cpu = ", ".join(filter(None, [machine.get("cpu"), machine.get("cpu_capability")]))  # reports from before: none
-    device = machine["gpu"] or (f"CPU ({cpu + ', ' if cpu else ''}{machine['cpu_cores']} cores, "
-                                f"{threads} thread{'s' * (threads != 1)})")
-    return f"{machine['machine']}, {device}; Python {machine['python']}, torch {machine['torch']}"
 
 
 def where_inexact(report: dict, t: int) -> str:
@@ -74,7 +65,7 @@ def numbers_table(run: Path) -> tuple[str, str]:
          f"({report[f'dtpsnr_t{t}_db']['n']} windows)"),
         ("latent vs true actions", actions),
         ("time per stage", (times + total) if times else "not recorded"),
-        ("measured on", machine_line(report.get("machine"))),
+        ("measured on", machine_summary(report.get("machine"))),
     ]
     lines = ["| | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
     return report["run"], "\n".join(lines)

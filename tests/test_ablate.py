@@ -378,6 +378,7 @@ def test_readme_numbers_come_from_the_run(played_run, tmp_path):
     assert f"| dynamics PSNR at t=4, inferred actions | {world['mean']:.2f} ± {world['ci95']:.2f} dB" in text
     assert "old table" not in text and "time per stage | data " in text and "report " in text
     assert f"torch {report['machine']['torch']}" in text
+    assert f"vector-quantize-pytorch {report['machine']['packages']['vector-quantize-pytorch']}" in text
     # the CPU's vector instructions (AVX2, AVX512, ...), which set a CPU's speed as much as its core count
     assert report["machine"]["cpu_capability"] and f"{report['machine']['cpu_capability']}, " in text
     # a file without the run's block is refused by name

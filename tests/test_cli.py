@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -46,6 +47,10 @@ def test_run_writes_checkpoints_report_and_pictures(run_dir):
     # `genie run` kept the memory it freed, where it can (glibc), and its report says so: had it not asked, this call
     # would ask now and answer True
     assert report["machine"]["keeps_freed_memory"] is keep_freed_memory()
+    # the versions of the packages whose releases can move the numbers, in the record and on the report's page
+    quantizer = importlib.metadata.version("vector-quantize-pytorch")
+    assert report["machine"]["packages"]["vector-quantize-pytorch"] == quantizer
+    assert f", vector-quantize-pytorch {quantizer}," in (run_dir / "report.md").read_text()
     with Image.open(run_dir / "rollout.gif") as gif:
         assert gif.n_frames == 3 + 1  # the prompt and rollout_steps generated frames
         # one panel per latent action, 2-pixel gaps, under a bar that names each panel's action

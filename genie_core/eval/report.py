@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from genie_core.io.machine import summary as machine_summary
+
 
 def cell(stat: dict | None, digits: int = 2, unit: str | None = None) -> str:
     """'16.81 ± 0.75' for a mean_and_ci result (no interval when it has none), with '(n=128 windows)' after it when
@@ -172,6 +174,8 @@ def report_markdown(report: dict, t: int) -> str:
         f"final loss {train_tok['final']['loss']:.4f}; "
         f"LAM + dynamics {train_dyn['steps_per_second']:.2f} steps/s{waiting(train_dyn)}, "
         f"final loss {train_dyn['final']['loss']:.4f}.",
+        "",
+        f"Measured on {machine_summary(report.get('machine'))}.",
         "",
         *(["**Warning**: the evaluation windows overlap (more windows than the held-out footage holds apart), so "
            "these intervals are narrower than they should be; build more validation footage.", ""]

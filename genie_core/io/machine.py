@@ -21,23 +21,46 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+# Packages besides torch whose releases can move a run's numbers: a new release of vector-quantize-pytorch once
+# rewrote its EMA codebook, and the same recipe, seed and machine then measured a world 0.85 dB apart.
+NUMERICS_PACKAGES = ("vector-quantize-pytorch", "torch-einops-utils", "timm", "accelerate", "torchmetrics", "einops",
+                     "numpy")
+
+
+def package_version(package: str) -> str | None:
+    """The installed version of a distribution, None when it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def describe() -> dict:
     """Architecture, the CPU (its model and the widest vector instructions torch's kernels use on it: two CPUs of
     one name can differ twofold in speed by these), the CPU threads torch uses, whether the process keeps the memory
-    it frees (keep_freed_memory), the GPU if one is visible, and the versions that shape the numbers."""
+    it frees (keep_freed_memory), the GPU if one is visible, and the versions that shape the numbers: Python, torch,
+    genie and NUMERICS_PACKAGES (under "packages")."""
     import torch
-
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
 
     return {"machine": platform.machine(), "processor": platform.processor(), "cpu": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_cores": os.cpu_count(),
             "cpu_threads": torch.get_num_threads(), "keeps_freed_memory": _kept,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__, "genie": version("genie-world")}
+            "python": platform.python_version(), "torch": torch.__version__, "genie": package_version("genie-world"),
+            "packages": {name: package_version(name) for name in NUMERICS_PACKAGES}}
+
+
+def summary(machine: dict | None) -> str:
+    """A `describe()` record in one line, for reports and tables: the machine, its device, and the versions that
+    shape the numbers (a record from before it kept the packages: Python and torch only)."""
+    if not machine:
+        return "not recorded (a run from before reports kept it)"
+    threads = machine["cpu_threads"]
+    cpu = ", ".join(filter(None, [machine.get("cpu"), machine.get("cpu_capability")]))  # records from before: none
+    device = machine["gpu"] or (f"CPU ({cpu + ', ' if cpu else ''}{machine['cpu_cores']} cores, "
+                                f"{threads} thread{'s' * (threads != 1)})")
+    packages = "".join(f", {name} {version}" for name, version in machine.get("packages", {}).items() if version)
+    return f"{machine['machine']}, {device}; Python {machine['python']}, torch {machine['torch']}{packages}"
 
 
 def bf16_units(cpu: bool = False) -> str | None:
