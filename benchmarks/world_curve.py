@@ -2,6 +2,7 @@
 tokenizer, scored every N steps on the run's held-out split against the cheapest baselines.
 
     python benchmarks/world_curve.py RUN [KEY=VALUE ...] [--every 400] [--windows 64] [--name NAME] [--out DIR]
+                                     [--against CURVE.json]
 
 RUN is a finished run (or ablation variant) whose data and tokenizer stages are reused; KEY=VALUE overrides its
 recipe for the dynamics stage (steps, model sizes, action model, sampler). Scores at every --every steps, on
@@ -11,7 +12,10 @@ Trains with the stage's own training loop (`genie_core.training.engine.train`), 
 precision (`run.mixed_precision`) and with its compiled stacks if it compiles them (`train.dynamics.compile`).
 With `train.dynamics.ema_decay` set, each point scores the average of the weights (what the stage saves) and the
 weights as trained, and their difference window by window with its 95% interval: one training run settles whether
-the average helps.
+the average helps. With `--against CURVE.json`, an earlier curve scored on the same windows (a run that shares this
+one's footage, through `data.path`, and --windows), each point also gets its difference to that curve's point of the
+same step, window by window with its 95% interval (`minus_against`): far tighter than the two intervals side by side,
+where the windows' own spread dominates. Every point keeps its windows' scores (`per_window`) for such comparisons.
 Point it at footage for tuning (a run with `source.first_level` set apart), never at the evaluation levels: this is
 where settings get chosen. Prints each point; saves JSON and a PNG to benchmarks/results/world-curve-NAME.{json,png}
 (or --out).
@@ -42,14 +46,13 @@ from genie_core.world.model import World
 
 RESULTS = Path(__file__).resolve().parent / "results"
 T = 4  # generated frames after the prompt, the paper's dtPSNR horizon
-PAIRED = ("dynamics_psnr_db", "dtpsnr_db")  # compared window by window between the average and the live weights
+PAIRED = ("dynamics_psnr_db", "dtpsnr_db")  # compared window by window: average and live weights, two curves
 
 
-def point(world: World, index: EpisodeIndex, windows: int, accelerator: Accelerator,
-          per_window: bool = False) -> dict:
-    """One world's held-out scores at t = T, each a mean with its 95% interval (and with `per_window`, every
-    window's world PSNR and dtPSNR, for comparisons window by window)."""
-    settings = EvalSettings(windows=windows, horizon=T, per_window=per_window)
+def point(world: World, index: EpisodeIndex, windows: int, accelerator: Accelerator) -> dict:
+    """One world's held-out scores at t = T, each a mean with its 95% interval, and every window's world PSNR,
+    dtPSNR and prompt frame again (`per_window`, for comparisons window by window)."""
+    settings = EvalSettings(windows=windows, horizon=T, per_window=True)
     result = Evaluation(world, index, "val", settings, accelerator).world_model()
     at = str(T)
     scores = {"dynamics_psnr_db": result["dynamics_psnr_at_t_db"][at],
@@ -58,14 +61,47 @@ def point(world: World, index: EpisodeIndex, windows: int, accelerator: Accelera
               "dynamics_minus_copy_prompt_db": result["dynamics_minus_copy_prompt_at_t_db"][at],
               "dtpsnr_db": result["dtpsnr_db"][at],
               "actions_nmi": (result["actions_vs_true"] or {}).get("nmi")}
-    if per_window:
-        windows = result["per_window"]
-        scores["per_window"] = {"dynamics_psnr_db": windows["dynamics_psnr_at_t_db"][at],
-                                "dtpsnr_db": windows["dtpsnr_db"][at]}
+    windows = result["per_window"]
+    scores["per_window"] = {"dynamics_psnr_db": windows["dynamics_psnr_at_t_db"][at],
+                            "dtpsnr_db": windows["dtpsnr_db"][at],
+                            "copy_prompt_psnr_db": windows["copy_prompt_psnr_at_t_db"][at]}
     return scores
 
 
-def plot(points: list[dict], path: Path, title: str) -> None:
+def paired(ours: dict, theirs: dict) -> dict:
+    """Two sets of per_window scores on the same windows: each PAIRED score's difference, ours minus theirs, window
+    by window, as a mean with its 95% interval."""
+    return {key: mean_and_ci(torch.tensor(ours[key]) - torch.tensor(theirs[key])) for key in PAIRED}
+
+
+def earlier_curve(path: Path, windows: int) -> dict[int, dict]:
+    """--against: an earlier curve's per_window scores by step, refused in one line unless it was scored on the same
+    number of windows and kept them."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SystemExit(f"error: --against {path}: cannot read it ({error.strerror})")
+    try:
+        earlier = json.loads(text)
+        scored_on, points = earlier["windows"], earlier["points"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"error: --against {path}: not a world curve ({error!r})")
+    if any("per_window" not in p for p in points):
+        raise SystemExit(f"error: --against {path}: its points keep no per_window scores (saved before curves kept "
+                         "them); score it again")
+    if scored_on != windows:
+        raise SystemExit(f"error: --against {path}: scored on {scored_on} windows, this curve on {windows}; "
+                         f"give --windows {scored_on}")
+    return {p["step"]: p["per_window"] for p in points}
+
+
+def same_windows(ours: dict, theirs: dict) -> bool:
+    """Whether two points were scored on the same windows: the prompt frame shown again scores each window the same
+    whatever the world, so equal scores there mean the same footage and windows."""
+    return torch.allclose(torch.tensor(ours["copy_prompt_psnr_db"]), torch.tensor(theirs["copy_prompt_psnr_db"]))
+
+
+def plot(points: list[dict], path: Path, title: str, against: dict[int, dict] | None = None) -> None:
     import matplotlib.pyplot as plt
 
     steps = [p["step"] for p in points]
@@ -84,6 +120,10 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     if live:
         fidelity.plot(steps, [p["live"]["dynamics_psnr_db"]["mean"] for p in points], "-.x",
                       label="world, inferred actions, live weights")
+    if against:
+        earlier = sorted(against.items())
+        fidelity.plot([step for step, _ in earlier], [sum(w["dynamics_psnr_db"]) / len(w["dynamics_psnr_db"])
+                                                      for _, w in earlier], "-.+", label="world, the --against curve")
     fidelity.set(xlabel="training step", ylabel=f"PSNR at t={T} (dB)")
     fidelity.legend(fontsize=8)
     means = [p["dtpsnr_db"]["mean"] for p in points]
@@ -107,7 +147,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64, help="held-out windows per score")
     parser.add_argument("--name", help="names the results files (default: the run folder's name)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results files")
+    parser.add_argument("--against", type=Path, metavar="CURVE.json",
+                        help="an earlier curve on the same windows: each point also gets its paired difference to it")
     args = parser.parse_args()
+    against = earlier_curve(args.against, args.windows) if args.against else {}
     name = args.name or args.run.name
     notes: list[str] = []
     recipe = recipe_with_overrides(json.loads((args.run / "recipe.json").read_text()), args.overrides,
@@ -115,6 +158,10 @@ def main() -> None:
     for note in notes:
         print(f"note: {note}")
     cfg = recipe.train["dynamics"]
+    scored = {*range(args.every, cfg.steps + 1, args.every), cfg.steps}  # the steps train() validates at
+    if against and not scored & against.keys():
+        raise SystemExit(f"error: --against {args.against}: scored at steps {sorted(against)}, this curve at "
+                         f"{sorted(scored)}: none in common")
     tokenizer = RunFolder(args.run).components("tokenizer")["tokenizer"]
     index = EpisodeIndex.open(RunFolder(args.run).data)
     torch.manual_seed(recipe.run.seed + 1)  # as the dynamics stage
@@ -133,21 +180,25 @@ def main() -> None:
         """train() calls it in eval mode, without gradients, on the average of the weights where there is one (then
         again with `live`, on the weights as trained), and logs what it returns."""
         rng = torch.get_rng_state()  # and asks it to leave the global generator as it found it
-        p = point(world, index, args.windows, accelerator, per_window=averaged)
+        p = point(world, index, args.windows, accelerator)
         torch.set_rng_state(rng)
         if live:
             average = points[-1]
-            averaged_windows, live_windows = average.pop("per_window"), p.pop("per_window")
             average["live"] = p
-            average["average_minus_live"] = {
-                key: mean_and_ci(torch.tensor(averaged_windows[key]) - torch.tensor(live_windows[key]))
-                for key in PAIRED}
+            average["average_minus_live"] = paired(average["per_window"], p.pop("per_window"))
         else:
+            if step in against:
+                if not same_windows(p["per_window"], against[step]):
+                    raise SystemExit(f"error: --against {args.against}: its windows are not this run's (the prompt "
+                                     "frame again scores them differently); compare runs that share footage")
+                p["minus_against"] = paired(p["per_window"], against[step])
             points.append({"step": step, **p})
+        earlier = {f"world_minus_against_{k}": p["minus_against"]["dynamics_psnr_db"][k] for k in ("mean", "ci95")
+                   } if "minus_against" in p else {}
         return {"world_psnr_db": p["dynamics_psnr_db"]["mean"], "copy_prompt_psnr_db": p["copy_prompt_psnr_db"]["mean"],
                 "world_minus_copy_db": p["dynamics_minus_copy_prompt_db"]["mean"],
                 "dtpsnr_db": p["dtpsnr_db"]["mean"], "dtpsnr_ci95_db": p["dtpsnr_db"]["ci95"],
-                "actions_nmi": float("nan") if p["actions_nmi"] is None else p["actions_nmi"]}
+                "actions_nmi": float("nan") if p["actions_nmi"] is None else p["actions_nmi"], **earlier}
 
     data = WindowDataset(index, "train", cfg.seq_len, action_model.reads_true_actions)
     with tempfile.TemporaryDirectory() as scratch:  # its log and checkpoints are not kept: the curve is the result
@@ -156,10 +207,11 @@ def main() -> None:
               Path(scratch) / "log.jsonl", "lam+dynamics", Checkpointing(Path(scratch) / "checkpoints", "world-curve"),
               validate, validate_live=averaged)
     args.out.mkdir(parents=True, exist_ok=True)
-    out = {"run": str(args.run), "overrides": args.overrides, "windows": args.windows, "t": T,
+    out = {"run": str(args.run), "overrides": args.overrides, "against": args.against and str(args.against),
+           "windows": args.windows, "t": T,
            "precision": precision, "machine": describe_machine(), "points": points}
     (args.out / f"world-curve-{name}.json").write_text(json.dumps(out, indent=2))
-    plot(points, args.out / f"world-curve-{name}.png", f"{name}: held-out world against the baselines")
+    plot(points, args.out / f"world-curve-{name}.png", f"{name}: held-out world against the baselines", against)
     print(f"saved {args.out / f'world-curve-{name}.json'} and .png")
 
 

@@ -153,12 +153,17 @@ def test_world_curve_scores_the_world_during_training(played_run, tmp_path):
         assert abs(p["dynamics_minus_copy_prompt_db"]["mean"] - (world - copy)) < 1e-6  # paired, same windows
         assert 0 <= p["actions_nmi"] <= 1
     assert points[0]["copy_prompt_psnr_db"] == points[1]["copy_prompt_psnr_db"]  # the baseline does not train
+    for p in points:  # every window's scores, kept for comparisons window by window
+        assert {k: len(v) for k, v in p["per_window"].items()} == {
+            "dynamics_psnr_db": 4, "dtpsnr_db": 4, "copy_prompt_psnr_db": 4}
+        assert abs(sum(p["per_window"]["dtpsnr_db"]) / 4 - p["dtpsnr_db"]["mean"]) < 1e-5
     assert (tmp_path / "world-curve-t.png").stat().st_size > 0
     # with an average of the weights: the average scored, the weights as trained (those of the run above), and the
-    # difference window by window
+    # difference window by window; and, --against the run above, the same difference from two curves
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "world_curve.py"), str(played_run),
                            "train.dynamics.steps=4", "run.mixed_precision=auto", "train.dynamics.ema_decay=0.5",
-                           "--every", "2", "--windows", "4", "--name", "ema", "--out", str(tmp_path)],
+                           "--every", "2", "--windows", "4", "--name", "ema", "--out", str(tmp_path),
+                           "--against", str(tmp_path / "world-curve-t.json")],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     averaged = json.loads((tmp_path / "world-curve-ema.json").read_text())["points"]
@@ -167,7 +172,16 @@ def test_world_curve_scores_the_world_during_training(played_run, tmp_path):
         for key in ("dynamics_psnr_db", "dtpsnr_db"):
             difference = p["average_minus_live"][key]
             assert difference["n"] == 4 and abs(difference["mean"] - (p[key]["mean"] - plain[key]["mean"])) < 1e-5
-        assert "per_window" not in p and "per_window" not in p["live"]
+            assert p["minus_against"][key] == pytest.approx(difference)
+        assert "per_window" not in p["live"]
+    # --against refuses, before it trains, a curve it cannot be compared with
+    for windows, every, message in (("3", "2", "scored on 4 windows, this curve on 3; give --windows 4"),
+                                    ("4", "3", "scored at steps [2, 4], this curve at [3]: none in common")):
+        done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "world_curve.py"), str(played_run),
+                               "train.dynamics.steps=3", "--every", every, "--windows", windows, "--out",
+                               str(tmp_path), "--against", str(tmp_path / "world-curve-t.json")],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
     after = sorted((p.relative_to(played_run), p.stat().st_mtime_ns) for p in played_run.rglob("*") if p.is_file())
     assert after == before
 
