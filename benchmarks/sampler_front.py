@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         for (order, steps), sampler in samplers.items():
             world.sampler = sampler
             rows.append({"order": order, "steps": steps,
-                         **point(world, index, args.windows, accelerator, per_window=True)})
+                         **point(world, index, args.windows, accelerator)})
             print(f"scored {order} x {steps} steps", flush=True)
         # Speed: the settings take turns frame by frame, so that this machine's drifting speed treats them alike.
         device = torch.device("cpu")
