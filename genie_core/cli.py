@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import threading
 from pathlib import Path
 
+from genie_core.config import MAX_SEED
 from genie_core.errors import GenieError, RecipeError, TrainingDiverged
 from genie_core.io.machine import keep_freed_memory
 
@@ -30,6 +32,37 @@ def _steps(text: str) -> tuple[int, ...]:
     if not values:
         raise argparse.ArgumentTypeError("give at least one number")
     return values
+
+
+def _int_in(text: str, low: int, high: int, what: str) -> int:
+    """An integer within [low, high] (argparse's error otherwise), checked before anything loads."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        shown = text if len(text) <= 30 else text[:27] + "..."
+        raise argparse.ArgumentTypeError(f"'{shown}' is not {what} (an integer in {low}..{high})")
+    return value
+
+
+def _seed(text: str) -> int:
+    return _int_in(text, 0, MAX_SEED, "a seed")  # what torch.Generator takes, as the play server checks its seeds
+
+
+def _port(text: str) -> int:
+    return _int_in(text, 0, 65535, "a port")
+
+
+def _positive_number(text: str) -> float:
+    """A finite number above 0 (nan and inf are refused: they would make no limit, or overflow one)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"'{text[:30]}' is not a finite number above 0")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -103,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--actions", required=True, help="comma-separated latent action ids, e.g. 0,0,3,3,1")
     sample.add_argument("--out", type=Path, default=Path("sample.gif"),
                         help="GIF path; a PNG strip is written beside it")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=_seed, default=0, help=f"random seed, 0..{MAX_SEED} (default 0)")
     sample.add_argument("--steps", type=int, help="sampler steps (overrides the saved sampler's)")
     sample.add_argument("--temperature", type=float, help="sampling temperature (overrides the saved sampler's)")
     sample.add_argument("--scale", type=positive_int, default=4, help="nearest-neighbour upscaling of the output")
@@ -138,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     play.add_argument("--token", choices=("auto", "none"), default="auto",
                       help="access token: auto (default; one is asked for when --host is reachable from other "
                            "machines: GENIE_PLAY_TOKEN, else a random one, in the printed address) or none")
-    play.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    play.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     play.add_argument("--eval", type=Path, dest="eval_dir", metavar="DIR",
                       help="a `genie eval --out DIR` folder: the arrow keys follow the action mapping fitted there "
                            "(default: RUN/eval)")
@@ -150,12 +183,15 @@ def _parser() -> argparse.ArgumentParser:
                       help="terminal: do not draw frames (with --frames-dir); not drawn either when the output is "
                            "not a terminal")
     play.add_argument("--width", type=positive_int, default=64, help="terminal: characters per drawn frame row")
-    play.add_argument("--seed", type=int, default=0)
+    play.add_argument("--seed", type=_seed, default=0,
+                      help=f"terminal: random seed, 0..{MAX_SEED} (default 0)")
     play.add_argument("--steps", type=positive_int, help="sampler steps (default: the run's)")
     play.add_argument("--temperature", type=float, help="sampling temperature (default: the run's)")
     play.add_argument("--max-sessions", type=positive_int, default=16, help="sessions played at once (default 16)")
-    play.add_argument("--idle-minutes", type=float, default=10.0, help="a session left alone this long ends")
-    play.add_argument("--max-upload-mb", type=float, default=5.0, help="largest prompt image accepted (default 5)")
+    play.add_argument("--idle-minutes", type=_positive_number, default=10.0,
+                      help="a session left alone this long ends (default 10)")
+    play.add_argument("--max-upload-mb", type=_positive_number, default=5.0,
+                      help="largest prompt image accepted (default 5)")
     play.add_argument("--cpu", action="store_true", help="play on the CPU even if a GPU is present")
     play.add_argument("--compile", action="store_true",
                       help="compile the per-frame sampling step (and, with [world] decode_frames set, the shown "
@@ -215,7 +251,7 @@ def cmd_play(args) -> int:
 
     token = access_token(args.host, args.token, os.environ.get("GENIE_PLAY_TOKEN"))
     limits = Limits(max_sessions=args.max_sessions, idle_seconds=args.idle_minutes * 60,
-                    max_upload_bytes=int(args.max_upload_mb * 1_000_000))
+                    max_upload_bytes=math.ceil(args.max_upload_mb * 1_000_000))  # (at least 1 byte)
     try:
         server = PlayServer(play, args.host, args.port, limits, token)
     except OSError as error:
@@ -357,6 +393,10 @@ def cmd_sample(args) -> int:
         raise GenieError(f"--actions '{args.actions}': expected comma-separated integers such as 0,1,2") from None
     if not actions:
         raise GenieError("--actions: give at least one action")
+    huge = next((a for a in actions if not -(2**63) <= a < 2**63), None)  # past what a tensor of actions holds
+    if huge is not None:
+        shown = str(huge) if len(str(huge)) <= 30 else str(huge)[:27] + "..."
+        raise GenieError(f"--actions: {shown} is not an action id; a world's actions are 0..N-1 for its N actions")
     if args.out.suffix.lower() != ".gif":
         raise GenieError(f"--out {args.out}: must end in .gif (a .png strip is written beside it)")
     if not args.out.parent.is_dir():

@@ -14,6 +14,7 @@ from attrs import validators as v
 
 positive = v.gt(0)
 non_negative = v.ge(0)
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes (`genie play` and `sample` check theirs)
 MAX_LAYERS = 256  # transformer layers per stack (the paper's largest has 36; GPT-3 has 96): beyond is a typo
 layers = [positive, v.le(MAX_LAYERS)]
 
@@ -221,6 +222,14 @@ class DynamicsTrainConfig(TrainConfig):
 WINDOWS = ("slide", "block")
 
 
+def context_frames(instance, attribute, value):  # noqa: ARG001 - attrs validator signature
+    """`[world] context`: 0 (as many as trained on) or at least 2. A context of 1 holds no history, only the new
+    frame: no prompt and no action would reach it."""
+    if not (value == 0 or value >= 2):
+        raise ValueError(f"'{attribute.name}' must be 0 (as many frames as the world was trained on) or at least 2 "
+                         f"(the new frame and one before it): {value}")
+
+
 @attrs.define(frozen=True, kw_only=True)
 class WorldConfig:
     """How a trained world rolls out past the number of frames it was trained on ([world] in a recipe): it keeps a
@@ -234,7 +243,7 @@ class WorldConfig:
     - decode_frames: how many frames the tokenizer's decoder reads to draw each new frame of play.
     """
 
-    context: int = attrs.field(default=0, validator=v.ge(0))  # frames seen per new frame; 0: as many as trained on
+    context: int = attrs.field(default=0, validator=context_frames)  # frames seen per new frame; 0: as trained
     window: str = attrs.field(default="slide", validator=v.in_(WINDOWS))
     # Frames the tokenizer decodes each new frame of play with (the frame and those just before it); 0: its whole
     # window, exactly as rollouts are decoded. Fewer cost less per frame, for a measured difference in the pixels

@@ -226,6 +226,57 @@ def test_world_context_longer_than_trained_is_refused():
         tiny_world(True, context=7)
 
 
+def test_a_world_context_of_one_frame_is_refused():
+    """A context of 1 holds the new frame alone: no history, so neither the prompt nor the action would reach it."""
+    from genie_core.config import WorldConfig, checked_config
+    from genie_core.errors import RecipeError
+
+    with pytest.raises(RecipeError) as refused:
+        checked_config(WorldConfig, {"context": 1}, "recipe.toml [world]")
+    assert refused.value.problems == ["recipe.toml [world]: key 'context': 'context' must be 0 (as many frames as the "
+                                      "world was trained on) or at least 2 (the new frame and one before it): 1"]
+    with pytest.raises(ValueError, match="'context' must be 0"):
+        WorldConfig(context=1)
+    assert [WorldConfig(context=n).context for n in (0, 2)] == [0, 2]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_actions_of_another_type_or_shape_are_refused(cache):
+    """Float actions (truncated by the uncached sampler, a dtype error in the cached one), a batch other than the
+    prompt's (a torch.cat error) and one-dimensional actions (an IndexError) are refused up front, by name."""
+    from genie_core.errors import GenieError
+    from genie_core.world.model import Rollout
+
+    world = tiny_world(cache)
+    prompt = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    tokens = world.encode_prompt(prompt)
+    cases = [
+        (torch.tensor([[1.0, 2.0], [0.0, 3.0]]), "actions must be integers (torch.long), got torch.float32"),
+        (torch.tensor([[True], [False]]), "actions must be integers (torch.long), got torch.bool"),
+        (torch.tensor([1, 2]), "actions have shape [2]; expected [B, S], a row of actions per prompt"),
+        (torch.tensor([[1, 2]]), "actions are for a batch of 1, the prompt's is 2; expected [B, S] with B = 2"),
+        ([[1, 2], [0, 3]], "actions must be a tensor of integers [B, S], got list"),
+        (torch.tensor([[1, 9], [0, 3]]), "action 9 is out of range; this world has actions 0..3"),
+    ]
+    for actions, message in cases:
+        with pytest.raises(GenieError) as refused:
+            world.generate_tokens(tokens, actions)
+        assert str(refused.value) == message
+        with pytest.raises(GenieError) as refused:
+            world.rollout(prompt, actions)
+        assert str(refused.value) == message
+    rollout = Rollout(world, tokens)
+    for action, message in [(torch.tensor([1.0, 2.0]), "actions must be integers (torch.long), got torch.float32"),
+                            (torch.tensor([[1], [2]]), "actions have shape [2, 1]; expected [B], one per prompt"),
+                            (torch.tensor([1]), "actions are for a batch of 1, the prompt's is 2; expected [B] "
+                                                "with B = 2")]:
+        with pytest.raises(GenieError) as refused:
+            rollout.step(action)
+        assert str(refused.value) == message
+    assert rollout.frames == 1
+    assert world.generate_tokens(tokens, torch.tensor([[1, 2], [0, 3]], dtype=torch.int32)).shape[1] == 3
+
+
 def test_draw_categorical_follows_the_probabilities():
     from genie_core.nn import draw_categorical
 

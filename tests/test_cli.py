@@ -110,6 +110,43 @@ def test_sample_bad_input_exits_2(run_dir, tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["play", "--port", "70000"], "argument --port: '70000' is not a port (an integer in 0..65535)"),
+    (["play", "--seed", "18446744073709551616"],
+     "argument --seed: '18446744073709551616' is not a seed (an integer in 0..18446744073709551615)"),
+    (["play", "--seed", "-1"], "argument --seed: '-1' is not a seed"),
+    (["play", "--idle-minutes", "0"], "argument --idle-minutes: '0' is not a finite number above 0"),
+    (["play", "--idle-minutes", "nan"], "argument --idle-minutes: 'nan' is not a finite number above 0"),
+    (["play", "--max-upload-mb", "-5"], "argument --max-upload-mb: '-5' is not a finite number above 0"),
+    (["play", "--max-upload-mb", "inf"], "argument --max-upload-mb: 'inf' is not a finite number above 0"),
+    (["play", "--max-sessions", "0"], "argument --max-sessions: must be at least 1, got 0"),
+    (["sample", "--prompt", "p.png", "--actions", "0", "--seed", "18446744073709551616"],
+     "argument --seed: '18446744073709551616' is not a seed (an integer in 0..18446744073709551615)"),
+])
+def test_play_and_sample_arguments_are_checked_before_anything_loads(tmp_path, capsys, args, message):
+    """Refused as the arguments are parsed (status 2, one line), before any world is looked for: the run folder
+    here does not even exist."""
+    command, *rest = args
+    with pytest.raises(SystemExit) as exit_status:
+        main([command, str(tmp_path / "no-run"), *rest])
+    assert exit_status.value.code == 2
+    err = capsys.readouterr().err
+    assert f"genie {command}: error: {message}" in err and "no-run" not in err
+
+
+def test_sample_actions_too_large_for_any_world_exit_2(tmp_path, capsys):
+    argv = ["sample", str(tmp_path / "no-run"), "--prompt", "p.png", "--actions", "0,99999999999999999999"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == ("error: --actions: 99999999999999999999 is not an action id; a world's actions "
+                                       "are 0..N-1 for its N actions\n")
+
+
+def test_a_world_context_of_one_is_refused_by_validate(capsys):
+    assert main(["validate", SMOKE, "world.context=1"]) == 2
+    assert "[world]: key 'context': 'context' must be 0 (as many frames as the world was trained on) or at least 2" \
+        in capsys.readouterr().err
+
+
 def test_sample_broken_image_and_unfinished_run(run_dir, tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG not really")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -154,8 +155,97 @@ def test_every_checkpoint_damaged_is_an_error_not_a_silent_restart(tmp_path):
         tokenizer_training(tmp_path, stop_at=5)
     for state in (tmp_path / "ckpt").glob("step-*/trainer.json"):
         state.write_bytes(b"\xff")
-    with pytest.raises(GenieError, match="every checkpoint is damaged; run without --resume"):
+    with pytest.raises(GenieError, match=r"every checkpoint is damaged \(each kept as step-N.damaged\); run without"):
         tokenizer_training(tmp_path, resume=True)
+    tokenizer_training(tmp_path)  # starting over, as the error says: the damaged ones are still there to look at
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.damaged")) == ["step-000000002.damaged",
+                                                                            "step-000000004.damaged"]
+
+
+@pytest.mark.parametrize("failure", ["out of memory", "unreadable folder"])
+def test_a_checkpoint_that_fails_to_load_for_another_reason_is_kept_as_it_is(tmp_path, monkeypatch, failure):
+    """Running out of memory, or a folder this user may not read, says nothing about the files: the resume stops
+    with a word and no checkpoint is set aside (setting each aside in turn would end in starting over)."""
+    from accelerate import Accelerator
+
+    with pytest.raises(Interrupted):
+        tokenizer_training(tmp_path, stop_at=5)  # checkpoints at steps 2 and 4
+    raised = (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if failure == "out of memory"
+              else PermissionError(13, "Permission denied"))
+
+    def load_state(*_args, **_kwargs):
+        raise raised
+
+    monkeypatch.setattr(Accelerator, "load_state", load_state)
+    said = "out of memory while loading" if failure == "out of memory" else "cannot read this checkpoint (Permission"
+    with pytest.raises(GenieError, match=rf"step-000000004: {re.escape(said)}.*it is kept as it is"):
+        tokenizer_training(tmp_path, resume=True)
+    assert [p.name for p in sorted((tmp_path / "ckpt").iterdir())] == ["step-000000002", "step-000000004"]
+
+
+def test_a_checkpoint_of_another_number_of_processes_is_refused(tmp_path):
+    """Each process saved its own random state and read its own share of the data: resuming with another number
+    of them would train on other batches, so it is refused with the number to use."""
+    with pytest.raises(Interrupted):
+        tokenizer_training(tmp_path, stop_at=5)
+    state_file = tmp_path / "ckpt" / "step-000000004" / "trainer.json"
+    state = json.loads(state_file.read_text())
+    assert state["processes"] == 1
+    state_file.write_text(json.dumps({**state, "processes": 2}))
+    with pytest.raises(GenieError, match="written by 2 process\\(es\\), and this run has 1; resume with 2 "
+                                         "\\(torchrun --nproc_per_node 2\\)"):
+        tokenizer_training(tmp_path, resume=True)
+
+
+def test_a_stage_killed_before_its_output_is_saved_resumes_from_its_checkpoints(tmp_path, monkeypatch, capsys):
+    """Training done, the output not yet saved: the checkpoints are still there, so --resume goes on from the last
+    one instead of starting the stage over."""
+    import genie_core.training.pipeline as pipeline
+
+    real = pipeline.atomic_dir
+
+    def dies_saving_the_tokenizer(folder):
+        if folder.name == "tokenizer":
+            raise Interrupted
+        return real(folder)
+
+    run, few = tmp_path / "run", ["run.trackers=none", "train.tokenizer.checkpoint_every=2"]
+    monkeypatch.setattr(pipeline, "atomic_dir", dies_saving_the_tokenizer)
+    with pytest.raises(Interrupted):
+        main(["run", SMOKE, *few, "--out", str(run)])
+    monkeypatch.setattr(pipeline, "atomic_dir", real)
+    capsys.readouterr()
+    assert main(["run", SMOKE, *few, "--out", str(run), "--resume"]) == 0
+    assert f"tokenizer: resuming at step 2 from {run / 'checkpoints' / 'tokenizer' / 'step-000000002'}" in (
+        capsys.readouterr().out)
+    assert not (run / "checkpoints" / "tokenizer").exists()  # gone once the output is saved
+
+
+def test_a_latent_action_model_trained_for_other_settings_is_not_reused(tmp_path, monkeypatch, capsys):
+    """train.dynamics.lam_steps: the LAM trained first is kept while the dynamics model trains, for a resume.
+    It is reused only for the settings and the tokenizer it was trained for."""
+    import genie_core.training.pipeline as pipeline
+
+    real = pipeline.train
+
+    def dies_after_the_lam(*args, **kwargs):
+        summary = real(*args, **kwargs)
+        if args[6] == "dynamics":  # desc: the LAM trained and kept, then the dynamics model
+            raise Interrupted
+        return summary
+
+    run, few = tmp_path / "run", ["run.trackers=none", "train.dynamics.lam_steps=2"]
+    monkeypatch.setattr(pipeline, "train", dies_after_the_lam)
+    with pytest.raises(Interrupted):
+        main(["run", SMOKE, *few, "--out", str(run)])
+    monkeypatch.setattr(pipeline, "train", real)
+    assert (run / "checkpoints" / "dynamics-lam-done" / "components.json").is_file()
+    capsys.readouterr()
+    assert main(["run", SMOKE, *few, "action_model.dim=16", "--out", str(run), "--resume"]) == 2
+    assert "dynamics-lam-done: this latent action model was trained under other settings" in capsys.readouterr().err
+    assert main(["run", SMOKE, *few, "--out", str(run), "--resume"]) == 0
+    assert "the latent action model was trained before the interruption" in capsys.readouterr().out
+    assert not (run / "checkpoints" / "dynamics-lam-done").exists()
 
 
 def test_a_checkpoint_that_cannot_be_written_names_the_folder_and_the_last_good_one(tmp_path, monkeypatch):

@@ -100,6 +100,71 @@ def test_a_session_plays_the_worlds_own_rollout(server, play):
     assert Image.open(io.BytesIO(gif)).n_frames == len(actions) + 1
 
 
+def test_a_session_keeps_its_last_frames_and_undo_stops_at_the_oldest(play):
+    """A long session holds its last `max_frames` frames, not one per step forever: its GIF shows those, undo stops
+    at the oldest of them, and reset still goes back to the prompt."""
+    session = PlaySession(play, play.prompts[0], seed=2, max_frames=4)
+    prompt = session.frames[0]
+    shown = [session.step(action) for action in (1, 2, 3, 0, 1, 2, 3)]
+    assert len(session.frames) == 4 and session.frame_count == 8
+    assert all(np.array_equal(kept, frame) for kept, frame in zip(session.frames, shown[-4:]))
+    assert Image.open(io.BytesIO(session.gif())).n_frames == 4
+    for _ in range(5):
+        session.undo()
+    assert len(session.frames) == 1 and np.array_equal(session.frames[-1], shown[3])  # the oldest kept frame
+    assert session.frame_count == 5 and session.actions == [1, 2, 3, 0]  # the rollout went back with it
+    session.step(2)
+    assert session.frame_count == 6 and len(session.frames) == 2
+    session.reset()
+    assert list(session.frames) == [prompt] and session.frame_count == 1
+    with pytest.raises(GenieError, match="max_frames 0: a session keeps at least 1 frame"):
+        PlaySession(play, play.prompts[0], max_frames=0)
+
+
+def test_the_servers_sessions_keep_its_limit_of_frames(play):
+    with PlayServer(play, limits=Limits(max_frames=3)) as small:
+        assert request(small, "GET", "/api/info")[1]["limits"]["max_frames"] == 3
+        sid = request(small, "POST", "/api/sessions", {"prompt": 0})[1]["session"]
+        for action in (1, 2, 3, 0):
+            status, state = request(small, "POST", f"/api/sessions/{sid}/step", {"action": action})
+        assert state["frames"] == 5 and len(small.sessions[sid].frames) == 3
+        status, gif = request(small, "GET", f"/api/sessions/{sid}/session.gif", raw=True)
+        assert status == 200 and Image.open(io.BytesIO(gif)).n_frames == 3
+    assert Limits().max_frames == 1000
+
+
+def test_a_reset_session_replays_as_a_fresh_one(play):
+    """Reset seeds the session's generator again: the same actions give the frames of a new session with that seed
+    (sampling at temperature 1 here, so the generator matters: another seed gives other frames)."""
+    actions = (1, 2, 3, 0, 2)
+    session = PlaySession(play, play.prompts[0], seed=5)
+    first = [session.step(action) for action in actions]
+    session.reset()
+    again = [session.step(action) for action in actions]
+    fresh = PlaySession(play, play.prompts[0], seed=5)
+    new = [fresh.step(action) for action in actions]
+    assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(first, again, new))
+    other = PlaySession(play, play.prompts[0], seed=6)
+    for action in actions:
+        other.step(action)
+    assert not torch.equal(other.rollout.tokens, session.rollout.tokens)
+
+
+def test_a_state_carries_the_recent_actions_and_the_whole_count(server):
+    """The state sent after every change (twice: the answer and the event) holds the last 32 actions, not a list
+    that grows with every frame; "frames" still counts them all."""
+    sid = request(server, "POST", "/api/sessions", {"prompt": 0})[1]["session"]
+    session = server.sessions[sid]
+    for step in range(40):
+        session.step(step % 4)
+    status, state = request(server, "POST", f"/api/sessions/{sid}/step", {"action": 2})
+    assert status == 200 and state["frames"] == 42
+    assert state["actions"] == session.actions[-32:] == [k % 4 for k in range(9, 40)] + [2]
+    status, state = request(server, "POST", f"/api/sessions/{sid}/undo")
+    assert state["frames"] == 41 and state["actions"] == [k % 4 for k in range(8, 40)]
+    assert request(server, "GET", f"/api/sessions/{sid}")[1]["actions"] == state["actions"]
+
+
 def test_frames_stream_as_server_sent_events(server):
     sid = request(server, "POST", "/api/sessions", {"prompt": 0})[1]["session"]
     host, port = server.httpd.server_address[:2]
@@ -388,8 +453,7 @@ def test_a_world_plays_from_a_training_checkpoint(played_run, tmp_path, monkeypa
     what the stage would save. The run here keeps its checkpoints as a stage still training does."""
     from safetensors.torch import load_file
 
-    monkeypatch.setattr("genie_core.training.engine.Checkpoints.clear", lambda self: None)
-    monkeypatch.setattr("genie_core.training.pipeline.shutil.rmtree", lambda *a, **k: None)  # keeps dynamics-lam-done
+    monkeypatch.setattr("genie_core.training.pipeline.discard_checkpoints", lambda folder: None)  # and lam-done
     run = tmp_path / "training"
     overrides = [f"data.path={played_run / 'data'}", "train.dynamics.checkpoint_every=2",
                  f"train.dynamics.lam_steps={lam_steps}", f"train.dynamics.ema_decay={ema_decay}"]
@@ -417,7 +481,7 @@ def test_a_world_plays_from_a_training_checkpoint(played_run, tmp_path, monkeypa
 
 
 def test_checkpoints_that_hold_no_world_are_refused(played_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("genie_core.training.engine.Checkpoints.clear", lambda self: None)
+    monkeypatch.setattr("genie_core.training.pipeline.discard_checkpoints", lambda folder: None)
     run = tmp_path / "training"
     overrides = [f"data.path={played_run / 'data'}", "train.tokenizer.checkpoint_every=2",
                  "train.dynamics.checkpoint_every=2"]
@@ -464,7 +528,7 @@ def test_frames_are_computed_on_the_thread_that_serves_compute(play, monkeypatch
         assert served.compute.run(threading.get_ident) == worker.ident
         assert served.compute.run(served.compute.run, threading.get_ident) == worker.ident  # a job inside a job
         with pytest.raises(GenieError, match="action 9"):
-            served.compute.run(served.world.check_actions, torch.tensor([9]))
+            served.compute.run(served.world.check_actions, torch.tensor([[9]]))
     finally:
         stop.set()
         worker.join()

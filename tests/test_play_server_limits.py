@@ -5,6 +5,7 @@ The API's ordinary behaviour is tested in test_play.py, random requests in test_
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import socket
 import struct
@@ -12,9 +13,11 @@ import threading
 import time
 
 import pytest
+from PIL import Image
 
+import genie_core.play.session
 from genie_core.play.server import Limits, PlayServer
-from genie_core.play.session import PlayWorld
+from genie_core.play.session import Abandoned, PlaySession, PlayWorld
 from genie_core.world.model import World
 
 
@@ -157,6 +160,63 @@ def test_a_step_whose_client_has_gone_is_never_computed(served):
         blocker.join(30)
         status, state = request(server, "POST", f"/api/sessions/{sid}/step", {"action": 2})
         assert status == 200 and state["actions"] == [2]  # the step of the client that left was dropped
+
+
+def test_a_gif_is_encoded_beside_the_model_not_on_it(served, monkeypatch):
+    """A session's GIF is encoded on its request's thread: it is made while the world's Compute is busy, and while
+    it is being encoded another session, and its own, go on stepping. It shows the frames as they were when asked."""
+    with PlayServer(served) as server:
+        sid, other = new_session(server), new_session(server)
+        for action in range(12):
+            request(server, "POST", f"/api/sessions/{sid}/step", {"action": action % 4})
+        release, blocker = block_compute(served)
+        try:
+            status, gif = request(server, "GET", f"/api/sessions/{sid}/session.gif")
+            assert status == 200 and Image.open(io.BytesIO(gif)).n_frames == 13
+            assert served.compute.pending() == 0  # it never asked for a turn
+        finally:
+            release.set()
+            blocker.join(30)
+
+        encoding, proceed, encoders = threading.Event(), threading.Event(), []
+        save_gif = genie_core.play.session.save_gif
+
+        def held_save_gif(frames, *args, **kwargs):
+            encoders.append(threading.get_ident())
+            encoding.set()
+            assert proceed.wait(30)
+            save_gif(frames, *args, **kwargs)
+        monkeypatch.setattr(genie_core.play.session, "save_gif", held_save_gif)
+        answers = {}
+        downloader = threading.Thread(target=lambda: answers.setdefault(
+            "gif", request(server, "GET", f"/api/sessions/{sid}/session.gif")))
+        downloader.start()
+        assert encoding.wait(30)
+        for session in (other, sid):  # both step while the GIF is being encoded
+            status, state = request(server, "POST", f"/api/sessions/{session}/step", {"action": 1})
+            assert status == 200, state
+        proceed.set()
+        downloader.join(30)
+        status, gif = answers["gif"]
+        assert status == 200 and Image.open(io.BytesIO(gif)).n_frames == 13  # taken before the last step
+        assert len(server.sessions[sid].frames) == 14
+        served_thread = served.compute.run(threading.get_ident)
+        assert encoders and served_thread not in encoders
+
+
+def test_a_gif_stops_once_its_client_has_gone(play):
+    session = PlaySession(play, play.prompts[0])
+    for action in range(6):
+        session.step(action % 4)
+    asked = []
+
+    def gone() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+    with pytest.raises(Abandoned):
+        session.gif(abandoned=gone)
+    assert len(asked) == 3  # asked before each frame; the encoding stopped at the third of seven
+    assert Image.open(io.BytesIO(session.gif(abandoned=lambda: False))).n_frames == 7
 
 
 # ------------------------------------------------------------------------------- Content-Length

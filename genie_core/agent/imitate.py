@@ -86,7 +86,7 @@ def footage_source(folder: RunFolder, footage: Path | None) -> tuple[str, VideoS
 def _imitate(folder: RunFolder, settings: AgentConfig, resume: bool, cpu: bool, other: Path | None) -> dict:
     from accelerate import Accelerator
 
-    from genie_core.training.engine import Checkpointing, train
+    from genie_core.training.engine import Checkpointing, discard_checkpoints, train
 
     source_name, source, index = footage_source(folder, other)
     data = index.root
@@ -171,6 +171,8 @@ def _imitate(folder: RunFolder, settings: AgentConfig, resume: bool, cpu: bool, 
         figure(report, out / "scores.png")
         save_gif(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255, out / "episode.gif", scale=3, fps=15,
                  captions=[f"{watched}, seed {scored.start}"])
+    for kind in ("latent", "oracle"):  # what they protected is written now
+        discard_checkpoints(folder.checkpoints(f"{name}-{kind}"))
     say(f"  wrote {folder.path / name / 'agent.md'}")
     return report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,22 +27,34 @@ def tile(videos: list[torch.Tensor], gap: int = 2) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def _images(frames: torch.Tensor, scale: int) -> list[Image.Image]:
-    return [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
-            for f in to_uint8(frames)]
+def uint8_frames(frames: torch.Tensor) -> Iterator[np.ndarray]:
+    """[T, C, H, W] in [0, 1] -> [H, W, C] uint8 frames, converted one at a time as they are asked for."""
+    for frame in frames:
+        yield to_uint8(frame[None])[0]
+
+
+def _images(frames: Iterable[np.ndarray], scale: int) -> Iterator[Image.Image]:
+    for f in frames:
+        yield Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
 
 
 CAPTION_HEIGHT = 14  # pixels of the white bar above captioned GIFs
 
 
-def save_gif(frames: torch.Tensor, path, scale: int = 3, fps: int = 4, captions: list[str] | None = None,
-             gap: int = 2) -> None:
-    """[T, C, H, W] in [0, 1] -> an endlessly looping GIF; `path` may also be a binary file object. `captions`: one
-    per panel of a `tile`d video (panels of equal width, `gap` pixels apart), written above each."""
-    images = _images(frames, scale)
+def save_gif(frames: torch.Tensor | Iterable[np.ndarray], path, scale: int = 3, fps: int = 4,
+             captions: list[str] | None = None, gap: int = 2) -> None:
+    """[T, C, H, W] in [0, 1], or uint8 frames [H, W, 3] (a list, or any iterable: one that raises stops the
+    encoding) -> an endlessly looping GIF; `path` may also be a binary file object. `captions`: one per panel of a
+    `tile`d video (panels of equal width, `gap` pixels apart), written above each. Each frame is converted and
+    upscaled when the encoder reaches it: no copy of the whole video is made (PIL keeps each frame's palette image,
+    one byte per output pixel, until it writes the file)."""
+    images = _images(uint8_frames(frames) if isinstance(frames, torch.Tensor) else frames, scale)
     if captions:
-        images = [_captioned(image, captions, gap * scale) for image in images]
-    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        images = (_captioned(image, captions, gap * scale) for image in images)
+    first = next(images, None)
+    if first is None:
+        raise GenieError("a GIF needs at least one frame; got none")
+    first.save(path, format="GIF", save_all=True, append_images=images, duration=int(1000 / fps), loop=0)
 
 
 def _captioned(image: Image.Image, captions: list[str], gap: int) -> Image.Image:
@@ -61,7 +74,7 @@ def save_strip(frames: torch.Tensor, path: Path, scale: int = 3) -> None:
 
 def save_png(image: torch.Tensor, path, scale: int = 1) -> None:
     """[C, H, W] in [0, 1] -> PNG; `path` may also be a binary file object."""
-    _images(image[None], scale)[0].save(path, format="PNG")
+    next(_images(uint8_frames(image[None]), scale)).save(path, format="PNG")
 
 
 def load_image(path: Path, size: tuple[int, int], max_bytes: int = 20_000_000) -> torch.Tensor:

@@ -12,9 +12,15 @@ index of one of the run's validation frames.
     POST /api/sessions                  JSON {"prompt": I, "seed": S} or an uploaded PNG/JPEG body -> a new session
     GET  /api/sessions/ID/events        server-sent events: a "frame" event for every change
     POST /api/sessions/ID/step          JSON {"action": A, "steps": N, "temperature": T} -> the new frame
-    POST /api/sessions/ID/undo | reset  -> the frame shown afterwards (no body, or JSON {})
-    GET  /api/sessions/ID/session.gif   the session so far
+    POST /api/sessions/ID/undo | reset  -> the frame shown afterwards (no body, or JSON {}); reset goes back to the
+                                        prompt and seeds the session's generator again, so the same actions replay
+                                        the frames a new session with its seed gives
+    GET  /api/sessions/ID/session.gif   the session's kept frames (its last `max_frames`)
     DELETE /api/sessions/ID
+
+A session's state (the answer to a change, and each event) is {"session", "event", "frame": a PNG data: URL,
+"frames": how many the session has (the prompt included), "actions": its last RECENT_ACTIONS (32) actions,
+"fps"}: a long session's whole list would grow with every frame, and it is sent twice a frame.
 
 With an access token (`genie play --host` on an address other people can reach gets one by itself), every request
 must carry it: opening the printed address (`/?token=T`) stores it in a cookie for the page's own requests, and
@@ -35,6 +41,9 @@ What the server promises whoever connects (the numbers are `Limits`' defaults):
 - Frames are computed one at a time, sessions taking turns; a player's sampler knobs stay within
   `PlayWorld.knob_ranges()` (steps: at most the served sampler's), and a request whose client has gone is dropped
   before its frame is computed.
+- A session keeps its last `max_frames` (1,000) frames: its GIF shows them and undo goes back no further. The GIF
+  is encoded on its request's thread, frame by frame, never where frames are computed: downloading one holds up no
+  one's frames, and it stops when its client goes.
 """
 
 from __future__ import annotations
@@ -62,15 +71,16 @@ import attrs
 import numpy as np
 from PIL import Image
 
+from genie_core.config import MAX_SEED
 from genie_core.errors import GenieError
 from genie_core.io.media import decode_image, save_png
-from genie_core.play.session import Abandoned, PlaySession, PlayWorld
+from genie_core.play.session import MAX_FRAMES, Abandoned, PlaySession, PlayWorld
 
 UPLOAD_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG"}
 TOKEN_COOKIE = "genie_play_token"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-MAX_DIGITS = 20  # the longest number a JSON body may hold: a seed below 2**64
-MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+MAX_DIGITS = 20  # the longest number a JSON body may hold: a seed below 2**64 (MAX_SEED)
+RECENT_ACTIONS = 32  # actions a session's state carries (the page shows the last 12)
 
 
 @attrs.define(frozen=True)
@@ -84,6 +94,7 @@ class Limits:
     keep_alive_seconds: float = 15.0  # an open connection's wait for the next byte of a request
     request_seconds: float = 60.0  # to send a whole request (head and body), from when the connection is ready
     send_seconds: float = 30.0  # a client that takes nothing of an answer for this long is dropped
+    max_frames: int = MAX_FRAMES  # a session's most recent frames kept: its GIF, how far undo goes back
 
 
 class ApiError(Exception):
@@ -672,8 +683,7 @@ class PlayHandler(CheckedRequestHandler):
 
     def gif(self, sid: str):
         session = self.player.session(sid)
-        with session.lock:
-            body = session.gif(abandoned=self.client_gone)
+        body = session.gif(abandoned=self.client_gone)  # on this thread; takes the session's lock for its frames only
         disposition = f'attachment; filename="{self.player.play.name}.gif"'
         self._send(body, "image/gif", extra={"Content-Disposition": disposition})
 
@@ -812,7 +822,8 @@ class PlayServer:
     def create(self, prompt, seed: int, abandoned=None) -> PlaySession:
         self.expire()
         self._check_room()
-        session = PlaySession(self.play, prompt, seed, abandoned)  # encodes the prompt: outside the lock
+        # encodes the prompt: outside the lock
+        session = PlaySession(self.play, prompt, seed, abandoned, max_frames=self.limits.max_frames)
         with self.lock:
             self._check_room()  # another request may have taken the last place meanwhile
             self.sessions[session.id] = session
@@ -828,7 +839,7 @@ class PlayServer:
         """What the page shows after a change: the frame, where the session is, how fast frames come."""
         fps = session.fps()
         return {"session": session.id, "event": event, "frame": png_data_url(session.frames[-1]),
-                "frames": len(session.frames), "actions": session.actions,
+                "frames": session.frame_count, "actions": session.recent_actions(RECENT_ACTIONS),
                 "fps": None if fps is None else round(fps, 2)}
 
     def publish(self, session: PlaySession, state: dict) -> None:

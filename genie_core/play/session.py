@@ -1,6 +1,7 @@
 """A world played by a person, one action at a time: a `PlaySession` holds the rollout (with the dynamics model's
-cache kept from frame to frame), the decoded frames, undo and reset, and the session as a GIF. `PlayWorld` is what
-every session of one loaded world shares: the world, its keys, the prompts of its validation data."""
+cache kept from frame to frame), its most recent decoded frames, undo and reset, and the session as a GIF.
+`PlayWorld` is what every session of one loaded world shares: the world, its keys, the prompts of its validation
+data."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ SAMPLER_KNOBS = ("steps", "temperature")  # what the page's sliders set, where t
 MAX_TEMPERATURE = 2.0  # the most a player may set (the page's slider), unless the served sampler's is higher
 MAX_PROMPTS = 12
 NEW_SESSIONS = "new sessions"  # whose turn encoding a new session's prompt is: all new sessions share one
+# A session's most recent frames kept for its GIF and undo (`Limits.max_frames`): a session played for hours holds no
+# more than this (12 MB at 64x64).
+MAX_FRAMES = 1000
 
 
 def arrow_keys(run: RunFolder, eval_dir: Path | None = None) -> dict[str, int]:
@@ -263,12 +267,15 @@ class PlayWorld:
 
 
 class PlaySession:
-    """One player's session: the prompt, every frame since, and the actions that led to them."""
+    """One player's session: the prompt, its most recent frames (at most `max_frames`: what its GIF shows and how far
+    undo goes back), and the actions that led to them."""
 
     def __init__(self, play: PlayWorld, prompt: torch.Tensor, seed: int = 0,
-                 abandoned: Callable[[], bool] | None = None):
+                 abandoned: Callable[[], bool] | None = None, max_frames: int = MAX_FRAMES):
         """prompt [C, H, W] in [0, 1], at the world's resolution. `abandoned`: tells whether whoever asked has gone
-        (then the prompt is not encoded: `Abandoned`)."""
+        (then the prompt is not encoded: `Abandoned`). `max_frames`: how many of the most recent frames are kept."""
+        if not isinstance(max_frames, int) or max_frames < 1:
+            raise GenieError(f"max_frames {max_frames!r}: a session keeps at least 1 frame")
         self.id = secrets.token_urlsafe(12)
         self.play = play
         world = play.world
@@ -277,7 +284,9 @@ class PlaySession:
             return tokens, to_uint8(world.decode(tokens)[0])[0]  # the prompt as the world sees it, after its tokenizer
         tokens, first = play.compute.run(encode, owner=NEW_SESSIONS, abandoned=abandoned)
         self.rollout = Rollout(world, tokens)
-        self.frames = [first]  # [H, W, 3] each
+        self.prompt_frame = first  # kept apart: reset shows it however long ago it left `frames`
+        self.frames: deque[np.ndarray] = deque([first], maxlen=max_frames)  # [H, W, 3] each, the last max_frames
+        self.seed = seed
         self.generator = torch.Generator(world.device).manual_seed(seed)
         self.lock = threading.Lock()  # one change at a time per session
         self.last_used = time.monotonic()
@@ -286,6 +295,15 @@ class PlaySession:
     @property
     def actions(self) -> list[int]:
         return self.rollout.actions[0].tolist()
+
+    def recent_actions(self, count: int) -> list[int]:
+        """The last `count` actions (a long session's whole list is long)."""
+        return self.rollout.actions[0, -count:].tolist() if count > 0 else []
+
+    @property
+    def frame_count(self) -> int:
+        """Frames since the prompt, the prompt included: all of them, not only the kept ones."""
+        return self.rollout.frames
 
     def fps(self) -> float | None:
         recent = self.seconds[-10:]
@@ -311,20 +329,32 @@ class PlaySession:
         return self.frames[-1]
 
     def undo(self) -> None:
-        """Takes the last frame back (the prompt stays)."""
+        """Takes the last frame back. The prompt stays, and so does the oldest kept frame: only the last
+        `max_frames` frames are kept, so undo stops there (reset still goes back to the prompt)."""
         if len(self.frames) > 1:
-            self.rollout.truncate(len(self.frames) - 1)
+            self.rollout.truncate(self.rollout.frames - 1)
             self.frames.pop()
 
     def reset(self) -> None:
-        """Back to the prompt."""
+        """Back to the prompt, with the random generator seeded again with the session's seed: the same actions
+        then give the frames a new session with this seed gives."""
         self.rollout.truncate(1)
-        del self.frames[1:]
+        self.frames.clear()
+        self.frames.append(self.prompt_frame)
+        self.generator.manual_seed(self.seed)
 
     def gif(self, scale: int = 4, fps: int = 8, abandoned: Callable[[], bool] | None = None) -> bytes:
-        def encode() -> bytes:
-            video = torch.from_numpy(np.stack(self.frames)).permute(0, 3, 1, 2).float() / 255
-            buffer = io.BytesIO()
-            save_gif(video, buffer, scale=scale, fps=fps)
-            return buffer.getvalue()
-        return self.play.compute.run(encode, owner=self.id, abandoned=abandoned)
+        """The kept frames as a GIF. Encoded on the calling thread, never through `play.compute` (every player's
+        frames wait there), from the frames as they were when asked: they are taken under the session's lock, so a
+        step waits for that only. `abandoned`: asked before each frame; once true, the encoding stops (`Abandoned`)."""
+        with self.lock:
+            frames = list(self.frames)
+
+        def unless_abandoned():
+            for frame in frames:
+                if abandoned is not None and abandoned():
+                    raise Abandoned("the client went away while its GIF was encoded")
+                yield frame
+        buffer = io.BytesIO()
+        save_gif(unless_abandoned(), buffer, scale=scale, fps=fps)
+        return buffer.getvalue()

@@ -46,7 +46,7 @@ def play_in_terminal(play: PlayWorld, prompt: torch.Tensor, seed: int, options: 
 
     def show(note: str) -> None:
         nonlocal shown
-        index = len(session.frames) - 1
+        index = session.frame_count - 1  # all frames, not only the ones a session keeps
         if blocks:
             stdout.write(half_blocks(session.frames[-1], width) + "\n")
         if frames_dir is not None:

@@ -29,7 +29,7 @@ from genie_core.config import EvalConfig, WorldConfig, checked_config
 from genie_core.errors import GenieError, first_line
 from genie_core.interfaces import Sampler
 from genie_core.registry import Registry, get_registry
-from genie_core.run.stages import STAGE_FILE, stage_fingerprint, world_models
+from genie_core.run.stages import STAGE_FILE, fingerprint, stage_fingerprint, upstream, world_models
 from genie_core.world.components import DAMAGE, MANIFEST, load_components
 from genie_core.world.model import World
 
@@ -232,6 +232,13 @@ class RunFolder:
                              f"holds (its stage.json names tokenizer output {dynamics.get('input')}, the tokenizer's "
                              f"is {tokenizer.get('id')}); run `genie run` on the recipe to redo the dynamics stage")
 
+    def checkpoint_key(self, recipe, stage: str) -> str:
+        """What a stage's training checkpoints belong to: its settings, and the output of the stage before it as
+        this folder holds it now (one redone since is not what they trained on)."""
+        before = upstream(stage)
+        return fingerprint({"settings": stage_fingerprint(recipe, stage),
+                            "input": before and (self.stage_record(before) or {}).get("id")})
+
     def checkpoint_world(self, checkpoint: Path, registry: Registry | None = None) -> tuple[World, int]:
         """The world as it stood at a full-state checkpoint of this run's dynamics stage, still training or
         interrupted: the trained tokenizer, the latent action and dynamics weights of that step, the recipe's
@@ -246,9 +253,10 @@ class RunFolder:
             raise GenieError(f"{checkpoint}: damaged or gone ({first_line(error)}); play another checkpoint or the "
                              f"finished run") from None
         recipe = self.recipe(registry)
-        if state.get("fingerprint") != stage_fingerprint(recipe, "dynamics"):
-            raise GenieError(f"{checkpoint}: written under other settings than {self.recipe_path} records (the run "
-                             f"was restarted with another recipe since); it cannot be rebuilt from it")
+        if state.get("fingerprint") != self.checkpoint_key(recipe, "dynamics"):
+            raise GenieError(f"{checkpoint}: written under other settings than {self.recipe_path} records, or on a "
+                             f"tokenizer since trained again (the run was restarted since); it cannot be rebuilt "
+                             f"from it")
         weights = checkpoint / "model.safetensors"
         if not weights.is_file():
             raise GenieError(f"{checkpoint}: no model.safetensors (an FSDP run saves its weights in shards); play the "

@@ -271,7 +271,7 @@ class Checkpoints:
             self.accelerator.wait_for_everyone()
             if self.accelerator.is_main_process:
                 state = {"step": step, "epoch": position.epoch, "used": position.used, "fingerprint": self.fingerprint,
-                         "scheduler": self.scheduler.state_dict()}
+                         "processes": self.accelerator.num_processes, "scheduler": self.scheduler.state_dict()}
                 (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
                 os.replace(tmp, final)
                 for old in self.complete()[: -self.keep]:
@@ -287,30 +287,40 @@ class Checkpoints:
     def load_newest(self) -> dict | None:
         """Restores the newest complete checkpoint that loads; returns its state, or None when there is none. A
         damaged one (a file cut short by a crash or a full disk, or changed since) is set aside as step-N.damaged,
-        with a word, and the one before it is tried."""
+        with a word, and the one before it is tried. What says nothing about the files (out of memory, a folder
+        that cannot be read) stops the resume and leaves every checkpoint as it is."""
         found = self.complete()
         for path in reversed(found):
             try:
                 state = json.loads((path / CHECKPOINT_STATE).read_text())
                 written_under = state["fingerprint"]
             except DAMAGE as error:
-                self._set_aside(path, error)
+                self._set_aside(path, _as_damage(path, error))
                 continue
             if written_under != self.fingerprint:
                 raise GenieError(f"{path}: this checkpoint was written by a run with other settings (another recipe "
-                                 f"or overrides); resume with the recipe that wrote it, or run without --resume")
+                                 f"or overrides, or an earlier stage since redone); resume with the recipe that wrote "
+                                 f"it, or run without --resume")
+            # Each process saved its own random state and walked its own share of every epoch: another number of
+            # processes would read other batches and find no state for the new ones.
+            written_by, now = state.get("processes", self.accelerator.num_processes), self.accelerator.num_processes
+            if written_by != now:
+                raise GenieError(f"{path}: this checkpoint was written by {written_by} process(es), and this run has "
+                                 f"{now}; resume with {written_by} (torchrun --nproc_per_node {written_by}), or run "
+                                 f"without --resume")
             try:
                 self.accelerator.load_state(str(path))
                 self.scheduler.load_state_dict(state["scheduler"])
                 if self.average is not None:
-                    self.average.load_state_dict(torch.load(self._average_file(path), weights_only=True))
+                    self.average.load_state_dict(torch.load(self._average_file(path), weights_only=True,
+                                                            map_location=self.accelerator.device))
             except DAMAGE as error:
-                self._set_aside(path, error)
+                self._set_aside(path, _as_damage(path, error))
                 continue
             return state
         if found:
-            raise GenieError(f"{self.folder}: every checkpoint is damaged; run without --resume to start the stage "
-                             f"over")
+            raise GenieError(f"{self.folder}: every checkpoint is damaged (each kept as step-N.damaged); run without "
+                             f"--resume to start the stage over")
         return None
 
     def _set_aside(self, path: Path, error: Exception) -> None:
@@ -324,8 +334,38 @@ class Checkpoints:
 
     def clear(self) -> None:
         if self.accelerator.is_main_process:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            discard_checkpoints(self.folder)
         self.accelerator.wait_for_everyone()
+
+
+def _as_damage(path: Path, error: Exception) -> Exception:
+    """`error`, when it says the checkpoint's files are damaged; otherwise a GenieError to stop on. Running out of
+    memory, or a folder this user may not read, says nothing about the files: setting them aside would lose good
+    checkpoints one after the other."""
+    if isinstance(error, torch.OutOfMemoryError):
+        raise GenieError(f"{path}: out of memory while loading this checkpoint ({first_line(error)}); it is kept as "
+                         f"it is: free some memory and resume again") from None
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError | IsADirectoryError | NotADirectoryError):
+        raise GenieError(f"{path}: cannot read this checkpoint ({error.strerror or first_line(error)}); it is kept "
+                         f"as it is: fix the folder and resume again") from None
+    return error
+
+
+def discard_checkpoints(folder: Path) -> None:
+    """Deletes a stage's checkpoints (once what they protect is saved, or when a stage starts over). Those a resume
+    set aside as damaged stay, to look at. Call it on the main process."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name.endswith(".damaged"):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _check_finite(loss: torch.Tensor, metrics: dict, desc: str, step: int, checkpoints: Checkpoints) -> None:
@@ -354,10 +394,11 @@ def train(accelerator: Accelerator, task: Task, dataset: torch.utils.data.Datase
     """Trains `task` for cfg.steps optimizer steps; returns a summary (final metrics, steps/s, the seconds spent
     waiting for batches, and the task's whole state as "weights"). The task is trained in place, and ends holding
     the average of its weights where cfg.ema_decay asks for one. With `checkpointing.resume`, continues from the
-    newest complete checkpoint, if any. `validate(step)`, if given, runs on the main process every cfg.eval_every
-    steps and returns metrics to log; it must leave the model's state and the global random generators as it found
-    them. It sees the average where there is one; with `validate_live`, `validate(step, live=True)` then scores the
-    weights as trained too, logged with the prefix "live_".
+    newest complete checkpoint, if any; the checkpoints stay when it returns, for the caller to discard
+    (`discard_checkpoints`) once it has saved the result. `validate(step)`, if given, runs on the main process
+    every cfg.eval_every steps and returns metrics to log; it must leave the model's state and the global random
+    generators as it found them. It sees the average where there is one; with `validate_live`,
+    `validate(step, live=True)` then scores the weights as trained too, logged with the prefix "live_".
 
     cfg.batch_size is per process and per micro-batch: each optimizer step sees
     processes x grad_accum x batch_size windows.
@@ -415,12 +456,13 @@ def train(accelerator: Accelerator, task: Task, dataset: torch.utils.data.Datase
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the rate this step took, logged with it
             scheduler.step()
             if average is not None:
                 average.update()
             optimizer.zero_grad(set_to_none=True)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                last = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                last = {"step": step, "loss": loss.item(), "lr": lr,
                         **{k: float(v) for k, v in metrics.items()}}
                 _log(accelerator, log, desc, last)
                 warning = task.warning(last) if main and not warned and step >= cfg.warmup_steps else None
@@ -439,7 +481,8 @@ def train(accelerator: Accelerator, task: Task, dataset: torch.utils.data.Datase
         average.apply()
     # Every process takes part: under FSDP this gathers the shards. The main process gets the whole state.
     weights = accelerator.get_state_dict(model)
-    checkpoints.clear()  # the stage's result is saved by the pipeline; its checkpoints are no longer needed
+    # The checkpoints stay until the caller has saved what they protect (discard_checkpoints): a process killed in
+    # between resumes from them instead of starting over.
     accelerator.free_memory()  # drop Accelerate's references to this stage's optimizer and wrapped model
     steps = cfg.steps - first_step
     return {"final": last, "seconds": seconds, "steps_per_second": steps / seconds if steps else float("nan"),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -49,9 +48,29 @@ from genie_core.run.stages import (
     video_spec,
     world_models,
 )
-from genie_core.training.engine import Checkpointing, LatentActionTask, TokenizerTask, WorldModelTask, rebuilt, train
+from genie_core.training.engine import (
+    Checkpointing,
+    LatentActionTask,
+    TokenizerTask,
+    WorldModelTask,
+    discard_checkpoints,
+    rebuilt,
+    train,
+)
 from genie_core.world.components import MANIFEST, load_components, save_components
 from genie_core.world.model import World
+
+# Beside a latent action model trained before its dynamics model: the settings and tokenizer it was trained for.
+LAM_TRAINED_FOR = "trained-for.json"
+
+
+def _read_json(path: Path) -> dict:
+    """A small JSON file's object; {} when it is missing or damaged (what it vouched for is then redone)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -232,9 +251,15 @@ class Pipeline:
         return WindowDataset(self.index, split, length, with_actions)
 
     def _checkpointing(self, stage: str, phase: str | None = None) -> Checkpointing:
-        """A stage's checkpoints (or those of a phase of it, such as "dynamics-lam"), tied to the stage's settings."""
-        return Checkpointing(self.folder.checkpoints(phase or stage), stage_fingerprint(self.recipe, stage),
+        """A stage's checkpoints (or those of a phase of it, such as "dynamics-lam"), tied to the stage's settings
+        and to the output of the stage before it: one redone since was not what they trained on."""
+        return Checkpointing(self.folder.checkpoints(phase or stage), self.folder.checkpoint_key(self.recipe, stage),
                              self.resume)
+
+    def _discard_checkpoints(self, *phases: str) -> None:
+        """Once a stage's output is saved: the checkpoints that protected it (and a phase's kept result)."""
+        for phase in phases:
+            discard_checkpoints(self.folder.checkpoints(phase))
 
     def stage_tokenizer(self) -> None:
         choice = self.recipe.components["tokenizer"]
@@ -260,6 +285,7 @@ class Pipeline:
         with atomic_dir(self.folder.stage("tokenizer")) as folder:
             save_components(folder, {"tokenizer": (choice.name, tokenizer)})
             self._finish(folder, "tokenizer", summary)
+        self._discard_checkpoints("tokenizer")
 
     def stage_dynamics(self) -> None:
         components = self.recipe.components
@@ -288,7 +314,7 @@ class Pipeline:
             save_components(folder, {"action_model": (lam_choice.name, action_model),
                                      "dynamics": (dyn_choice.name, dynamics)})
             self._finish(folder, "dynamics", summary)
-        shutil.rmtree(self.folder.lam_done, ignore_errors=True)
+        self._discard_checkpoints("dynamics", "dynamics-lam", self.folder.lam_done.name)
 
     def _validation_batch(self, length: int) -> torch.Tensor:
         return self._validation_windows(length)[0]
@@ -329,8 +355,13 @@ class Pipeline:
     def _train_action_model_alone(self, name: str, action_model, tokenizer, data, cfg, seed: int):
         """First phase of a separate LAM/dynamics stage; returns the trained LAM, whole on every process. Its result
         is kept beside the stage's checkpoints, so a resumed stage does not train the LAM again."""
-        done = self.folder.lam_done
-        if self.resume and (done / MANIFEST).is_file():
+        done, trained_for = self.folder.lam_done, self.folder.checkpoint_key(self.recipe, "dynamics")
+        kept = self.resume and (done / MANIFEST).is_file()
+        if kept and _read_json(done / LAM_TRAINED_FOR).get("trained_for") != trained_for:
+            raise GenieError(f"{done}: this latent action model was trained under other settings (another recipe or "
+                             f"overrides) or on a tokenizer since trained again; resume with the recipe that trained "
+                             f"it, or run without --resume")
+        if kept:
             self.log(f"dynamics: the latent action model was trained before the interruption ({done}); reusing it")
         else:
             lam_cfg = attrs.evolve(cfg, steps=cfg.lam_steps, warmup_steps=min(cfg.warmup_steps, cfg.lam_steps))
@@ -340,6 +371,8 @@ class Pipeline:
                 with atomic_dir(done) as folder:
                     save_components(folder, {"action_model": (name, rebuilt(action_model, summary["weights"],
                                                                             "action_model."))})
+                    (folder / LAM_TRAINED_FOR).write_text(json.dumps({"trained_for": trained_for}))
+                self._discard_checkpoints("dynamics-lam")
             self.accelerator.wait_for_everyone()
         action_model = load_components(done)["action_model"].to(self.accelerator.device)
         action_model.use_tokenizer(tokenizer)

@@ -86,7 +86,20 @@ class World:
     def device(self) -> torch.device:
         return next(self.dynamics.parameters()).device
 
-    def check_actions(self, actions: torch.Tensor) -> None:
+    def check_actions(self, actions: torch.Tensor, batch: int | None = None, one_step: bool = False) -> None:
+        """actions [B, S] (or [B] for `one_step`): a tensor of integers (a float would be truncated by one sampler
+        and refused by another), one row per prompt (`batch`: how many prompts), each within this world's range."""
+        shape = "[B]" if one_step else "[B, S]"
+        if not isinstance(actions, torch.Tensor):
+            raise GenieError(f"actions must be a tensor of integers {shape}, got {type(actions).__name__}")
+        if actions.dtype.is_floating_point or actions.dtype.is_complex or actions.dtype == torch.bool:
+            raise GenieError(f"actions must be integers (torch.long), got {actions.dtype}")
+        if actions.ndim != (1 if one_step else 2):
+            raise GenieError(f"actions have shape {list(actions.shape)}; expected {shape}, "
+                             f"{'one per prompt' if one_step else 'a row of actions per prompt'}")
+        if batch is not None and actions.shape[0] != batch:
+            raise GenieError(f"actions are for a batch of {actions.shape[0]}, the prompt's is {batch}; "
+                             f"expected {shape} with B = {batch}")
         bad = actions[(actions < 0) | (actions >= self.num_actions)]
         if bad.numel():
             raise GenieError(f"action {int(bad[0])} is out of range; this world has actions 0..{self.num_actions - 1}")
@@ -95,7 +108,7 @@ class World:
     def generate_tokens(self, prompt_tokens: torch.Tensor, actions: torch.Tensor,
                         generator: torch.Generator | None = None) -> torch.Tensor:
         """prompt tokens [B, 1, h, w] and actions [B, S] -> tokens [B, S + 1, h, w] (the prompt first)."""
-        self.check_actions(actions)
+        self.check_actions(actions, prompt_tokens.shape[0])
         rollout = Rollout(self, prompt_tokens)
         for step in range(actions.shape[1]):
             rollout.step(actions[:, step], generator)
@@ -142,6 +155,7 @@ class World:
     def rollout(self, prompt: torch.Tensor, actions: torch.Tensor,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """prompt frames [B, C, H, W] and actions [B, S] -> video [B, S + 1, C, H, W]; frame 0 is the decoded prompt."""
+        self.check_actions(actions, prompt.shape[0])  # before the prompt is encoded
         return self.decode(self.generate_tokens(self.encode_prompt(prompt), actions.to(self.device), generator))
 
     @torch.no_grad()
@@ -190,7 +204,7 @@ class Rollout:
         world's for this step (other steps or temperature); the cache does not depend on it."""
         world = self.world
         sampler = sampler or world.sampler
-        world.check_actions(action)
+        world.check_actions(action, self.tokens.shape[0], one_step=True)
         keep = world.context - 1
         stride = 1 if world.config.window == "slide" else max(1, keep // 2)
         t = self.frames
