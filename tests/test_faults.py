@@ -221,6 +221,32 @@ def test_a_stage_killed_before_its_output_is_saved_resumes_from_its_checkpoints(
     assert not (run / "checkpoints" / "tokenizer").exists()  # gone once the output is saved
 
 
+def test_checkpoints_trained_on_an_earlier_stage_since_redone_are_refused(tmp_path, monkeypatch, capsys):
+    """The same settings, but the tokenizer was trained again since the dynamics stage's checkpoints were written:
+    they trained on other tokens, so resuming from them is refused."""
+    import genie_core.training.pipeline as pipeline
+
+    real = pipeline.atomic_dir
+
+    def dies_saving_the_dynamics(folder):
+        if folder.name == "dynamics":
+            raise Interrupted
+        return real(folder)
+
+    run, few = tmp_path / "run", ["run.trackers=none", "train.dynamics.checkpoint_every=2"]
+    monkeypatch.setattr(pipeline, "atomic_dir", dies_saving_the_dynamics)
+    with pytest.raises(Interrupted):
+        main(["run", SMOKE, *few, "--out", str(run)])
+    monkeypatch.setattr(pipeline, "atomic_dir", real)
+    record_path = run / "tokenizer" / "stage.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "id": "a-tokenizer-trained-again"}))
+    capsys.readouterr()
+    assert main(["run", SMOKE, *few, "--out", str(run), "--resume"]) == 2
+    assert "step-000000002: this checkpoint was written by a run with other settings (another recipe or overrides, " \
+           "or an earlier stage since redone)" in capsys.readouterr().err
+
+
 def test_a_latent_action_model_trained_for_other_settings_is_not_reused(tmp_path, monkeypatch, capsys):
     """train.dynamics.lam_steps: the LAM trained first is kept while the dynamics model trains, for a resume.
     It is reused only for the settings and the tokenizer it was trained for."""
