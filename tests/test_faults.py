@@ -197,23 +197,28 @@ def test_a_checkpoint_of_another_number_of_processes_is_refused(tmp_path):
         tokenizer_training(tmp_path, resume=True)
 
 
-def test_a_stage_killed_before_its_output_is_saved_resumes_from_its_checkpoints(tmp_path, monkeypatch, capsys):
-    """Training done, the output not yet saved: the checkpoints are still there, so --resume goes on from the last
-    one instead of starting the stage over."""
+def killed_saving(monkeypatch, stage: str, run, overrides: list[str]) -> None:
+    """The smoke recipe run into `run`, the process 'dying' once `stage` has trained, as it saves its output."""
     import genie_core.training.pipeline as pipeline
 
     real = pipeline.atomic_dir
 
-    def dies_saving_the_tokenizer(folder):
-        if folder.name == "tokenizer":
+    def dies_saving(folder):
+        if folder.name == stage:
             raise Interrupted
         return real(folder)
 
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline, "atomic_dir", dies_saving)
+        with pytest.raises(Interrupted):
+            main(["run", SMOKE, *overrides, "--out", str(run)])
+
+
+def test_a_stage_killed_before_its_output_is_saved_resumes_from_its_checkpoints(tmp_path, monkeypatch, capsys):
+    """Training done, the output not yet saved: the checkpoints are still there, so --resume goes on from the last
+    one instead of starting the stage over."""
     run, few = tmp_path / "run", ["run.trackers=none", "train.tokenizer.checkpoint_every=2"]
-    monkeypatch.setattr(pipeline, "atomic_dir", dies_saving_the_tokenizer)
-    with pytest.raises(Interrupted):
-        main(["run", SMOKE, *few, "--out", str(run)])
-    monkeypatch.setattr(pipeline, "atomic_dir", real)
+    killed_saving(monkeypatch, "tokenizer", run, few)
     capsys.readouterr()
     assert main(["run", SMOKE, *few, "--out", str(run), "--resume"]) == 0
     assert f"tokenizer: resuming at step 2 from {run / 'checkpoints' / 'tokenizer' / 'step-000000002'}" in (
@@ -224,20 +229,8 @@ def test_a_stage_killed_before_its_output_is_saved_resumes_from_its_checkpoints(
 def test_checkpoints_trained_on_an_earlier_stage_since_redone_are_refused(tmp_path, monkeypatch, capsys):
     """The same settings, but the tokenizer was trained again since the dynamics stage's checkpoints were written:
     they trained on other tokens, so resuming from them is refused."""
-    import genie_core.training.pipeline as pipeline
-
-    real = pipeline.atomic_dir
-
-    def dies_saving_the_dynamics(folder):
-        if folder.name == "dynamics":
-            raise Interrupted
-        return real(folder)
-
     run, few = tmp_path / "run", ["run.trackers=none", "train.dynamics.checkpoint_every=2"]
-    monkeypatch.setattr(pipeline, "atomic_dir", dies_saving_the_dynamics)
-    with pytest.raises(Interrupted):
-        main(["run", SMOKE, *few, "--out", str(run)])
-    monkeypatch.setattr(pipeline, "atomic_dir", real)
+    killed_saving(monkeypatch, "dynamics", run, few)
     record_path = run / "tokenizer" / "stage.json"
     record = json.loads(record_path.read_text())
     record_path.write_text(json.dumps({**record, "id": "a-tokenizer-trained-again"}))
